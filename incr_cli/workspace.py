@@ -1,0 +1,450 @@
+"""The workspace: layout, lock, atomic folder writes, manifests and checksums, LATEST, lineage.
+
+```
+WORKSPACE/
+  recipe.yaml            resolved recipe of this model line
+  LATEST                 name of the newest promoted version, e.g. "v0002"
+  .incr.lock             holder of the write lock (pid, host, command); flock-guarded
+  checkpoints/vNNNN/     save_pretrained layout + manifest.json (+ metrics.json, train_log.jsonl)
+  data/dNNNN-NAME/       token shards + manifest.json;  data/index.sqlite: dedup index
+  staging/               temporary folders (same filesystem, renamed into place) and resumable state
+  eval/                  eval results and their cache
+```
+
+Invariants: a version or increment folder appears whole (written under ``staging/``, fsynced,
+renamed) or not at all, and is never modified afterwards; ``LATEST`` is replaced atomically and
+always names a complete version; every writing command holds the lock, readers need none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from incr_cli import FORMAT_VERSION, __version__
+from incr_cli.errors import IntegrityError, UsageError, WorkspaceLocked
+
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+INCREMENT_RE = re.compile(r"^d(\d{4,})-([A-Za-z0-9][A-Za-z0-9._-]*)$")
+MANIFEST = "manifest.json"
+LOCK_FILE = ".incr.lock"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- atomic file helpers
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file under ``folder`` (relative POSIX paths)."""
+    records = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel in exclude:
+            continue
+        records[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return records
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+        fsync_dir(path)
+
+
+def safe_relpath(folder: Path, rel: str) -> Path:
+    """``folder / rel``, refusing absolute paths and anything that escapes ``folder``."""
+    if not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
+        raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Parse ``folder/manifest.json``; a missing, unparsable or too-new manifest is an IntegrityError."""
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: missing; this folder is not a complete version or increment") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IntegrityError(f"{path}: cannot be parsed ({exc}); restore it or remove the folder") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path}: expected a JSON object; restore it or remove the folder")
+    fmt = data.get("format", 1)
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise IntegrityError(f"{path}: format {fmt} is newer than this incr understands ({FORMAT_VERSION}); upgrade incr")
+    return data
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+@dataclass
+class LockInfo:
+    pid: int
+    host: str
+    command: str
+    started: str
+
+
+class WorkspaceLock:
+    """An exclusive, process-lifetime lock (``flock``): a killed holder releases it automatically.
+
+    The lock file also records the holder, so a refused writer can name it. A file left behind by a
+    dead process holds no flock and is simply taken over.
+    """
+
+    def __init__(self, root: Path, command: str):
+        self.path = root / LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+        self.took_over: LockInfo | None = None
+
+    def read_holder(self) -> LockInfo | None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            return LockInfo(int(data["pid"]), str(data.get("host", "?")), str(data.get("command", "?")),
+                            str(data.get("started", "?")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def acquire(self) -> WorkspaceLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = self.read_holder()
+            who = f"PID {holder.pid} on {holder.host} ({holder.command}, since {holder.started})" if holder else "another process"
+            raise WorkspaceLocked(f"workspace {self.path.parent} is locked by {who}; wait for it to finish") from None
+        self.took_over = self.read_holder()  # a record left by a process that died holding the lock
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": now_iso()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> WorkspaceLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------- the workspace
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # layout
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data / "index.sqlite"
+
+    @property
+    def latest_path(self) -> Path:
+        return self.root / "LATEST"
+
+    @classmethod
+    def open(cls, root: Path | str) -> Workspace:
+        """Open an existing workspace; a path that is not one is a UsageError."""
+        ws = cls(Path(root))
+        if not ws.root.is_dir():
+            raise UsageError(f"{ws.root}: no such workspace; create one with `incr init {ws.root} --base SOURCE`")
+        if not (ws.latest_path.is_file() and ws.checkpoints.is_dir() and ws.recipe_path.is_file()):
+            raise UsageError(f"{ws.root}: not an incr workspace (no LATEST, recipe.yaml or checkpoints/); "
+                             f"create one with `incr init {ws.root} --base SOURCE`")
+        return ws
+
+    def lock(self, command: str) -> WorkspaceLock:
+        return WorkspaceLock(self.root, command)
+
+    def is_workspace(self) -> bool:
+        return self.latest_path.exists() or self.checkpoints.exists()
+
+    # staging
+    @contextlib.contextmanager
+    def staged_folder(self, final: Path) -> Iterator[Path]:
+        """Yield an empty folder under ``staging/``; on success fsync it and rename it to ``final``.
+
+        On any exception the staged folder is removed and ``final`` is untouched. ``final`` must not exist.
+        """
+        self.staging.mkdir(parents=True, exist_ok=True)
+        tmp = self.staging / f"tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            fsync_tree(tmp)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                raise IntegrityError(f"{final}: already exists; versions and increments are never overwritten")
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def clean_staging(self) -> list[str]:
+        """Remove temporary folders left by killed writers (call while holding the lock)."""
+        removed = []
+        if self.staging.is_dir():
+            for tmp in self.staging.glob("tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp.name)
+        return removed
+
+    # versions
+    def versions(self) -> list[str]:
+        """Complete versions (their folder was renamed into place), oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p.name for p in self.checkpoints.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def version_dir(self, version: str) -> Path:
+        return self.checkpoints / version
+
+    def next_version(self) -> str:
+        versions = self.versions()
+        return f"v{(int(versions[-1][1:]) + 1) if versions else 0:04d}"
+
+    def latest(self) -> str:
+        try:
+            name = self.latest_path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise IntegrityError(f"{self.latest_path}: cannot be read ({exc})") from None
+        if not VERSION_RE.match(name) or not self.version_dir(name).is_dir():
+            raise IntegrityError(f"{self.latest_path}: names {name!r}, which is not a version here; "
+                                 f"write the newest good version (one of {', '.join(self.versions())}) into it")
+        return name
+
+    def set_latest(self, version: str) -> None:
+        atomic_write_text(self.latest_path, version + "\n")
+
+    def resolve_version(self, spec: str | None) -> str:
+        """``None``/"latest" -> LATEST; "vNNNN" (or "N") -> that version; anything else is a UsageError."""
+        if spec in (None, "", "latest", "LATEST"):
+            return self.latest()
+        spec = spec.strip()
+        if spec.isdigit():
+            spec = f"v{int(spec):04d}"
+        if spec not in self.versions():
+            raise UsageError(f"unknown version {spec!r}; valid versions: {', '.join(self.versions()) or 'none'}")
+        return spec
+
+    def version_manifest(self, version: str) -> dict[str, Any]:
+        return read_manifest(self.version_dir(version))
+
+    def trained_on(self, version: str) -> list[str]:
+        """Increments a version has been trained on (its whole lineage)."""
+        return list(self.version_manifest(version).get("trained_on", []))
+
+    # increments
+    def increments(self) -> list[str]:
+        """Complete data increments, oldest first."""
+        if not self.data.is_dir():
+            return []
+        found = [p.name for p in self.data.iterdir() if p.is_dir() and INCREMENT_RE.match(p.name)]
+        return sorted(found, key=lambda d: int(INCREMENT_RE.match(d).group(1)))  # type: ignore[union-attr]
+
+    def increment_dir(self, increment: str) -> Path:
+        return self.data / increment
+
+    def increment_manifest(self, increment: str) -> dict[str, Any]:
+        return read_manifest(self.increment_dir(increment))
+
+    def next_increment(self, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UsageError(f"increment name {name!r}: use letters, digits, '.', '_' or '-'")
+        existing = self.increments()
+        n = int(INCREMENT_RE.match(existing[-1]).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
+        return f"d{n:04d}-{name}"
+
+    def resolve_increments(self, specs: list[str]) -> list[str]:
+        """Increment ids from full ids or their dNNNN prefix; unknown ones are a UsageError."""
+        known = self.increments()
+        out = []
+        for spec in specs:
+            match = [d for d in known if d == spec or d.split("-", 1)[0] == spec]
+            if not match:
+                raise UsageError(f"unknown increment {spec!r}; valid increments: {', '.join(known) or 'none'}")
+            out.append(match[0])
+        return out
+
+    def pending(self, version: str) -> list[str]:
+        """Increments ingested but not yet trained into ``version``'s lineage."""
+        seen = set(self.trained_on(version))
+        return [d for d in self.increments() if d not in seen]
+
+    # integrity
+    def verify_folder(self, folder: Path, *, use_cache: bool = True) -> dict[str, Any]:
+        """Check every file of a version or increment against its manifest; return the manifest.
+
+        sha256 results are cached by (path, size, mtime, inode) so unchanged files are hashed once.
+        """
+        manifest = read_manifest(folder)
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise IntegrityError(f"{folder / MANIFEST}: lists no files; restore it or remove the folder")
+        cache = _VerifyCache(self.staging / "verify-cache.json") if use_cache else None
+        for rel, rec in files.items():
+            path = safe_relpath(folder, rel)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise IntegrityError(f"{folder.name}: file {rel} is missing; restore it or remove {folder}") from None
+            if st.st_size != rec.get("size"):
+                raise IntegrityError(f"{folder.name}: file {rel} has {st.st_size} bytes, the manifest says "
+                                     f"{rec.get('size')}; it is truncated or altered")
+            digest = cache.get(path, st) if cache else None
+            if digest is None:
+                digest = sha256_file(path)
+                if cache:
+                    cache.put(path, st, digest)
+            if digest != rec.get("sha256"):
+                raise IntegrityError(f"{folder.name}: file {rel} does not match its sha256 in the manifest; it was altered")
+        if cache:
+            cache.save()
+        return manifest
+
+    def verify_version(self, version: str) -> dict[str, Any]:
+        return self.verify_folder(self.version_dir(version))
+
+    def verify_increment(self, increment: str) -> dict[str, Any]:
+        return self.verify_folder(self.increment_dir(increment))
+
+
+def base_manifest(kind: str, **fields: Any) -> dict[str, Any]:
+    """Common head of every manifest: format, kind, creation time and incr version."""
+    return {"format": FORMAT_VERSION, "kind": kind, "created": now_iso(), "incr_version": __version__, **fields}
+
+
+def seal_folder(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Record sha256 and size of every file of a staged folder in its manifest and write it."""
+    manifest = {**manifest, "files": file_records(folder)}
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+class _VerifyCache:
+    """sha256 of files keyed by their stat; a best-effort cache (readers hold no lock)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dirty = False
+        try:
+            self.data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.data = {}
+
+    @staticmethod
+    def _key(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def get(self, path: Path, st: os.stat_result) -> str | None:
+        rec = self.data.get(str(path.resolve()))
+        return rec[1] if rec and rec[0] == self._key(st) else None
+
+    def put(self, path: Path, st: os.stat_result, digest: str) -> None:
+        self.data[str(path.resolve())] = [self._key(st), digest]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.data))
