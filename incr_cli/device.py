@@ -1,0 +1,92 @@
+"""Device, precision and thread choices shared by training, eval and the benchmark."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from collections.abc import Iterator
+from functools import cache
+
+import torch
+
+from incr_cli.errors import UsageError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"runtime.device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"runtime.device: {spec!r} asked for, but no CUDA device is available; use runtime.device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"runtime.device: {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@cache
+def cpu_has_bf16_matmul() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast pays."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """``auto`` -> "bf16" on CUDA with bf16 support, else "fp32". Explicit "bf16"/"fp32" are kept.
+
+    bf16 means autocast for the forward pass; master weights and optimizer state stay fp32.
+    """
+    if spec == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "fp32"
+    return spec
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for a forward pass at ``precision`` (a no-op for fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Use every core once: one intra-op thread per core, inter-op 1 (no oversubscription)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = num_threads or cores
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
+        torch.set_num_interop_threads(1)
+    return n
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this run: max allocated on CUDA, peak RSS of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@contextlib.contextmanager
+def inference(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode + inference_mode for the duration, restoring the training flag afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        module.train(was_training)
