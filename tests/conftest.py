@@ -1,0 +1,81 @@
+"""Shared fixtures: the cpu-tiny recipe, a ready workspace, the shipped samples, a local model dir.
+
+Everything is built offline from a config; no test touches the network.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from incr_cli.recipe import Recipe, load_recipe
+from incr_cli.workspace import Workspace
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RECIPE = REPO / "recipes" / "cpu-tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_path() -> Path:
+    """recipes/cpu-tiny.yaml."""
+    return TINY_RECIPE
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_recipe_path: Path) -> Recipe:
+    return load_recipe(tiny_recipe_path)
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """The shipped text excerpts (austen.txt, fortunes.txt, pydocs.txt)."""
+    return REPO / "samples"
+
+
+@pytest.fixture(scope="session")
+def _tiny_workspace_template(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Recipe) -> Path:
+    from incr_cli.models import init_workspace
+
+    root = tmp_path_factory.mktemp("template") / "ws"
+    init_workspace(root, "scratch:tiny", tiny_recipe)
+    return root
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path: Path, _tiny_workspace_template: Path) -> Workspace:
+    """A fresh workspace (copy of one initialised from scratch:tiny with cpu-tiny): LATEST = v0000."""
+    root = tmp_path / "ws"
+    shutil.copytree(_tiny_workspace_template, root)
+    (root / ".incr.lock").unlink(missing_ok=True)
+    shutil.rmtree(root / "staging", ignore_errors=True)  # the template's verify cache names its own paths
+    return Workspace.open(root)
+
+
+def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool = False, seed: int = 0) -> Path:
+    """A local Hugging Face-layout dir: a tiny BERT (MLM head or bare encoder) and its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    from incr_cli.models import scratch_tokenizer
+
+    tokenizer = scratch_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(config) if with_head else BertModel(config, add_pooling_layer=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if pickle:  # the legacy format: same weights in a torch pickle, no safetensors
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    return folder
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A local model dir with a tiny BertForMaskedLM (hidden 32, 2 layers) and the scratch tokenizer."""
+    return write_tiny_model_dir(tmp_path / "tiny-model")
