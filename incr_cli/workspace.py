@@ -373,7 +373,7 @@ class Workspace:
     def verify_folder(self, folder: Path, *, use_cache: bool = True) -> dict[str, Any]:
         """Check every file of a version or increment against its manifest; return the manifest.
 
-        sha256 results are cached by (path, size, mtime, inode) so unchanged files are hashed once.
+        sha256 results are cached by (path, size, mtime, ctime, inode) so unchanged files are hashed once.
         """
         manifest = read_manifest(folder)
         files = manifest.get("files")
@@ -432,7 +432,8 @@ class _VerifyCache:
 
     @staticmethod
     def _key(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        # ctime too: an in-place edit that restores the mtime (os.utime) still changes the ctime.
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def get(self, path: Path, st: os.stat_result) -> str | None:
         rec = self.data.get(str(path.resolve()))

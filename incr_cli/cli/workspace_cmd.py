@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.errors import IncrError, IntegrityError
 from incr_cli.recipe import load_recipe
+from incr_cli.workspace import Workspace
 
 WorkspaceArg = Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)]
 
@@ -42,6 +44,130 @@ def init(
     out.log(f"next: incr ingest {result.root} PATH...")
 
 
+def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
+    """Show versions (parent, status, data seen, size), LATEST and pending increments."""
+    out = Output(json_out)
+    report = workspace_status(Workspace.open(workspace))
+    if json_out:
+        out.emit_json(report)
+        return
+    latest = report["latest"]
+    rows = [[v["version"] + (" *" if v["version"] == latest else ""), v["parent"] or "-", v["status"],
+             v["trained_on"], ", ".join(v["new"]) or "-", _human_bytes(v["size_bytes"]), v["created"] or "?"]
+            for v in report["versions"]]
+    out.table("versions (* = LATEST)", ["version", "parent", "status", "trained on", "new", "size", "created"], rows)
+    incs = [[d["id"], "pending" if d["pending"] else "trained", d["sequences"].get("train", "?"),
+             d["sequences"].get("heldout", "?"), d["tokens"].get("train", "?"), d["created"] or "?"]
+            for d in report["increments"]]
+    if incs:
+        out.table("increments", ["increment", "state", "train seqs", "held-out seqs", "train tokens", "created"], incs)
+    pending = report["pending"]
+    out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
+    if report["staging_leftovers"]:
+        out.warn(f"{len(report['staging_leftovers'])} temporary folders left by interrupted writers in "
+                 f"{workspace}/staging (removed by the next writing command)")
+
+
+def verify(
+    workspace: WorkspaceArg,
+    all_versions: Annotated[bool, typer.Option("--all", help="Check every version, not only LATEST.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check files against their manifests' sha256 and sizes (LATEST and every increment; --all: every version)."""
+    out = Output(json_out)
+    report = verify_workspace(Workspace.open(workspace), all_versions=all_versions)
+    if json_out:
+        out.emit_json(report)
+    else:
+        for item in report["checked"]:
+            out.log(f"{item['id']}: {'ok' if item['ok'] else 'FAILED'}")
+    failures = [item["error"] for item in report["checked"] if not item["ok"]]
+    if failures:
+        head = failures[0] if len(failures) == 1 else f"{len(failures)} folders failed verification: {failures[0]}"
+        raise IntegrityError("\n".join([head, *(f"  {f}" for f in failures[1:])]))
+    if not json_out:
+        out.log(f"{len(report['checked'])} folders verified, all files match their manifests")
+
+
+# ----------------------------------------------------------------------------- library side (no output)
+
+
+def workspace_status(ws: Workspace) -> dict:
+    """Versions, increments, LATEST and pending increments as one JSON-able dict (no lock needed).
+
+    A version whose manifest cannot be read is listed with status "unreadable" and the reason, so
+    status still shows the rest of the workspace.
+    """
+    latest = ws.latest()
+    versions = []
+    for version in ws.versions():
+        folder = ws.version_dir(version)
+        entry = {"version": version, "parent": None, "status": "unreadable", "promoted": False, "trained_on": 0,
+                 "new": [], "size_bytes": _folder_bytes(folder), "created": None, "head_initialised": None,
+                 "problem": None}
+        try:
+            manifest = ws.version_manifest(version)
+            entry.update(parent=manifest.get("parent"), status=str(manifest.get("status", "?")),
+                         promoted=bool(manifest.get("promoted", False)),
+                         trained_on=len(manifest.get("trained_on") or []), new=list(manifest.get("new") or []),
+                         created=manifest.get("created"), head_initialised=manifest.get("head_initialised"))
+        except IncrError as exc:
+            entry["problem"] = str(exc)
+        versions.append(entry)
+    pending = ws.pending(latest)
+    increments = []
+    for inc in ws.increments():
+        entry = {"id": inc, "pending": inc in pending, "sequences": {}, "tokens": {}, "created": None,
+                 "size_bytes": _folder_bytes(ws.increment_dir(inc)), "problem": None}
+        try:
+            manifest = ws.increment_manifest(inc)
+            entry.update(sequences=dict(manifest.get("sequences") or {}), tokens=dict(manifest.get("tokens") or {}),
+                         created=manifest.get("created"))
+        except IncrError as exc:
+            entry["problem"] = str(exc)
+        increments.append(entry)
+    leftovers = sorted(p.name for p in ws.staging.glob("tmp-*")) if ws.staging.is_dir() else []
+    return {"workspace": str(ws.root), "latest": latest, "versions": versions, "increments": increments,
+            "pending": pending, "staging_leftovers": leftovers}
+
+
+def verify_workspace(ws: Workspace, *, all_versions: bool = False) -> dict:
+    """Hash every file of LATEST (or every version) and every increment against its manifest.
+
+    The stat-keyed hash cache is bypassed: an on-demand check reads every byte.
+    """
+    checked = []
+    try:
+        versions = ws.versions() if all_versions else [ws.latest()]
+    except IntegrityError as exc:
+        checked.append({"kind": "latest", "id": "LATEST", "ok": False, "error": str(exc)})
+        versions = ws.versions()
+    targets = [("version", v, ws.version_dir(v)) for v in versions]
+    targets += [("increment", d, ws.increment_dir(d)) for d in ws.increments()]
+    for kind, name, folder in targets:
+        try:
+            ws.verify_folder(folder, use_cache=False)
+            checked.append({"kind": kind, "id": name, "ok": True, "error": None})
+        except IncrError as exc:
+            checked.append({"kind": kind, "id": name, "ok": False, "error": str(exc)})
+    return {"workspace": str(ws.root), "ok": all(c["ok"] for c in checked), "checked": checked}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
 def register(app: typer.Typer) -> None:
     """Add init, status and verify to the app."""
     app.command("init")(guarded(init))
+    app.command("status")(guarded(status))
+    app.command("verify")(guarded(verify))
