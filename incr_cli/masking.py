@@ -11,8 +11,10 @@ How positions are chosen, per row:
   maskable token contributes an empty loss;
 - units (tokens, or whole words with ``cfg.whole_word``) are shuffled with random scores and taken
   in that order while their cumulative token count stays within ``k`` (always at least one unit).
-  For single tokens that is exactly ``k`` positions. A whole word is never split, so with whole
-  words a row gets at most ``k`` positions, or one word longer than ``k`` when no word fits.
+  For single tokens that is exactly ``k`` positions. A whole word is never split: with
+  ``per_sequence`` a row gets at most ``k`` positions (or one word longer than ``k`` when no word
+  fits); with ``probability`` the word that crosses ``k`` is taken with probability
+  (room left) / (its length), so the expected share of masked tokens is still ``probability``.
 Of the chosen positions, ``mask_token_ratio`` become the mask token, ``random_token_ratio`` a random
 non-special token, and the rest keep their token (BERT's 80/10/10).
 """
@@ -85,15 +87,16 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
 
     # Random draws in a fixed order, so the stream does not depend on the config's branches.
     scores = torch.rand((batch, length), generator=generator, device=device)  # (B, T)
-    rounding = torch.rand((batch, 1), generator=generator, device=device)  # (B, 1)
+    row_draw = torch.rand((batch, 2), generator=generator, device=device)  # (B, 2)
     action = torch.rand((batch, length), generator=generator, device=device)  # (B, T)
     replacement_draw = torch.rand((batch, length), generator=generator, device=device)  # (B, T)
 
     n_maskable = maskable.sum(dim=1, keepdim=True)  # (B, 1)
-    if cfg.per_sequence is not None:
+    hard_cap = cfg.per_sequence is not None
+    if hard_cap:
         budget = n_maskable.clamp(max=cfg.per_sequence)
     else:
-        budget = (cfg.probability * n_maskable + rounding).floor().long()
+        budget = (cfg.probability * n_maskable + row_draw[:, :1]).floor().long()  # stochastic rounding
         budget = torch.minimum(budget.clamp(min=1), n_maskable)  # (B, 1)
 
     if cfg.whole_word:
@@ -105,14 +108,23 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
         unit_length = torch.ones((batch, length), dtype=torch.long, device=device)
         unit_maskable = maskable
 
-    # Shuffle the units and take a prefix that fits in the budget. Units that fit on their own go
-    # first, so a word longer than the budget is only taken when no word fits; non-maskable last.
-    priority = torch.where(unit_length <= budget, scores + 1.0, scores)
-    order = torch.where(unit_maskable, priority, -1.0).argsort(dim=1, descending=True)  # (B, U)
-    taken_length = unit_length.gather(1, order).cumsum(dim=1)  # (B, U)
-    first = torch.zeros_like(taken_length, dtype=torch.bool)
+    # Shuffle the units (non-maskable ones last) and walk them in that order.
+    if hard_cap:
+        # A cap is a cap: take the prefix that fits. Units that fit on their own go first, so a
+        # word longer than the budget is only taken when no word fits.
+        scores = torch.where(unit_length <= budget, scores + 1.0, scores)
+    order = torch.where(unit_maskable, scores, -1.0).argsort(dim=1, descending=True)  # (B, U)
+    sorted_length = unit_length.gather(1, order)  # (B, U)
+    room = budget - (sorted_length.cumsum(dim=1) - sorted_length)  # (B, U) budget left before each unit
+    if hard_cap:
+        take_sorted = sorted_length <= room
+    else:
+        # Units that fit are taken; the one that crosses the budget with probability room / length,
+        # so the expected count is the budget (a rate of p) though words are never split.
+        take_sorted = row_draw[:, 1:] * sorted_length < room
+    first = torch.zeros_like(take_sorted)
     first[:, 0] = True
-    take_sorted = ((taken_length <= budget) | first) & unit_maskable.gather(1, order) & (budget > 0)
+    take_sorted = (take_sorted | first) & unit_maskable.gather(1, order) & (budget > 0)
     take_unit = torch.zeros_like(take_sorted).scatter(1, order, take_sorted)  # (B, U)
     positions = take_unit.gather(1, word_id) & maskable  # (B, T)
 

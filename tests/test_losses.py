@@ -106,3 +106,17 @@ def test_topk_correct():
     assert topk_correct(z, targets, 2).item() == 2
     assert topk_correct(z, targets, 10).item() == 3
     assert topk_correct(z[:0], targets[:0], 5).item() == 0
+
+
+def test_float32_math_under_bf16_autocast():
+    student, teacher, targets = logits(seed=6), logits(seed=7), torch.tensor([1, 2, 3, 4, 5, 6])
+    hidden_s, hidden_t = logits(seed=8).view(2, 3, 11), logits(seed=9).view(2, 3, 11)
+    mask = torch.ones((2, 3))
+    reference = [mlm_loss_sum(student, targets), kd_loss_sum(student, teacher, 2.0),
+                 hidden_loss_sum(hidden_s, hidden_t, mask, "cosine")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = [mlm_loss_sum(student, targets), kd_loss_sum(student, teacher, 2.0),
+                 hidden_loss_sum(hidden_s, hidden_t, mask, "cosine")]
+    for got, want in zip(under, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
