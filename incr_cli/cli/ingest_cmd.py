@@ -1,7 +1,88 @@
-"""Placeholder: filled in by its own change."""
+"""`incr ingest`: turn text files into the workspace's next data increment."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from incr_cli.cli.output import JsonOpt, Output, guarded
+from incr_cli.recipe import load_recipe
+from incr_cli.workspace import Workspace
+
+_OVERRIDE_RE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """PATH... and trailing ``section.key=value`` overrides share the arguments: an item that looks
+    like an override and is not an existing path is one."""
+    paths, overrides = [], []
+    for item in items:
+        (overrides if _OVERRIDE_RE.match(item) and not os.path.lexists(item) else paths).append(item)
+    return paths, overrides
+
+
+def ingest(
+    workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(
+        help="Files, directories (read recursively, sorted) and globs; .gz files are decompressed. "
+             "Recipe overrides section.key=value may follow.", show_default=False)],
+    name: Annotated[str | None, typer.Option("--name", help="Increment name (default: the first path's stem).")] = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="auto (jsonl for *.jsonl/*.json, else lines), lines (one document per line), "
+                         "paragraphs (blank-line separated) or jsonl.")] = "auto",
+    text_field: Annotated[str, typer.Option("--text-field", help="JSON Lines: the field holding the text.")] = "text",
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Clean, deduplicate, split (held-out by document hash), tokenize and pack PATH... into data/dNNNN-NAME/.
+
+    Exact duplicates of documents ingested before, in any increment, are dropped; ingesting the same
+    files again writes nothing. Bad input (invalid UTF-8, binary, empty, unreadable or missing files,
+    malformed JSON lines, over-long lines) is skipped or cut, and counted in the summary and manifest.
+    """
+    from incr_cli.ingest import ingest as run_ingest
+
+    out = Output(json_out)
+    ws = Workspace.open(workspace)
+    paths, overrides = split_overrides(paths)
+    resolved = load_recipe(recipe or ws.recipe_path, overrides)
+    with ws.lock("ingest"):
+        result = run_ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out)
+    if json_out:
+        out.emit_json({"workspace": str(ws.root), **result.to_dict()})
+        return
+    if result.increment is None and not result.sources and not result.skipped:
+        out.log(result.message)  # the early no-op: nothing was read
+        return
+    docs = result.documents
+    rows = [["documents kept", f"{docs.get('kept', 0):,} ({docs.get('train', 0):,} train, {docs.get('heldout', 0):,} held out)"],
+            ["duplicates dropped", f"{docs.get('duplicate', 0):,}" + _where(result.duplicates_in)]]
+    rows += [[f"rejected: {reason}", f"{n:,}"] for reason, n in docs.get("rejected", {}).items()]
+    if docs.get("cut_long"):
+        rows.append(["cut to data.max_doc_chars", f"{docs['cut_long']:,}"])
+    rows += [[f"skipped files: {reason}", f"{info['count']:,} ({', '.join(info['examples'][:2])}"
+              f"{', ...' if info['count'] > 2 else ''})"] for reason, info in result.skipped.items()]
+    rows.append(["source files", f"{len(result.sources):,} ({result.bytes_read / 1e6:,.1f} MB)"])
+    if result.increment:
+        seqs, toks = result.sequences, result.tokens
+        rows += [["sequences", f"{seqs['train']:,} train, {seqs['heldout']:,} held out"],
+                 ["tokens", f"{toks['train']:,} train, {toks['heldout']:,} held out"]]
+    rate = result.bytes_read / 1e6 / result.seconds if result.seconds else 0.0
+    rows.append(["time", f"{result.seconds:.1f} s ({rate:.1f} MB/s)"])
+    out.table(result.increment or "nothing written", ["", ""], rows)
+    out.log(result.message)
+    if result.increment:
+        out.log(f"next: incr train-increment {ws.root}")
+
+
+def _where(counts: dict[str, int]) -> str:
+    return f" (already in {', '.join(counts)})" if counts else ""
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `incr ingest` to the app."""
+    app.command("ingest")(guarded(ingest))

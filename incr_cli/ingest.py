@@ -1,0 +1,523 @@
+"""Ingest: text files -> one data increment ``data/dNNNN-NAME/`` of packed token shards.
+
+Two streaming passes, memory bounded whatever the input size:
+
+1. read (``readers``), clean (NFC, control characters dropped, whitespace collapsed), cut over-long
+   documents, drop too-short ones, and drop exact duplicates against the workspace-wide index
+   ``data/index.sqlite`` (which also catches duplicates within this ingest). Kept documents are spooled
+   to a file in the staging folder with their hash.
+2. choose the held-out cutoff (which needs the number of kept documents, hence the spool), then
+   tokenize the spool in batches with the workspace's fast tokenizer and pack it into
+   ``train.bin`` / ``heldout.bin``.
+
+A document is held out when its hash, read as a number in [0, 1), falls below the cutoff: the split
+depends only on the text, so it is the same on every run. The cutoff is ``data.heldout_fraction``,
+raised just enough to hold out ``data.heldout_min_docs`` documents when the increment has at least
+twice as many.
+
+Crash safety: the folder is written under ``staging/`` and renamed into place at the end; the new
+hashes go into the index in one transaction committed just before the rename. Every ingest first
+deletes index rows of increments whose folder does not exist (left by a run killed between the commit
+and the rename), so a killed ingest leaves no trace and a rerun ingests exactly the same documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import time
+import unicodedata
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from incr_cli import readers
+from incr_cli.errors import InputError, UsageError
+from incr_cli.faults import fault_point
+from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
+from incr_cli.recipe import Recipe
+from incr_cli.reporting import Quiet, Reporter
+from incr_cli.workspace import Workspace, base_manifest, seal_folder
+
+BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
+_SQL_CHUNK = 500  # bound variables per query, well under SQLite's limit
+# C0/C1 control characters and BOM / zero-width characters; tab, newline etc. become spaces later.
+_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u200b\ufeff]")
+# Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
+_UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden"}
+
+
+# ----------------------------------------------------------------------------- cleaning and hashing
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalise, drop control characters, collapse every run of whitespace to one space."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    if _CONTROL_RE.search(text):
+        text = _CONTROL_RE.sub("", text)
+    return " ".join(text.split())
+
+
+def doc_hash(text: str) -> bytes:
+    """16-byte BLAKE2b of the cleaned text: the dedup key and the source of the held-out split."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def hash_unit(digest: bytes) -> float:
+    """Map a hash to [0, 1) (its first 8 bytes as a big-endian fraction)."""
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
+    """Cutoff c such that documents with ``unit < c`` are held out.
+
+    ``units`` (N,) float64 are the kept documents' hash units. c = ``fraction``, raised to just above
+    the ``min_docs``-th smallest unit when that holds out too few and N >= 2 * min_docs.
+    """
+    n = len(units)
+    if min_docs <= 0 or n < 2 * min_docs or int((units < fraction).sum()) >= min_docs:
+        return float(fraction)
+    kth = float(np.partition(units, min_docs - 1)[min_docs - 1])
+    return float(np.nextafter(kth, 1.0))
+
+
+# ----------------------------------------------------------------------------- the dedup index
+
+
+def open_index(ws: Workspace) -> sqlite3.Connection:
+    """The workspace's dedup index, created on first use. Autocommit: callers open transactions."""
+    ws.data.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(ws.index_path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")  # readers (status) never wait for an ingest
+    conn.execute("PRAGMA synchronous=FULL")  # the commit must be on disk before the folder rename
+    conn.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS documents(hash BLOB PRIMARY KEY, increment TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS sources(sha256 TEXT NOT NULL, increment TEXT NOT NULL, reader TEXT NOT NULL DEFAULT '');
+        CREATE INDEX IF NOT EXISTS sources_sha256 ON sources(sha256);
+        -- increments with rows here: recovery compares it with data/ without scanning millions of hashes
+        CREATE TABLE IF NOT EXISTS increments(id TEXT PRIMARY KEY);
+        """
+    )
+    return conn
+
+
+def recover_index(ws: Workspace, conn: sqlite3.Connection | None = None) -> list[str]:
+    """Delete index rows of increments whose folder does not exist; return their ids (lock held)."""
+    own = conn is None
+    conn = conn or open_index(ws)
+    try:
+        on_disk = set(ws.increments())
+        recorded = {row[0] for row in conn.execute("SELECT id FROM increments")}
+        recorded |= {row[0] for row in conn.execute("SELECT DISTINCT increment FROM sources")}
+        gone = sorted(recorded - on_disk)
+        if gone:
+            conn.execute("BEGIN IMMEDIATE")
+            for inc in gone:  # a full scan of documents, but only after a crash
+                conn.execute("DELETE FROM documents WHERE increment = ?", (inc,))
+                conn.execute("DELETE FROM sources WHERE increment = ?", (inc,))
+                conn.execute("DELETE FROM increments WHERE id = ?", (inc,))
+            conn.execute("COMMIT")
+        return gone
+    finally:
+        if own:
+            conn.close()
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def _lookup(conn: sqlite3.Connection, sql: str, keys: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (whose ``{marks}`` is an IN list) for ``keys``, queried in bounded chunks."""
+    rows: list[tuple[Any, ...]] = []
+    for chunk in _chunks(keys, _SQL_CHUNK):
+        rows += conn.execute(sql.format(marks=",".join("?" * len(chunk))), tuple(chunk)).fetchall()
+    return rows
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "int32"
+
+
+class PackedWriter:
+    """Packs documents into fixed-length rows and appends them to a raw (n, seq_len) array file.
+
+    The stream is every document's ids followed by ``sep_id``; each row is ``cls_id`` + the next
+    seq_len - 1 stream tokens. Only the last row (written by ``close``) may be padded with ``pad_id``.
+    """
+
+    def __init__(self, path: Path, seq_len: int, *, cls_id: int, sep_id: int, pad_id: int, dtype: str):
+        self.path = path
+        self.seq_len, self.body = seq_len, seq_len - 1
+        self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.tokens = 0  # non-pad tokens written, [CLS] and [SEP] included
+        self._carry = np.empty(0, self.dtype)  # stream tokens not yet in a full row
+        self._buf = np.empty((0, seq_len), self.dtype)  # rows of one batch, reused
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+
+    def add(self, docs: Sequence[Sequence[int]]) -> None:
+        """Append documents (lists of token ids, no special tokens) to the stream."""
+        if not docs:
+            return
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        n_new = int(lengths.sum()) + len(docs)
+        stream = np.empty(len(self._carry) + n_new, self.dtype)
+        stream[: len(self._carry)] = self._carry
+        new = stream[len(self._carry):]
+        sep_at = np.cumsum(lengths + 1) - 1  # (D,) position of each document's [SEP]
+        is_token = np.ones(n_new, bool)
+        is_token[sep_at] = False
+        new[sep_at] = self.sep_id
+        new[is_token] = np.fromiter(chain.from_iterable(docs), self.dtype, n_new - len(docs))
+        n_rows = len(stream) // self.body
+        if n_rows:
+            if len(self._buf) < n_rows:
+                self._buf = np.empty((max(n_rows, 2 * len(self._buf)), self.seq_len), self.dtype)
+                self._buf[:, 0] = self.cls_id
+            rows = self._buf[:n_rows]  # (R, T)
+            rows[:, 1:] = stream[: n_rows * self.body].reshape(n_rows, self.body)
+            rows.tofile(self._file)
+            self.rows += n_rows
+            self.tokens += n_rows * self.seq_len
+        self._carry = stream[n_rows * self.body:].copy()
+
+    def close(self) -> None:
+        """Write the padded remainder row (if any) and close the file."""
+        if len(self._carry):
+            row = np.full(self.seq_len, self.pad_id, self.dtype)
+            row[0] = self.cls_id
+            row[1: 1 + len(self._carry)] = self._carry
+            row.tofile(self._file)
+            self.rows += 1
+            self.tokens += 1 + len(self._carry)
+            self._carry = self._carry[:0]
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+def tokenize_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens; "[SEP]" written in a text stays plain text."""
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                     split_special_tokens=True, verbose=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class IngestResult:
+    """What an ingest did. ``increment`` is None when nothing was written (``message`` says why)."""
+
+    increment: str | None
+    message: str
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    documents: dict[str, Any] = field(default_factory=dict)
+    sequences: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, dict[str, Any]] = field(default_factory=dict)  # reason -> {count, examples}
+    duplicates_in: dict[str, int] = field(default_factory=dict)  # earlier increment -> duplicates found there
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _NothingNew(Exception):
+    """Raised inside the staged folder to discard it when no document survives."""
+
+
+# ----------------------------------------------------------------------------- the two passes
+
+
+@dataclass
+class _Pass1:
+    kept: int = 0
+    duplicate: int = 0
+    cut: int = 0
+    duplicates_in: Counter = field(default_factory=Counter)
+    units: array = field(default_factory=lambda: array("d"))
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    bytes_read: int = 0
+    raw_docs: int = 0
+
+
+def _read_clean_dedup(files: list[tuple[SourceFile, str]], *, increment: str, fmt: str, text_field: str,
+                      recipe: Recipe, conn: sqlite3.Connection, spool: Path, tally: Tally,
+                      reporter: Reporter) -> _Pass1:
+    """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted)."""
+    out = _Pass1()
+    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
+    batch: list[tuple[str, bytes, bool]] = []
+
+    def flush() -> None:
+        unique: dict[bytes, tuple[str, bool]] = {}
+        for text, digest, cut in batch:
+            if digest in unique:
+                out.duplicate += 1
+            else:
+                unique[digest] = (text, cut)
+        hashes = list(unique)
+        known = dict(_lookup(conn, "SELECT hash, increment FROM documents WHERE hash IN ({marks})", hashes))
+        conn.executemany("INSERT INTO documents(hash, increment) VALUES (?, ?)",
+                         [(h, increment) for h in hashes if h not in known])
+        lines = []
+        for digest, (text, cut) in unique.items():
+            if digest in known:
+                out.duplicate += 1
+                if known[digest] != increment:  # not a repeat within this ingest
+                    out.duplicates_in[known[digest]] += 1
+                continue
+            out.kept += 1
+            out.cut += cut
+            out.units.append(hash_unit(digest))
+            lines.append(text)
+            hash_file.write(digest)
+        if lines:
+            text_file.write("\n".join(lines) + "\n")
+        batch.clear()
+
+    total_mb = sum(src.size for src, _ in files) / 1e6
+    with open(spool.with_suffix(".txt"), "w", encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "wb") as hash_file, \
+            reporter.progress("reading", total=total_mb, unit="MB") as bar:
+        for src, sha in files:
+            state = ReadState()
+            shown = 0
+            got_text = False
+            for raw, cut in readers.read_documents(src, fmt, text_field, max_chars, tally, state):
+                got_text = True
+                out.raw_docs += 1
+                text = clean_text(raw)
+                if len(text) > max_chars:
+                    text, cut = text[:max_chars].rstrip(), True
+                if len(text) < min_chars:
+                    tally.reject("too_short")
+                    continue
+                batch.append((text, doc_hash(text), cut))
+                if len(batch) >= BATCH_DOCS:
+                    flush()
+                    bar.advance((state.done - shown) / 1e6, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
+                    shown = state.done
+            bar.advance((state.done - shown) / 1e6, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
+            out.bytes_read += src.size
+            if state.skipped is None or got_text:  # a .gz broken midway still gave documents
+                out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
+                                    "reader": reader_id(src, fmt, text_field)})
+        if batch:
+            flush()
+    return out
+
+
+def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWriter, heldout: PackedWriter,
+                   *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
+    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs."""
+    n_train = n_heldout = 0
+    started = time.perf_counter()
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "rb") as hash_file, \
+            reporter.progress("tokenizing", total=total, unit="docs") as bar:
+        while True:
+            texts = [line.rstrip("\n") for _, line in zip(range(BATCH_DOCS), text_file)]
+            if not texts:
+                break
+            digests = hash_file.read(16 * len(texts))
+            ids = tokenize_batch(tokenizer, texts)
+            to_train, to_heldout = [], []
+            for i, doc in enumerate(ids):
+                if not doc:  # e.g. only characters the tokenizer's normaliser drops
+                    tally.reject("no_tokens")
+                elif hash_unit(digests[16 * i: 16 * i + 16]) < cutoff:
+                    to_heldout.append(doc)
+                else:
+                    to_train.append(doc)
+            train.add(to_train)
+            heldout.add(to_heldout)
+            n_train += len(to_train)
+            n_heldout += len(to_heldout)
+            fault_point("ingest.batch")
+            rate = (train.tokens + heldout.tokens) / max(time.perf_counter() - started, 1e-9)
+            bar.advance(len(texts), f"{rate:,.0f} tokens/s")
+    return n_train, n_heldout
+
+
+def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
+    """How a file was read ("lines", "paragraphs", "jsonl:FIELD"): the same file read another way is new input."""
+    resolved = readers.resolve_format(src.path, fmt)
+    return f"jsonl:{text_field}" if resolved == "jsonl" else resolved
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int, int]:
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if cls_id is None or sep_id is None or pad_id is None:
+        raise UsageError("the workspace tokenizer has no [CLS]/<s>, [SEP]/</s> or [PAD] token; "
+                         "ingest packs sequences with them: use a BERT-family tokenizer")
+    return int(cls_id), int(sep_id), int(pad_id)
+
+
+def _skipped_summary(tally: Tally) -> dict[str, dict[str, Any]]:
+    return {reason: {"count": n, "examples": tally.examples.get(reason, [])} for reason, n in sorted(tally.files.items())}
+
+
+def _describe_skips(tally: Tally) -> str:
+    return ", ".join(f"{', '.join(tally.examples[r][:3])}{' ...' if n > 3 else ''} ({r})" for r, n in sorted(tally.files.items()))
+
+
+def _documents(p1: _Pass1 | None, tally: Tally, n_train: int = 0, n_heldout: int = 0) -> dict[str, Any]:
+    return {"kept": n_train + n_heldout, "train": n_train, "heldout": n_heldout,
+            "duplicate": p1.duplicate if p1 else 0, "rejected": dict(sorted(tally.docs.items())),
+            "cut_long": p1.cut if p1 else 0}
+
+
+def _nothing_new_message(p1: _Pass1) -> str:
+    where = ", ".join(inc for inc, _ in p1.duplicates_in.most_common())
+    return f"nothing new: all {p1.duplicate:,} documents are already in {where or 'this ingest'}"
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt: str = "auto",
+           text_field: str = "text", recipe: Recipe, reporter: Reporter | None = None,
+           tokenizer: Any = None) -> IngestResult:
+    """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``. The caller holds the lock.
+
+    ``tokenizer`` defaults to the tokenizer of the workspace's LATEST version. Returns an
+    ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is written then).
+    Raises ``InputError`` when no path gave any readable text, ``UsageError`` for a bad name or format.
+    """
+    from incr_cli import models  # loads transformers: only when an ingest actually runs
+
+    reporter = reporter or Quiet()
+    started = time.perf_counter()
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise UsageError("ingest needs at least one PATH (a file, a directory or a glob)")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    increment = ws.next_increment(name or readers.default_name(paths[0]))
+    seq_len = recipe.model.max_seq_len
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(ws, ws.latest())
+    cls_id, sep_id, pad_id = _special_ids(tokenizer)
+    vocab_size = len(tokenizer)
+    dtype = token_dtype(vocab_size)
+
+    ws.clean_staging()
+    conn = open_index(ws)
+    try:
+        gone = recover_index(ws, conn)
+        if gone:
+            reporter.warn(f"removed index rows of increments that were never completed: {', '.join(gone)}")
+        tally = Tally()
+        found = readers.expand_paths(paths, tally)
+        files: list[tuple[SourceFile, str]] = []
+        for src in found:
+            try:
+                files.append((src, readers.sha256_of(src.real)))
+            except OSError as exc:
+                tally.skip_file(src.path, readers.stat_reason(exc))
+        if not files:
+            raise InputError(f"nothing readable in {' '.join(paths)}: {_describe_skips(tally) or 'no files'}")
+        if tally.files:
+            reporter.warn(f"skipped {sum(tally.files.values())} path(s): {_describe_skips(tally)}")
+
+        rows = _lookup(conn, "SELECT sha256, reader, increment FROM sources WHERE sha256 IN ({marks})",
+                       [sha for _, sha in files])
+        known = {(sha, reader): inc for sha, reader, inc in rows}
+        wanted = [(sha, reader_id(src, fmt, text_field)) for src, sha in files if src.size > 0]
+        if wanted and all(key in known for key in wanted):
+            where = ", ".join(sorted({known[key] for key in wanted}))
+            message = f"nothing new: all {len(wanted)} source file(s) were already ingested in {where}"
+            return IngestResult(None, message, documents=_documents(None, tally), skipped=_skipped_summary(tally),
+                                seconds=time.perf_counter() - started)
+
+        final = ws.increment_dir(increment)
+        p1 = _Pass1()
+        try:
+            with ws.staged_folder(final) as tmp:
+                spool = tmp / ".spool"
+                conn.execute("BEGIN IMMEDIATE")
+                p1 = _read_clean_dedup(files, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
+                                       conn=conn, spool=spool, tally=tally, reporter=reporter)
+                if p1.kept == 0:
+                    raise _NothingNew()
+                units = np.frombuffer(p1.units, dtype=np.float64)
+                cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
+                kw = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": pad_id, "dtype": dtype}
+                train, heldout = PackedWriter(tmp / "train.bin", seq_len, **kw), PackedWriter(tmp / "heldout.bin", seq_len, **kw)
+                try:
+                    n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, train, heldout, total=p1.kept,
+                                                        tally=tally, reporter=reporter)
+                finally:
+                    train.close()
+                    heldout.close()
+                for suffix in (".txt", ".hash"):
+                    spool.with_suffix(suffix).unlink()
+                if n_train + n_heldout == 0:
+                    raise _NothingNew()
+                conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
+                                 [(s["sha256"], increment, s["reader"]) for s in p1.sources])
+                conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
+                manifest = base_manifest(
+                    "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
+                    pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, vocab_size=vocab_size,
+                    tokenizer_sha256=models.tokenizer_sha256(tokenizer),
+                    reader={"format": fmt, "text_field": text_field}, sources=p1.sources,
+                    documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
+                    sequences={"train": train.rows, "heldout": heldout.rows},
+                    tokens={"train": train.tokens, "heldout": heldout.tokens},
+                    skipped=_skipped_summary(tally),
+                )
+                seal_folder(tmp, manifest)
+                conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
+                fault_point("ingest.before_rename")
+        except _NothingNew:
+            conn.execute("ROLLBACK")
+            if not p1.sources and set(tally.files) & _UNREADABLE:
+                raise InputError(f"nothing readable in {' '.join(paths)}: {_describe_skips(tally)}") from None
+            if p1.duplicate:
+                message = _nothing_new_message(p1)
+            elif p1.raw_docs:
+                message = f"nothing to ingest: none of the {p1.raw_docs:,} documents read is usable ({_rejections(tally)})"
+            else:
+                message = f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"
+            return IngestResult(None, message, sources=p1.sources, documents=_documents(p1, tally),
+                                skipped=_skipped_summary(tally), duplicates_in=dict(p1.duplicates_in),
+                                bytes_read=p1.bytes_read, seconds=time.perf_counter() - started)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+
+    docs = manifest["documents"]
+    message = (f"{increment}: {docs['kept']:,} documents ({docs['heldout']:,} held out), "
+               f"{train.rows + heldout.rows:,} sequences, {train.tokens + heldout.tokens:,} tokens")
+    return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=manifest["sequences"],
+                        tokens=manifest["tokens"], skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
+                        bytes_read=p1.bytes_read, seconds=time.perf_counter() - started)
+
+
+def _rejections(tally: Tally) -> str:
+    return ", ".join(f"{r}: {n:,}" for r, n in sorted(tally.docs.items())) or "all were blank"

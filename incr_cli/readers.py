@@ -1,0 +1,329 @@
+"""Input readers for ingest: expand paths, open plain or gzipped files, and stream raw documents.
+
+Nothing here raises on bad input: every file or line that cannot be used is counted under a reason
+(``Tally``) and reading goes on, so one bad file never loses the good ones.
+
+Formats (``--format``):
+- ``lines``: one document per line.
+- ``paragraphs``: documents separated by blank lines (the lines of a paragraph are joined).
+- ``jsonl``: one JSON object per line; the document is its ``text_field`` (a string).
+- ``auto``: ``jsonl`` for ``*.jsonl`` / ``*.json`` (also ``.gz``-compressed), ``lines`` otherwise.
+
+Reasons counted per file: ``missing``, ``unreadable``, ``symlink_loop``, ``not_a_file`` (FIFO,
+socket, device), ``hidden`` (a name starting with "." met while walking a directory), ``binary``
+(a NUL byte in the first 8 KB), ``empty``, ``corrupt`` (a broken .gz: documents read before the
+damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``missing_field``, ``too_long``
+(a JSON line over the size limit, which cannot be cut and parsed).
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMATS = ("auto", "lines", "paragraphs", "jsonl")
+BINARY_SNIFF_BYTES = 8192
+# A JSON line must be parsed whole; beyond this it is rejected rather than held in memory.
+MAX_JSON_LINE_BYTES = 64 << 20
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class Tally:
+    """Counts of skipped files and rejected documents by reason, plus a few example paths."""
+
+    files: Counter = field(default_factory=Counter)
+    docs: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 10
+
+    def skip_file(self, path: str, reason: str) -> None:
+        self.files[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(path)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.docs[reason] += n
+
+
+@dataclass
+class ReadState:
+    """What reading one file did: bytes of it consumed so far, and why it was skipped (if it was)."""
+
+    done: int = 0
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute, as found (not resolved through symlinks)
+    real: str  # resolved, used to read each file once
+    size: int
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def stat_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink_loop"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "missing"
+    return "unreadable"
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in _GLOB_CHARS for c in spec)
+
+
+def expand_paths(specs: list[str], tally: Tally) -> list[SourceFile]:
+    """Files named by ``specs`` (files, directories walked recursively, globs), in a stable order.
+
+    Each directory's entries are visited sorted by name; a file reached twice (through a symlink or
+    two specs) is read once; a symlinked directory is followed once (loops end there).
+    """
+    found: list[SourceFile] = []
+    seen_files: set[str] = set()
+    seen_dirs: set[str] = set()
+
+    def add_file(path: str, st: os.stat_result) -> None:
+        real = os.path.realpath(path)
+        if real in seen_files:
+            return
+        seen_files.add(real)
+        found.append(SourceFile(os.path.abspath(path), real, st.st_size))
+
+    def visit(path: str) -> None:
+        try:
+            st = os.stat(path)  # follows symlinks: a loop raises ELOOP
+        except OSError as exc:
+            tally.skip_file(path, stat_reason(exc))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            walk(path)
+        elif stat.S_ISREG(st.st_mode):
+            add_file(path, st)
+        else:
+            tally.skip_file(path, "not_a_file")  # a FIFO would block open() forever
+
+    def walk(top: str) -> None:
+        real_top = os.path.realpath(top)
+        if real_top in seen_dirs:
+            return
+        seen_dirs.add(real_top)
+        # Our own recursion (not os.walk) so that symlinked folders are followed exactly once.
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            tally.skip_file(top, stat_reason(exc))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                tally.skip_file(entry.path, "hidden")
+                continue
+            visit(entry.path)
+
+    for spec in specs:
+        spec = os.path.expanduser(str(spec))
+        if not os.path.lexists(spec) and _is_glob(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                tally.skip_file(spec, "missing")
+            for match in matches:
+                visit(match)
+        else:
+            visit(spec)
+    return found
+
+
+def default_name(spec: str) -> str:
+    """An increment name from a path: its stem without extensions, with only safe characters."""
+    spec = os.path.expanduser(str(spec)).rstrip("/\\")
+    if _is_glob(spec):
+        parts = [p for p in Path(spec).parts if not _is_glob(p)]
+        spec = parts[-1] if parts else ""
+    stem = Path(spec).name
+    for ext in (".gz", ".jsonl", ".json", ".txt", ".text", ".md"):
+        if stem.lower().endswith(ext) and len(stem) > len(ext):
+            stem = stem[: -len(ext)]
+    clean = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "-" for c in stem)
+    clean = clean.strip("-._")[:40].rstrip("-._")
+    return clean or "data"
+
+
+def resolve_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower().removesuffix(".gz")
+    return "jsonl" if name.endswith((".jsonl", ".json")) else "lines"
+
+
+def sha256_of(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open_binary(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_binary(path: str) -> io.BufferedReader:
+    """Open a file for reading (a seam for tests that simulate unreadable files, since root reads all)."""
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+# ----------------------------------------------------------------------------- reading documents
+
+
+class _Lines:
+    """Bounded-length lines of a binary stream: ``(bytes, cut)`` where ``cut`` means the rest of an
+    over-long line was skipped. Memory stays O(limit) whatever the line length."""
+
+    def __init__(self, f: io.BufferedIOBase, limit: int):
+        self.f = f
+        self.limit = limit
+
+    def __iter__(self) -> Iterator[tuple[bytes, bool]]:
+        readline, limit = self.f.readline, self.limit
+        while line := readline(limit):
+            if len(line) < limit or line.endswith(b"\n"):
+                yield line, False
+                continue
+            while (rest := readline(limit)) and not rest.endswith(b"\n"):
+                pass  # drop the tail of an absurdly long line without holding it
+            yield line, True
+
+
+def _decode(raw: bytes, cut: bool) -> str | None:
+    """Strict UTF-8; a line cut mid-character loses only that partial character."""
+    for trim in range(4 if cut else 1):
+        try:
+            return raw[: len(raw) - trim].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
+
+
+def _looks_binary(head: bytes) -> bool:
+    return b"\x00" in head
+
+
+def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: int, tally: Tally,
+                   state: ReadState) -> Iterator[tuple[str, bool]]:
+    """Raw documents of one file: ``(text, cut)``; ``state`` tracks bytes consumed and any skip reason.
+
+    Invalid UTF-8 rejects only the line (or paragraph) it is in; a binary or empty file is skipped
+    whole; a broken .gz keeps what was read before the damage.
+    """
+    fmt = resolve_format(src.path, fmt)
+    try:
+        raw = open_binary(src.real)
+    except OSError as exc:
+        state.skipped = stat_reason(exc)
+        tally.skip_file(src.path, state.skipped)
+        return
+    with raw:
+        try:
+            magic = raw.peek(2)[:2]
+            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
+            head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
+            if not head or _looks_binary(head):
+                state.skipped = "binary" if head else "empty"
+                tally.skip_file(src.path, state.skipped)
+                return
+            # 4 bytes per character at most in UTF-8, plus the newline
+            limit = MAX_JSON_LINE_BYTES if fmt == "jsonl" else 4 * max_doc_chars + 4
+            lines = _Lines(stream, limit)
+            if fmt == "lines":
+                yield from _read_lines(lines, tally, raw, state)
+            elif fmt == "paragraphs":
+                yield from _read_paragraphs(lines, max_doc_chars, tally, raw, state)
+            elif fmt == "jsonl":
+                yield from _read_jsonl(lines, text_field, tally, raw, state)
+            else:
+                raise ValueError(f"unknown format {fmt!r}")
+        except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+            state.skipped = "unreadable" if isinstance(exc, PermissionError) else "corrupt"
+            tally.skip_file(src.path, state.skipped)
+        finally:
+            state.done = src.size
+
+
+def _read_lines(lines: _Lines, tally: Tally, raw: io.BufferedReader, state: ReadState) -> Iterator[tuple[str, bool]]:
+    for i, (line, cut) in enumerate(lines):
+        text = _decode(line, cut)
+        if text is None:
+            tally.reject("invalid_utf8")
+        elif not text.isspace():
+            yield text, cut
+        if not i & 1023:
+            state.done = raw.tell()
+
+
+def _read_paragraphs(lines: _Lines, max_doc_chars: int, tally: Tally, raw: io.BufferedReader,
+                     state: ReadState) -> Iterator[tuple[str, bool]]:
+    parts: list[str] = []
+    size, cut, bad = 0, False, False
+    for i, (line, line_cut) in enumerate(lines):
+        if not line.strip():
+            if bad:
+                tally.reject("invalid_utf8")
+            elif parts:
+                yield "\n".join(parts), cut
+            parts, size, cut, bad = [], 0, False, False
+            continue
+        if bad:
+            continue
+        text = _decode(line, line_cut)
+        if text is None:
+            bad = True  # the whole paragraph is one document: reject it once
+            continue
+        cut |= line_cut
+        if size <= max_doc_chars:  # stop holding text once the document must be cut anyway
+            parts.append(text)
+            size += len(text)
+        else:
+            cut = True
+        if not i & 1023:
+            state.done = raw.tell()
+    if bad:
+        tally.reject("invalid_utf8")
+    elif parts:
+        yield "\n".join(parts), cut
+
+
+def _read_jsonl(lines: _Lines, text_field: str, tally: Tally, raw: io.BufferedReader,
+                state: ReadState) -> Iterator[tuple[str, bool]]:
+    for i, (line, cut) in enumerate(lines):
+        if not i & 1023:
+            state.done = raw.tell()
+        if cut:
+            tally.reject("too_long")
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)  # bytes: json detects UTF-8 and raises on invalid bytes
+        except UnicodeDecodeError:
+            tally.reject("invalid_utf8")
+            continue
+        except ValueError:
+            tally.reject("malformed_json")
+            continue
+        value = obj.get(text_field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            tally.reject("missing_field")
+            continue
+        yield value, False
