@@ -182,12 +182,12 @@ def iter_keys() -> Iterator[KeyInfo]:
 def _type_name(tp: Any) -> str:
     inner, optional = _unwrap_optional(tp)
     name = {int: "int", float: "float", bool: "bool", str: "str"}.get(inner) or str(inner).replace("typing.", "")
-    return f"{name} | null" if optional else name
+    return f"{name} or null" if optional else name
 
 
 def _range_text(meta: dict) -> str:
     if meta["choices"]:
-        return " | ".join(meta["choices"])
+        return ", ".join(meta["choices"])
     lo, hi = meta["lo"], meta["hi"]
     parts = []
     if lo is not None:
