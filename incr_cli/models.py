@@ -391,34 +391,41 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
                    allow_pickle: bool = False, reporter: Reporter | None = None) -> InitResult:
     """Create a workspace: recipe.yaml, checkpoints/v0000 (the base) and LATEST, under the lock.
 
-    The base is loaded before anything on disk changes, so a bad ``--base`` never harms an existing
-    workspace. ``force`` replaces an existing workspace's versions, data and results.
+    Under the lock, the base is loaded before anything on disk changes, so a bad ``--base`` never
+    harms an existing workspace. ``force`` replaces an existing workspace's versions, data and results.
     """
     reporter = reporter or Quiet()
     ws = Workspace(Path(root))
     if ws.root.exists() and not ws.root.is_dir():
         raise UsageError(f"{ws.root}: exists and is not a directory")
-    _check_replaceable(ws, force)  # early, so a refusal costs no model load
-    reporter.log(f"loading base {base}")
-    loaded = resolve_base(base, recipe, allow_pickle=allow_pickle, reporter=reporter)
+    created = not ws.root.exists()
     ws.root.mkdir(parents=True, exist_ok=True)
-    with ws.lock("init"):
-        replaced = _check_replaceable(ws, force)  # again: another process may have written meanwhile
-        if replaced:
-            for name in ("LATEST", "recipe.yaml"):
-                (ws.root / name).unlink(missing_ok=True)
-            for folder in (ws.checkpoints, ws.data, ws.staging, ws.eval_dir):
-                shutil.rmtree(folder, ignore_errors=True)
-            reporter.warn(f"{ws.root}: replaced the existing workspace (--force)")
-        atomic_write_text(ws.recipe_path, recipe_to_yaml(recipe))
-        manifest = {"version": "v0000", "parent": None, "source": loaded.source_info,
-                    "head_initialised": loaded.head_initialised, "trained_on": [], "new": [], "replay": [],
-                    "status": "base", "promoted": True, "recipe": recipe_to_dict(recipe),
-                    "seeds": {"init": SCRATCH_SEED} if loaded.source_info["kind"] == "scratch" else {},
-                    "software": software_versions(), "device": "cpu"}
-        sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest)
-        fault_point("init.latest")
-        ws.set_latest("v0000")
+    try:
+        with ws.lock("init"):  # first, so a concurrent writer is refused before a slow model load
+            replaced = _check_replaceable(ws, force)
+            reporter.log(f"loading base {base}")
+            loaded = resolve_base(base, recipe, allow_pickle=allow_pickle, reporter=reporter)
+            if replaced:
+                for name in ("LATEST", "recipe.yaml"):
+                    (ws.root / name).unlink(missing_ok=True)
+                for folder in (ws.checkpoints, ws.data, ws.staging, ws.eval_dir):
+                    shutil.rmtree(folder, ignore_errors=True)
+                reporter.warn(f"{ws.root}: replaced the existing workspace (--force)")
+            atomic_write_text(ws.recipe_path, recipe_to_yaml(recipe))
+            manifest = {"version": "v0000", "parent": None, "source": loaded.source_info,
+                        "head_initialised": loaded.head_initialised, "trained_on": [], "new": [], "replay": [],
+                        "status": "base", "promoted": True, "recipe": recipe_to_dict(recipe),
+                        "seeds": {"init": SCRATCH_SEED} if loaded.source_info["kind"] == "scratch" else {},
+                        "software": software_versions(), "device": "cpu"}
+            sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest)
+            fault_point("init.latest")
+            ws.set_latest("v0000")
+    except BaseException:
+        if created:  # a failed first init leaves no directory behind (at most the lock file was in it)
+            leftovers = [p for p in ws.root.iterdir() if p.name not in (LOCK_FILE, "staging")]
+            if not leftovers:
+                shutil.rmtree(ws.root, ignore_errors=True)
+        raise
     return InitResult(ws.root, "v0000", loaded.head_initialised, loaded.source_info, sealed, replaced)
 
 
