@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import os
 import platform
 import re
 import shutil
@@ -81,16 +82,19 @@ def software_versions() -> dict[str, str]:
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and warnings so the CLI's own output stays clean."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
+    previous, hub_previous = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()  # its "Retrying in 1s" lines
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on stderr
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        hub_logging.set_verbosity(hub_previous)
         if bars:
             hf_logging.enable_progress_bar()
 
@@ -255,7 +259,9 @@ def _hub(model_id: str, recipe: Recipe, allow_pickle: bool, reporter: Reporter) 
     where = f"--base {model_id}"
     use_safetensors = None if allow_pickle else True
     last: Exception | None = None
-    for offline in (True, False):  # the cache first: no network needed for a model used before
+    # The cache first: no network needed for a model used before. Online only when the hub answers,
+    # so an offline machine fails in seconds instead of minutes of retries.
+    for offline in (True, False) if _hub_reachable() else (True,):
         try:
             model, info = _from_pretrained(model_id, recipe, use_safetensors, local_files_only=offline)
             with quiet_transformers():
@@ -265,15 +271,32 @@ def _hub(model_id: str, recipe: Recipe, allow_pickle: bool, reporter: Reporter) 
         except Exception as exc:  # hub/network errors come in many types; all mean "not loadable"
             last = exc
     else:
-        raise UsageError(f"cannot load hub model {model_id}: offline and not in the cache, or it has no "
-                         f"safetensors MLM weights ({_first_line(last)}); pass a local directory, a scratch: "
-                         "preset, or connect and retry") from None
+        why = "not found, or it has no safetensors MLM weights" if _hub_reachable() else "offline and not in the cache"
+        raise UsageError(f"cannot load hub model {model_id}: {why} ({_first_line(last)}); pass a local directory "
+                         "or a scratch: preset, or connect and retry") from None
     _require_fast(tokenizer, where)
     head_initialised, missing = _head_initialised(model, info, reporter, where)
     source_info = {"kind": "hub", "spec": model_id, "id": model_id,
                    "revision": getattr(model.config, "_commit_hash", None),
                    "architecture": type(model).__name__, "missing_keys": missing[:20]}
     return LoadedBase(model, tokenizer, source_info, head_initialised)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the hub's host cannot be reached within ``timeout``."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _check_positions(model: Any, recipe: Recipe, source: str) -> None:

