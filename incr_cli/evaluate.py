@@ -1,0 +1,497 @@
+"""Deterministic held-out scoring and the version x increment matrix, with its cache.
+
+Every version is scored on identical inputs: the masks of an increment come from a generator
+seeded by ``(eval.seed, increment id)`` only (never the version), over the first
+``eval.max_sequences`` held-out rows, in fixed chunks of ``MASK_CHUNK`` rows so that
+``eval.batch_size`` changes nothing. Numbers are therefore comparable across versions and runs.
+
+The matrix is cached per cell in ``WORKSPACE/eval/cache/<key>.json``, the key being a hash of the
+version's weight checksums (from its manifest), the column's data checksum and the settings that
+change a score (max_sequences, seed, masking, precision). A repeated eval of unchanged versions
+loads no model; a new version costs its own row. Eval writes only under ``eval/``, takes no lock,
+and never touches a version folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from incr_cli import FORMAT_VERSION, __version__
+from incr_cli.data import open_increment
+from incr_cli.device import autocast, inference, resolve_device, resolve_precision
+from incr_cli.errors import IntegrityError, UsageError
+from incr_cli.heads import MaskedLMHead
+from incr_cli.losses import mlm_loss_sum, topk_correct
+from incr_cli.masking import mask_batch, word_start_table
+from incr_cli.metrics import ContinualSummary, summarize
+from incr_cli.recipe import Recipe
+from incr_cli.reporting import Quiet, Reporter
+from incr_cli.workspace import Workspace, atomic_write_text, sha256_file
+
+CACHE_FORMAT = 1  # bump when scoring changes, so older cached cells are never reused
+MASK_CHUNK = 64  # rows masked per generator seed; independent of eval.batch_size
+SCORE_KEYS = ("loss", "perplexity", "accuracy", "top5", "tokens")
+# Files of a version folder that do not change its scores (logs, metrics, EWC statistics).
+_NOT_WEIGHTS = ("fisher.safetensors",)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def mask_seed(seed: int, key: str, chunk: int) -> int:
+    """A stable 63-bit seed from (eval seed, column key, chunk index); Python's hash() is salted."""
+    digest = hashlib.sha256(f"{seed}\0{key}\0{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torch.Tensor, mask_token_id: int,
+               vocab_size: int, word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (N, T) long on CPU -> (masked input ids (N, T), positions (N, T) bool), on CPU.
+
+    Chunk c (rows c*MASK_CHUNK ...) is masked with a generator seeded by mask_seed(eval.seed, key, c),
+    so a row's mask depends only on the settings, the key and its index: not on the device, the
+    batch size or the version being scored.
+    """
+    masked, positions = torch.empty_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
+    for c, start in enumerate(range(0, ids.shape[0], MASK_CHUNK)):
+        gen = torch.Generator().manual_seed(mask_seed(recipe.eval.seed, key, c))
+        batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=special_ids,
+                           mask_token_id=mask_token_id, vocab_size=vocab_size, generator=gen,
+                           word_starts=word_starts)
+        masked[start:start + MASK_CHUNK] = batch.input_ids
+        positions[start:start + MASK_CHUNK] = batch.positions
+    return masked, positions
+
+
+def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe,
+                    special_ids: Sequence[int] | torch.Tensor, mask_token_id: int, vocab_size: int,
+                    device: torch.device | str, precision: str, pad_id: int | None = None,
+                    word_starts: torch.Tensor | None = None) -> dict[str, Any]:
+    """Held-out MLM scores of ``head`` on the first ``recipe.eval.max_sequences`` rows of ids (N, T).
+
+    -> {loss: summed cross-entropy / masked tokens, perplexity: exp(loss), accuracy: top-1 share,
+    top5: top-5 share, tokens: masked tokens}; the float entries are None when nothing was masked
+    (no rows). ``pad_id`` defaults to the model config's; ``word_starts`` (V,) is needed for
+    whole-word masking. The head's training flag is restored afterwards.
+    """
+    rows = np.asarray(ids[: recipe.eval.max_sequences])
+    if rows.ndim != 2:
+        raise ValueError(f"score_sequences: ids must be (N, T), got shape {rows.shape}")
+    device = torch.device(device)
+    input_ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)
+    specials = torch.as_tensor(special_ids, dtype=torch.long)
+    masked, positions = eval_masks(input_ids, key=increment_id, recipe=recipe, special_ids=specials,
+                                   mask_token_id=mask_token_id, vocab_size=vocab_size, word_starts=word_starts)
+    pad = pad_id if pad_id is not None else getattr(head.model.config, "pad_token_id", None)
+    attention = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
+
+    # Sums stay on the device; one sync at the end.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    step = recipe.eval.batch_size
+    # The wrapped model's flag, not the wrapper's: a fresh MaskedLMHead says "training" even
+    # around a model in eval mode, and restoring that would switch dropout on for the caller.
+    with inference(getattr(head, "model", head)):
+        for start in range(0, input_ids.shape[0], step):
+            sl = slice(start, start + step)
+            pos = positions[sl]
+            if not bool(pos.any()):
+                continue
+            targets = input_ids[sl][pos].to(device)  # (n,) row-major like the head's logits
+            with autocast(device, precision):
+                logits, _ = head(masked[sl].to(device), attention[sl].to(device), pos.to(device))  # (n, V)
+            loss_sum += mlm_loss_sum(logits, targets).double()
+            top1 += topk_correct(logits, targets, 1)
+            top5 += topk_correct(logits, targets, 5)
+    tokens = int(positions.sum())
+    if tokens == 0:
+        return {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0}
+    loss = float(loss_sum) / tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "accuracy": int(top1) / tokens, "top5": int(top5) / tokens, "tokens": tokens}
+
+
+def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> dict[str, Any]:
+    """The keyword arguments of ``score_sequences`` that come from the tokenizer (use these in training
+    too, so its before/after scores equal ``incr eval``'s)."""
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token; incr needs a masked-LM tokenizer")
+    return {"special_ids": torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
+            "mask_token_id": int(tokenizer.mask_token_id), "vocab_size": len(tokenizer),
+            "pad_id": tokenizer.pad_token_id,
+            "word_starts": word_start_table(tokenizer) if recipe.masking.whole_word else None}
+
+
+def read_heldout(ws: Workspace, increment_id: str, *, check: bool = True) -> np.ndarray:
+    """The held-out rows of an increment, (n, seq_len) (a memmap, or empty).
+
+    ``check`` compares heldout.bin's sha256 with the manifest (its size is always checked); the
+    train split is not hashed, since eval never reads it.
+    """
+    shards = open_increment(ws, increment_id, verify=False)
+    record = (shards.manifest.get("files") or {}).get("heldout.bin") or {}
+    if check and sha256_file(ws.increment_dir(increment_id) / "heldout.bin") != record.get("sha256"):
+        raise IntegrityError(f"{increment_id}: heldout.bin does not match its sha256 in the manifest; "
+                             f"it was altered: remove {ws.increment_dir(increment_id)} and ingest again")
+    return shards.heldout
+
+
+def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe: Recipe, tokenizer: Any,
+                    device: torch.device | str, precision: str) -> dict[str, Any]:
+    """score_sequences on an increment's held-out split (its checksum checked first)."""
+    return score_sequences(head, read_heldout(ws, increment_id), increment_id=increment_id, recipe=recipe,
+                           device=device, precision=precision, **tokenizer_inputs(tokenizer, recipe))
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def eval_settings(recipe: Recipe, precision: str) -> dict[str, Any]:
+    """The settings that change a score (and so belong in the cache key and the results)."""
+    return {"max_sequences": recipe.eval.max_sequences, "seed": recipe.eval.seed,
+            "masking": dataclasses.asdict(recipe.masking), "precision": precision}
+
+
+def weights_checksum(manifest: dict[str, Any]) -> str:
+    """One sha256 over the checksums of a version's weight files, read from its manifest."""
+    files = manifest.get("files") or {}
+    weights = sorted((rel, rec.get("sha256")) for rel, rec in files.items()
+                     if rel.endswith(".safetensors") and rel not in _NOT_WEIGHTS)
+    if not weights:
+        raise IntegrityError(f"{manifest.get('version', 'version')}: its manifest lists no safetensors weights; "
+                             "restore the manifest")
+    if len(weights) == 1:
+        return str(weights[0][1])
+    return hashlib.sha256(json.dumps(weights).encode()).hexdigest()
+
+
+def cache_key(weights_sha: str, column: str, data_sha: str, settings: dict[str, Any]) -> str:
+    blob = {"format": CACHE_FORMAT, "weights": weights_sha, "column": column, "data": data_sha, **settings}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+class ScoreCache:
+    """One small JSON file per (version weights, column, settings) cell; unreadable files are misses."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.folder = folder
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if self.enabled:
+            try:
+                data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+                scores = data["scores"]
+                if data.get("key") == key and all(k in scores for k in SCORE_KEYS):
+                    self.hits += 1
+                    return {k: scores[k] for k in SCORE_KEYS}
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        self.misses += 1
+        return None
+
+    def put(self, key: str, scores: dict[str, Any], about: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    parent: str | None
+    status: str
+    trained_on: list[str]
+    new: list[str]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the matrix: an ingested increment, or an ad-hoc text file (``--text``)."""
+
+    id: str
+    kind: str  # "increment" | "text"
+    path: str | None = None
+
+
+@dataclass
+class EvalResult:
+    """scores[version][column id] = {loss, perplexity, accuracy, top5, tokens}."""
+
+    workspace: str
+    versions: list[VersionInfo]
+    columns: list[Column]
+    scores: dict[str, dict[str, dict[str, Any]]]
+    lineage: list[str]  # rows of the summaries: the final version's ancestors, oldest first
+    latest: str | None
+    learned_by: dict[str, str]  # increment -> the version of the lineage that trained on it
+    summaries: dict[str, ContinualSummary]  # "perplexity", "accuracy"
+    settings: dict[str, Any]
+    cache_hits: int = 0
+    cache_misses: int = 0
+    seconds: float = 0.0
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def value(self, version: str, column: str, metric: str) -> float | None:
+        return self.scores.get(version, {}).get(column, {}).get(metric)
+
+    def increment_columns(self) -> list[str]:
+        return [c.id for c in self.columns if c.kind == "increment"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The document of ``--json``/``--out`` and of the copy under eval/ (standard JSON: no NaN)."""
+        incs = self.increment_columns()
+        doc = {"format": FORMAT_VERSION, "kind": "eval", "created": self.created, "incr_version": __version__,
+               "workspace": self.workspace, "settings": self.settings,
+               "versions": [dataclasses.asdict(v) for v in self.versions],
+               "columns": [dataclasses.asdict(c) for c in self.columns],
+               "matrix": self.scores, "lineage": self.lineage, "latest": self.latest,
+               "learned_by": self.learned_by,
+               "summaries": {m: s.to_dict(incs) for m, s in self.summaries.items()},
+               "cache": {"hits": self.cache_hits, "misses": self.cache_misses}, "seconds": round(self.seconds, 3)}
+        return _finite_json(doc)
+
+
+def _finite_json(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def version_info(ws: Workspace, version: str) -> VersionInfo:
+    m = ws.version_manifest(version)
+    status = m.get("status") or ("promoted" if m.get("promoted") else "rejected")
+    return VersionInfo(version, m.get("parent"), str(status), list(m.get("trained_on") or []), list(m.get("new") or []))
+
+
+def select_versions(ws: Workspace, spec: str | None) -> list[str]:
+    """``promoted`` (default: every base or promoted version), ``all`` (rejected ones too),
+    ``latest``, or a comma list of versions (``v0001,v0003`` or ``1,3``) -> versions, oldest first."""
+    spec = (spec or "promoted").strip()
+    if spec == "all":
+        return ws.versions()
+    if spec == "promoted":
+        return [v for v in ws.versions() if version_info(ws, v).status in ("base", "promoted")]
+    if spec in ("latest", "LATEST"):
+        return [ws.latest()]
+    chosen = [ws.resolve_version(s) for s in spec.split(",") if s.strip()]
+    if not chosen:
+        raise UsageError(f"--versions {spec!r}: name versions (e.g. v0001,v0002), latest, promoted or all")
+    return sorted(set(chosen), key=lambda v: int(v[1:]))
+
+
+def select_increments(ws: Workspace, spec: str | None) -> list[str]:
+    """``all`` (default) or a comma list of increment ids / dNNNN prefixes -> increments, oldest first."""
+    spec = (spec or "all").strip()
+    if spec == "all":
+        return ws.increments()
+    chosen = ws.resolve_increments([s.strip() for s in spec.split(",") if s.strip()])
+    order = ws.increments()
+    return sorted(set(chosen), key=order.index)
+
+
+def lineage_of(ws: Workspace, version: str) -> list[str]:
+    """``version`` and its ancestors (by manifest ``parent``), oldest first."""
+    chain: list[str] = []
+    current: str | None = version
+    while current and current not in chain and ws.version_dir(current).is_dir():
+        chain.append(current)
+        current = ws.version_manifest(current).get("parent")
+    return chain[::-1]
+
+
+def lineage_summaries(ws: Workspace, final: str, columns: list[str], scores: dict[str, dict[str, dict[str, Any]]]
+                      ) -> tuple[list[str], dict[str, str], dict[str, ContinualSummary]]:
+    """Summaries over ``final``'s lineage (rows not scored are NaN)
+    -> (lineage, {increment: version that learned it}, {metric: summary})."""
+    lineage = lineage_of(ws, final)
+    learned_by = {inc: v for v in lineage for inc in version_info(ws, v).new}
+    learned_at = [lineage.index(learned_by[c]) if c in learned_by else -1 for c in columns]
+    out = {}
+    for metric, higher in (("perplexity", False), ("accuracy", True)):
+        R = np.full((len(lineage), len(columns)), np.nan)
+        for i, v in enumerate(lineage):
+            for j, c in enumerate(columns):
+                x = scores.get(v, {}).get(c, {}).get(metric)
+                R[i, j] = np.nan if x is None else x
+        out[metric] = summarize(R, learned_at, higher_is_better=higher)
+    return lineage, learned_by, out
+
+
+def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], recipe: Recipe, *,
+             texts: Sequence[str | Path] | None = None, device: str | torch.device | None = None,
+             reporter: Reporter | None = None, use_cache: bool = True) -> EvalResult:
+    """Score every version on every increment's held-out split (and on ``texts``) -> EvalResult.
+
+    ``versions`` and ``increments`` are resolved names (see select_versions / select_increments);
+    ``device`` defaults to ``recipe.runtime.device``. Cells found in the cache load nothing; a
+    version's model is loaded (checksums verified) only when one of its cells is missing.
+    Summaries follow the lineage of LATEST when it is among ``versions``, else of the last one.
+    """
+    from incr_cli import models  # transformers is imported only when a model is needed
+
+    reporter = reporter or Quiet()
+    started = time.monotonic()
+    dev = resolve_device(str(device) if device is not None else recipe.runtime.device)
+    precision = resolve_precision(recipe.runtime.precision, dev)
+    settings = eval_settings(recipe, precision)
+    cache = ScoreCache(ws.eval_dir / "cache", enabled=use_cache)
+    infos = [version_info(ws, v) for v in versions]
+    columns = [Column(d, "increment") for d in increments]
+    text_docs = _read_texts(texts or [], recipe)
+    columns += [Column(f"text:{label}", "text", path) for label, path, _ in text_docs]
+    if not columns:
+        raise UsageError(f"{ws.root}: no data to score; ingest an increment (`incr ingest`) or pass --text FILE")
+
+    data_sha = {d: _heldout_sha(ws, d) for d in increments}
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    todo: dict[str, list[tuple[Column, str | None]]] = {}
+    for info in infos:
+        weights = weights_checksum(ws.version_manifest(info.version))
+        row = scores.setdefault(info.version, {})
+        for col in columns:
+            key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
+            hit = cache.get(key) if key else None
+            if hit is not None:
+                row[col.id] = hit
+            else:
+                todo.setdefault(info.version, []).append((col, key))
+
+    if todo:
+        from incr_cli.device import configure_threads
+
+        configure_threads(recipe.runtime.num_threads)
+        total = sum(len(cells) for cells in todo.values())
+        with reporter.progress("scoring", total=total, unit="cells") as bar:
+            for version, cells in todo.items():
+                model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
+                head = MaskedLMHead(model)
+                inputs = tokenizer_inputs(tokenizer, recipe)
+                for col, key in cells:
+                    if col.kind == "increment":
+                        _check_tokenizer(ws, col.id, version, models.tokenizer_sha256(tokenizer))
+                        ids, seed_key = read_heldout(ws, col.id), col.id
+                    else:
+                        docs = next(d for label, _, d in text_docs if f"text:{label}" == col.id)
+                        ids, seed_key = _pack_texts(docs, tokenizer, recipe.model.max_seq_len), col.id
+                    result = score_sequences(head, ids, increment_id=seed_key, recipe=recipe, device=dev,
+                                             precision=precision, **inputs)
+                    scores[version][col.id] = result
+                    if key:
+                        cache.put(key, result, {"version": version, "column": col.id, "settings": settings})
+                    bar.advance(1, f"{version} {col.id}")
+                del head, model  # one model in memory at a time
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    names = [i.version for i in infos]
+    latest = ws.latest()
+    final = latest if latest in names else names[-1]
+    lineage, learned_by, summaries = lineage_summaries(ws, final, list(increments), scores)
+    return EvalResult(str(ws.root), infos, columns, scores, lineage, latest, learned_by, summaries,
+                      {**settings, "device": str(dev), "batch_size": recipe.eval.batch_size},
+                      cache.hits, cache.misses, time.monotonic() - started)
+
+
+def _heldout_sha(ws: Workspace, increment_id: str) -> str:
+    record = (ws.increment_manifest(increment_id).get("files") or {}).get("heldout.bin") or {}
+    if not record.get("sha256"):
+        raise IntegrityError(f"{ws.increment_dir(increment_id) / 'manifest.json'}: lists no heldout.bin; "
+                             "remove the folder and ingest again")
+    return str(record["sha256"])
+
+
+def _check_tokenizer(ws: Workspace, increment_id: str, version: str, tokenizer_sha: str) -> None:
+    recorded = ws.increment_manifest(increment_id).get("tokenizer_sha256")
+    if recorded and recorded != tokenizer_sha:
+        raise UsageError(f"{increment_id} was tokenized with a different tokenizer than {version}'s; "
+                         "its scores would be meaningless: leave it out with --data or that version with --versions")
+
+
+def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> Path:
+    """Write the JSON document to ``WORKSPACE/eval/<UTC time>.json`` (atomically; never overwrites
+    an earlier result) and to ``out`` when given -> the path of the copy under eval/."""
+    text = json.dumps(result.to_json(), indent=2) + "\n"
+    ws.eval_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = ws.eval_dir / f"{stamp}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = ws.eval_dir / f"{stamp}-{n}.json"
+    atomic_write_text(path, text)
+    if out is not None:
+        out = Path(out)
+        if out.parent and not out.parent.is_dir():
+            raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
+        atomic_write_text(out, text)
+    return path
+
+
+# ----------------------------------------------------------------------------- ad-hoc text (--text)
+
+
+def _read_texts(paths: Sequence[str | Path], recipe: Recipe) -> list[tuple[str, str, list[str]]]:
+    """Each --text FILE -> (label, path, documents), read and cleaned exactly as ingest does."""
+    from incr_cli import readers
+    from incr_cli.ingest import clean_text
+
+    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
+    out = []
+    labels: set[str] = set()
+    for spec in paths:
+        tally = readers.Tally()
+        docs = []
+        for src in readers.expand_paths([str(spec)], tally):
+            for raw, _cut in readers.read_documents(src, "auto", "text", max_chars, tally, readers.ReadState()):
+                text = clean_text(raw)[:max_chars].rstrip()
+                if len(text) >= min_chars:
+                    docs.append(text)
+        if not docs:
+            reasons = ", ".join(f"{r}: {n}" for r, n in (tally.files + tally.docs).items()) or "no text"
+            raise UsageError(f"--text {spec}: nothing to score ({reasons})")
+        label = Path(str(spec)).name or str(spec)
+        while label in labels:  # two files with the same name stay two columns
+            label += "'"
+        labels.add(label)
+        out.append((label, str(spec), docs))
+    return out
+
+
+def _pack_texts(docs: list[str], tokenizer: Any, seq_len: int) -> np.ndarray:
+    """Tokenize and pack documents with ingest's own writer (into a temporary file outside the
+    workspace, removed at once) -> (n, seq_len) int64, the rows ingest would have written."""
+    from incr_cli.ingest import PackedWriter, _special_ids, token_dtype, tokenize_batch
+
+    cls_id, sep_id, pad_id = _special_ids(tokenizer)
+    with tempfile.TemporaryDirectory(prefix="incr-eval-text-") as tmp:
+        path = Path(tmp) / "text.bin"
+        writer = PackedWriter(path, seq_len, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id,
+                              dtype=token_dtype(len(tokenizer)))
+        writer.add([ids for ids in tokenize_batch(tokenizer, docs) if ids])
+        writer.close()
+        return np.fromfile(path, dtype=writer.dtype).reshape(-1, seq_len).astype(np.int64)
