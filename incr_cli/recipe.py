@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,25 @@ from typing import Any, Optional, Union
 import yaml
 
 from incr_cli.errors import RecipeError
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 floats: ``1e-4`` is a number, not the string PyYAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
@@ -257,7 +277,7 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
             problems.append(f"override {item!r}: expected section.key=value")
             continue
         try:
-            parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+            parsed[key] = safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             parsed[key] = raw
     return parsed, problems
@@ -330,7 +350,7 @@ def load_recipe(path: Path | str | None, overrides: Sequence[str] = ()) -> Recip
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(source, [f"cannot read: {exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
