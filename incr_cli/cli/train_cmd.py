@@ -1,7 +1,127 @@
-"""Placeholder: filled in by its own change."""
+"""`incr train-increment`: train the pending data into a new version (distillation + replay)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+
+from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.errors import GateRejected
+from incr_cli.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
+from incr_cli.reporting import Quiet
+from incr_cli.workspace import Workspace
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("train-increment")(train_increment)
+
+
+@guarded
+def train_increment(
+    workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
+    overrides: OverridesArg = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
+    parent: Annotated[str | None, typer.Option("--parent", help="Version to train from (default: LATEST).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the resolved recipe; train nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the increments not yet in the parent's lineage into a new version vNNNN.
+
+    The parent (LATEST by default) is the frozen teacher; the student starts from it and trains on
+    the new data mixed with replay of earlier increments. The new version is evaluated before and
+    after on every increment's held-out split and gated: promoted (LATEST moves, exit 0) or kept as
+    rejected (exit 3). Nothing pending: "nothing to train", exit 0. Rerunning after a crash or
+    Ctrl-C resumes from the saved state. Under torchrun it trains data-parallel; rank 0 writes.
+    """
+    from incr_cli import distributed
+    from incr_cli.train import train_increment as run_training
+
+    main = distributed.env_rank() == 0
+    out = Output(json_out)
+    ws = Workspace.open(workspace)
+    resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
+    reporter = out if main else Quiet()
+    if dry_run:
+        result = run_training(ws, resolved, parent=parent, reporter=reporter, dry_run=True)
+        if main:
+            _render_plan(out, result.plan, resolved, json_out)
+        return
+    try:
+        with ws.lock("train-increment") if main else nullcontext():  # one writer: rank 0
+            result = run_training(ws, resolved, parent=parent, reporter=reporter)
+    except GateRejected as exc:
+        rejected = getattr(exc, "result", None)
+        if main and rejected is not None and rejected.metrics:
+            _render_metrics(out, rejected.metrics, json_out)
+        raise
+    if not main:
+        return
+    if result.plan.nothing_to_train:
+        if json_out:
+            out.emit_json({"version": None, "parent": result.plan.parent, "nothing_to_train": True,
+                           "message": result.message})
+        else:
+            out.log(result.message)
+        return
+    if result.metrics:
+        _render_metrics(out, result.metrics, json_out)
+    if not json_out:
+        out.log(result.message)
+
+
+def _render_plan(out: Output, plan: Any, recipe: Any, json_out: bool) -> None:
+    if json_out:
+        out.emit_json({"plan": plan.to_dict(), "nothing_to_train": plan.nothing_to_train,
+                       "recipe": recipe_to_dict(recipe)})
+        return
+    rows = [["parent", plan.parent], ["new", ", ".join(plan.new) or "none (nothing to train)"],
+            ["replay", (", ".join(plan.replay) or "none") + ("" if plan.replay_per_batch or not plan.replay
+                                                            else " (not replayed: replay.ratio gives 0 rows)")]]
+    if not plan.nothing_to_train:
+        rows += [["batch", f"{plan.new_per_batch} new + {plan.replay_per_batch} replay sequences"
+                  + (f" per rank x {plan.world_size}" if plan.world_size > 1 else "")],
+                 ["new sequences", f"{plan.new_sequences:,}"],
+                 ["steps", f"{plan.steps:,}"], ["tokens", f"at most {plan.tokens:,}"]]
+    out.table("train-increment plan (dry run)", ["", ""], rows)
+    out.console.print(recipe_to_yaml(recipe), markup=False, highlight=False)
+
+
+def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        out.emit_json(metrics)
+        return
+    before, after = metrics["eval"]["before"], metrics["eval"]["after"]
+    new = set(metrics["data"]["new"])
+    rows = []
+    for inc in [*metrics["data"]["replay"], *metrics["data"]["new"]]:
+        if inc not in after:
+            rows.append([inc, "new" if inc in new else "earlier", "-", "-", "-", "no held-out data"])
+            continue
+        b, a = before.get(inc, {}), after[inc]
+        change = (a["perplexity"] / b["perplexity"] - 1) if b.get("perplexity") and a.get("perplexity") else None
+        rows.append([inc, "new" if inc in new else "earlier", _num(b.get("perplexity")), _num(a.get("perplexity")),
+                     "-" if change is None else f"{change:+.1%}",
+                     f"{_pct(b.get('accuracy'))} -> {_pct(a.get('accuracy'))}"])
+    out.table(f"{metrics['version']} vs {metrics['parent']}: held-out perplexity",
+              ["increment", "data", "before", "after", "change", "accuracy"], rows)
+    gate = metrics["gate"]
+    for check in gate["checks"]:
+        mark = "ok" if check["passed"] else "FAILED"
+        value = "n/a" if check["value"] is None else f"{check['value']:+.2%}"
+        out.log(f"gate {check['check']} on {check['increment']}: {value} (limit {check['limit']:g}) {mark}")
+    tps = metrics.get("tokens_per_second")
+    out.log(f"{metrics['steps']} steps, {metrics['tokens']:,} tokens in {metrics['train_seconds']:.1f} s"
+            + (f" ({tps:,.0f} tokens/s)" if tps else "") + f" on {metrics['device']} ({metrics['precision']}), "
+            f"{metrics['trainable_parameters']:,} trainable parameters; final loss {_num(metrics['loss']['total'])}")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
