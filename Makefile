@@ -31,6 +31,20 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check incr_cli tests benchmarks scripts
 
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+# Speed, side by side in one run: HF Trainer vs incr plain MLM vs incr distill+replay (CPU).
+bench: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_ingest.py
+
+# The same on one CUDA GPU (BERT-base size, seq 128 and 512, bf16, MFU).
+bench-gpu: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_train.py --gpu
+
 docs: $(STAMP)
 	$(PY) scripts/gen_recipe_reference.py --write README.md
 
