@@ -1,0 +1,80 @@
+"""Builders for the training tests: increments written by hand per the on-disk contract, a
+workspace with two ingested excerpts, and a plain-MLM reference step to compare the loop with."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from incr_cli import faults
+from incr_cli.workspace import Workspace, base_manifest, seal_folder
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+
+def write_increment(ws: Workspace, name: str, train: np.ndarray, heldout: np.ndarray, *, pad_id: int = 0,
+                    dtype: str = "uint16", tokenizer_sha256: str | None = None) -> str:
+    """data/dNNNN-NAME/ holding ``train`` and ``heldout`` (n, seq_len) rows, sealed like ingest's."""
+    seq_len = train.shape[1] if train.size else heldout.shape[1]
+    increment = ws.next_increment(name)
+    with ws.staged_folder(ws.increment_dir(increment)) as tmp:
+        np.ascontiguousarray(train, dtype=dtype).tofile(tmp / "train.bin")
+        np.ascontiguousarray(heldout, dtype=dtype).tofile(tmp / "heldout.bin")
+        seal_folder(tmp, base_manifest(
+            "increment", id=increment, name=name, seq_len=seq_len, dtype=dtype, pad_id=pad_id, vocab_size=3000,
+            tokenizer_sha256=tokenizer_sha256, sources=[],
+            documents={"kept": len(train) + len(heldout), "heldout": len(heldout), "duplicate": 0, "rejected": {}},
+            sequences={"train": len(train), "heldout": len(heldout)},
+            tokens={"train": int((train != pad_id).sum()), "heldout": int((heldout != pad_id).sum())}))
+    return increment
+
+
+def tagged_rows(tag: int, n: int, seq_len: int, *, seed: int = 0) -> np.ndarray:
+    """(n, seq_len) rows [2, tag, i % 1000, i // 1000, random ids...]: a row names its increment and index."""
+    rng = np.random.default_rng([seed, tag])
+    rows = rng.integers(10, 3000, size=(n, seq_len))
+    rows[:, 0] = 2
+    rows[:, 1] = tag
+    rows[:, 2] = np.arange(n) % 1000
+    rows[:, 3] = np.arange(n) // 1000
+    return rows
+
+
+def row_ids(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(tag, index) of each row written by ``tagged_rows``."""
+    return [(int(r[1]), int(r[2]) + 1000 * int(r[3])) for r in rows]
+
+
+def excerpt(samples_name: str, lines: slice, folder: Path) -> Path:
+    """A slice of a shipped sample as its own file (one document per line)."""
+    text = (SAMPLES / samples_name).read_text(encoding="utf-8").splitlines()[lines]
+    path = folder / f"{Path(samples_name).stem}-{lines.start or 0}-{lines.stop}.txt"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def copy_workspace(template: Path, dest: Path) -> Workspace:
+    shutil.copytree(template, dest)
+    (dest / ".incr.lock").unlink(missing_ok=True)
+    shutil.rmtree(dest / "staging", ignore_errors=True)
+    return Workspace.open(dest)
+
+
+def weights(ws: Workspace, version: str) -> dict[str, torch.Tensor]:
+    return load_file(str(ws.version_dir(version) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs by {(a[name] - b[name]).abs().max().item()}"
+
+
+def reset_faults() -> None:
+    """Fault counters are per process; in-process CLI runs must start from zero."""
+    faults._counts.clear()

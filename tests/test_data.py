@@ -1,0 +1,169 @@
+"""Token shards and the new + replay batch sampler: seeded, resumable, sharded by rank."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from incr_cli.data import BatchSampler, open_increment, split_batch_size
+from incr_cli.errors import InputError, IntegrityError
+from incr_cli.workspace import Workspace
+from tests.helpers_train import row_ids, tagged_rows, write_increment
+
+T = 16
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    return ws
+
+
+def shards(ws: Workspace, sizes: dict[int, int], heldout: int = 3):
+    out = []
+    for tag, n in sizes.items():
+        inc = write_increment(ws, f"t{tag}", tagged_rows(tag, n, T), tagged_rows(tag + 100, heldout, T))
+        out.append(open_increment(ws, inc))
+    return out
+
+
+def test_open_increment_maps_both_splits(ws):
+    (inc,) = shards(ws, {1: 7})
+    assert inc.id == "d0001-t1" and inc.seq_len == T and inc.pad_id == 0
+    assert isinstance(inc.train, np.memmap) and inc.train.shape == (7, T)
+    assert row_ids(inc.train) == [(1, i) for i in range(7)]
+    assert inc.heldout.shape == (3, T)
+
+
+def test_empty_split_opens_as_zero_rows(ws):
+    (inc,) = shards(ws, {1: 5}, heldout=0)
+    assert inc.heldout.shape == (0, T)
+
+
+def test_altered_shard_is_refused(ws):
+    (inc,) = shards(ws, {1: 5})
+    path = ws.increment_dir(inc.id) / "train.bin"
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="train.bin"):
+        open_increment(ws, inc.id)
+    path.write_bytes(bytes(data[:-2]))  # truncated: caught even without checksums
+    with pytest.raises(IntegrityError, match="bytes"):
+        open_increment(ws, inc.id, verify=False)
+
+
+def test_missing_increment_is_named(ws):
+    with pytest.raises(IntegrityError, match="d0009-x"):
+        open_increment(ws, "d0009-x")
+
+
+def test_each_epoch_visits_every_new_sequence_once(ws):
+    new = shards(ws, {1: 12, 2: 8})
+    sampler = BatchSampler(new, [], n_new=5, n_replay=0, seed=3)
+    seen = [rid for _ in range(8) for rid in row_ids(sampler.next_batch().new_ids)]  # 40 rows = 2 epochs
+    assert Counter(seen[:20]) == Counter(seen[20:]) == Counter([(1, i) for i in range(12)] + [(2, i) for i in range(8)])
+    assert seen[:20] != seen[20:]  # a fresh permutation per epoch
+
+
+def test_replay_ratio_and_sources_are_respected(ws):
+    new, *replay = shards(ws, {1: 30, 2: 10, 3: 50})
+    n_new, n_replay = split_batch_size(8, 0.25, has_replay=True)
+    assert (n_new, n_replay) == (6, 2)
+    sampler = BatchSampler([new], replay, n_new=n_new, n_replay=n_replay, seed=0)
+    counts = Counter()
+    for _ in range(200):
+        batch = sampler.next_batch()
+        assert batch.new_ids.shape == (6, T) and batch.replay_ids.shape == (2, T)
+        assert {tag for tag, _ in row_ids(batch.new_ids)} == {1}
+        counts.update(tag for tag, _ in row_ids(batch.replay_ids))
+        np.testing.assert_array_equal(batch.input_ids[:6], batch.new_ids)  # new rows first
+    assert set(counts) == {2, 3}
+    assert 0.12 < counts[2] / 400 < 0.22  # uniform over replay sequences: 10 of 60
+
+
+def test_split_batch_size():
+    assert split_batch_size(8, 0.25, has_replay=False) == (8, 0)
+    assert split_batch_size(8, 0.0, has_replay=True) == (8, 0)
+    assert split_batch_size(2, 0.9, has_replay=True) == (1, 1)  # at least one new row
+    assert split_batch_size(32, 0.25, has_replay=True) == (24, 8)
+
+
+def test_same_seed_same_batches_and_state_resumes_exactly(ws):
+    new, replay = shards(ws, {1: 9, 2: 20})
+    a = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
+    b = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
+    first = [a.next_batch() for _ in range(10)]
+    for _ in range(4):
+        b.next_batch()
+    resumed = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
+    resumed.load_state_dict(b.state_dict())
+    for batch in first[4:]:
+        got = resumed.next_batch()
+        np.testing.assert_array_equal(got.new_ids, batch.new_ids)
+        np.testing.assert_array_equal(got.replay_ids, batch.replay_ids)
+    other = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=8)
+    assert not np.array_equal(other.next_batch().input_ids, first[0].input_ids)
+
+
+def test_ranks_take_disjoint_slices_of_the_same_global_batch(ws):
+    new, replay = shards(ws, {1: 40, 2: 40})
+    ranks = [BatchSampler([new], [replay], n_new=3, n_replay=1, seed=1, rank=r, world_size=2) for r in range(2)]
+    whole = BatchSampler([new], [replay], n_new=3, n_replay=1, seed=1, world_size=2)
+    for b in range(5):
+        parts = [s.next_batch() for s in ranks]
+        np.testing.assert_array_equal(np.concatenate([p.new_ids for p in parts]),
+                                      whole.new_pool.gather(whole.new_indices(b), T))
+        np.testing.assert_array_equal(np.concatenate([p.replay_ids for p in parts]),
+                                      whole.replay_pool.gather(whole.replay_indices(b), T))
+        assert not set(row_ids(parts[0].new_ids)) & set(row_ids(parts[1].new_ids))
+
+
+def test_data_sample_trains_on_k_seeded_sequences_only(ws):
+    (new,) = shards(ws, {1: 50})
+    sampler = BatchSampler([new], [], n_new=4, n_replay=0, seed=2, sample=10)
+    assert sampler.n_new_sequences == 10
+    seen = {rid for _ in range(10) for rid in row_ids(sampler.next_batch().new_ids)}
+    assert len(seen) == 10
+    again = BatchSampler([new], [], n_new=4, n_replay=0, seed=2, sample=10)
+    assert {rid for _ in range(10) for rid in row_ids(again.next_batch().new_ids)} == seen
+
+
+def test_mixed_sequence_lengths_are_refused(ws):
+    (a,) = shards(ws, {1: 5})
+    inc = write_increment(ws, "long", tagged_rows(2, 5, 2 * T), tagged_rows(3, 1, 2 * T))
+    with pytest.raises(InputError, match="different sequence lengths"):
+        BatchSampler([a], [open_increment(ws, inc)], n_new=2, n_replay=1, seed=0)
+
+
+def test_no_training_rows_is_an_input_error(ws):
+    inc = write_increment(ws, "empty", np.zeros((0, T), dtype=np.uint16), tagged_rows(1, 2, T))
+    with pytest.raises(InputError, match="no training sequences"):
+        BatchSampler([open_increment(ws, inc)], [], n_new=2, n_replay=0, seed=0)
+
+
+def test_a_batch_reads_only_the_increments_it_draws_from(ws):
+    """Cost does not grow with history: 60 earlier increments, yet a batch with 2 replay rows reads
+    at most 2 of them (index -> increment is a searchsorted over the cumulative sizes)."""
+    (new,) = shards(ws, {1: 64})
+    history = shards(ws, {tag: 4 for tag in range(2, 62)}, heldout=0)
+    reads: Counter[str] = Counter()
+
+    class Spy(np.ndarray):
+        def __getitem__(self, index):
+            reads[self.increment] += 1
+            return np.asarray(self).__getitem__(index)
+
+    for s in history:
+        spy = np.asarray(s.train).view(Spy)
+        spy.increment = s.id
+        s.train = spy
+    sampler = BatchSampler([new], history, n_new=6, n_replay=2, seed=0)
+    for _ in range(20):
+        reads.clear()
+        batch = sampler.next_batch()
+        assert sum(reads.values()) <= 2
+        assert len({tag for tag, _ in row_ids(batch.replay_ids)}) == len(reads)
