@@ -193,8 +193,9 @@ class ScoreCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        if self.enabled:
+    def get(self, key: str | None) -> dict[str, Any] | None:
+        """The cached scores of ``key`` (None: a cell that is never cached, counted as a miss)."""
+        if self.enabled and key is not None:
             try:
                 data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
                 scores = data["scores"]
@@ -374,8 +375,9 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
         weights = weights_checksum(ws.version_manifest(info.version))
         row = scores.setdefault(info.version, {})
         for col in columns:
+            # ad-hoc text is scored every time: it has no checksummed file to key the cache on
             key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
-            hit = cache.get(key) if key else None
+            hit = cache.get(key)
             if hit is not None:
                 row[col.id] = hit
             else:

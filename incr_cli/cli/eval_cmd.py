@@ -1,7 +1,79 @@
-"""Placeholder: filled in by its own change."""
+"""`incr eval`: every version on every data increment: perplexity, accuracy, forgetting, transfer, a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.errors import UsageError
+from incr_cli.recipe import load_recipe
+from incr_cli.workspace import Workspace
+
+
+def eval_cmd(
+    workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
+    overrides: OverridesArg = None,
+    versions: Annotated[str, typer.Option(
+        "--versions", help="promoted (every base or promoted version), all (rejected ones too), latest, "
+                           "or a comma list such as v0001,v0003.")] = "promoted",
+    data: Annotated[str | None, typer.Option(
+        "--data", help="all, or a comma list of increments (d0002 or d0002-NAME). Default: all, or none "
+                       "when --text is given.", show_default=False)] = None,
+    text: Annotated[list[Path] | None, typer.Option(
+        "--text", help="Also score this text file (read and packed like ingest, not stored); repeatable.",
+        show_default=False)] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Also write the JSON results to this file.",
+                                                  show_default=False)] = None,
+    plot_file: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a PNG: perplexity heatmap and one line per increment (needs the plot extra).",
+        show_default=False)] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).",
+                                                show_default=False)] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: runtime.device).",
+                                               show_default=False)] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Score every cell again (the cache is still updated).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score versions (rows) on the held-out split of every increment (columns).
+
+    Per cell: masked-LM loss, perplexity, top-1 and top-5 accuracy of the masked tokens, with masks
+    fixed per increment (eval.seed, eval.max_sequences), so every version sees identical inputs.
+    Then, over the lineage of LATEST: final average, forgetting, backward and forward transfer.
+    Results are cached in WORKSPACE/eval/cache (a repeated eval of unchanged versions loads no model)
+    and every run is kept as WORKSPACE/eval/<UTC time>.json. Eval takes no lock and never writes
+    into version or data folders.
+    """
+    from incr_cli import report
+    from incr_cli.evaluate import evaluate, save_result, select_increments, select_versions
+
+    out = Output(json_out)
+    ws = Workspace.open(workspace)
+    resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
+    # Fail before minutes of scoring, not after.
+    for option, path in (("--out", out_file), ("--plot", plot_file)):
+        if path is not None and not path.parent.is_dir():
+            raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
+    if plot_file is not None:
+        report.require_matplotlib()
+    chosen = select_versions(ws, versions)
+    increments = [] if data is None and text else select_increments(ws, data)
+    result = evaluate(ws, chosen, increments, resolved, texts=text or [], device=device, reporter=out,
+                      use_cache=not no_cache)
+    kept = save_result(ws, result, out_file)
+    if plot_file is not None:
+        report.plot(result, plot_file)
+    if json_out:
+        out.emit_json(result.to_json())
+        return
+    report.render(result, out)
+    cells = result.cache_hits + result.cache_misses
+    out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; results in {kept}"
+            + (f"; plot in {plot_file}" if plot_file is not None else ""))
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `incr eval`."""
+    app.command("eval")(guarded(eval_cmd))

@@ -1,0 +1,193 @@
+"""Rendering an EvalResult: tables of the version x increment matrix and its summaries, and a plot.
+
+Tables go through a reporter's ``table`` (rich on a terminal, aligned plain text otherwise). The
+plot needs matplotlib, the optional ``plot`` extra; it is drawn on a bare ``Figure`` with the Agg
+canvas, so no global pyplot state or display is involved.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from incr_cli.errors import UsageError
+from incr_cli.evaluate import EvalResult
+from incr_cli.reporting import Reporter
+from incr_cli.workspace import atomic_write_bytes
+
+PLOT_EXTRA_HINT = "install the plot extra: pip install 'incr-cli[plot]'"
+METRICS = {  # metric -> (table title, higher is better)
+    "perplexity": ("perplexity (lower is better)", False),
+    "accuracy": ("masked-token accuracy, top-1 (higher is better)", True),
+}
+MARK_TRAINED = "*"
+
+
+def fmt(metric: str, value: float | None) -> str:
+    """A score as shown in tables: perplexity with 2-3 significant decimals, accuracy in percent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if metric in ("accuracy", "top5"):
+        return f"{100 * value:.1f}%"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _signed(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.1f}pp" if metric == "accuracy" else f"{value:+.2f}"
+
+
+def row_label(result: EvalResult, version: str) -> str:
+    info = next(i for i in result.versions if i.version == version)
+    tags = [t for t, on in (("LATEST", version == result.latest), (info.status, info.status == "rejected")) if on]
+    return f"{version} ({', '.join(tags)})" if tags else version
+
+
+def matrix_table(result: EvalResult, metric: str) -> tuple[str, list[str], list[list[str]]]:
+    """(title, columns, rows) of one metric: versions as rows, columns as in the result.
+
+    A cell is marked ``*`` when the version's lineage was trained on that increment, and is bold
+    (on a terminal) when the version itself trained on it.
+    """
+    title, _ = METRICS[metric]
+    columns = ["version", *[c.id for c in result.columns]]
+    rows = []
+    for info in result.versions:
+        cells = [row_label(result, info.version)]
+        for col in result.columns:
+            text = fmt(metric, result.value(info.version, col.id, metric))
+            if col.id in info.trained_on:
+                text += MARK_TRAINED
+            if col.id in info.new:
+                text = f"[bold]{text}[/bold]"
+            cells.append(text)
+        rows.append(cells)
+    return f"{title}; {MARK_TRAINED} = trained on", columns, rows
+
+
+def summary_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]]:
+    """(title, columns, rows): final average, average forgetting, BWT and FWT per metric."""
+    columns = ["metric", "final average", "avg forgetting", "BWT", "FWT"]
+    rows = []
+    for metric, s in result.summaries.items():
+        rows.append([metric, fmt(metric, s.final_average), _signed(metric, s.average_forgetting),
+                     _signed(metric, s.bwt), _signed(metric, s.fwt)])
+    lineage = " -> ".join(result.lineage)
+    return (f"continual-learning summaries over {lineage}; forgetting > 0 = forgot, BWT/FWT > 0 = helped",
+            columns, rows)
+
+
+def forgetting_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]] | None:
+    """(title, columns, rows) per increment of the lineage: who learned it, forgetting, transfer."""
+    incs = result.increment_columns()
+    learned_by = result.learned_by
+    ppl, acc = result.summaries.get("perplexity"), result.summaries.get("accuracy")
+    if ppl is None or acc is None:
+        return None
+    rows = []
+    for j, d in enumerate(incs):
+        values = (ppl.forgetting[j], acc.forgetting[j], ppl.backward[j], ppl.forward[j])
+        if all(v is None for v in values) and d not in learned_by:
+            continue
+        rows.append([d, learned_by.get(d, "-"), _signed("perplexity", ppl.forgetting[j]),
+                     _signed("accuracy", acc.forgetting[j]), _signed("perplexity", ppl.backward[j]),
+                     _signed("perplexity", ppl.forward[j])])
+    if not rows:
+        return None
+    return ("per increment", ["increment", "learned by", "forgetting (ppl)", "forgetting (acc)",
+                              "BWT (ppl)", "FWT (ppl)"], rows)
+
+
+def render(result: EvalResult, reporter: Reporter) -> None:
+    """All tables of an eval, in reading order."""
+    for metric in METRICS:
+        reporter.table(*matrix_table(result, metric))
+    if result.increment_columns():
+        reporter.table(*summary_table(result))
+        per = forgetting_table(result)
+        if per is not None:
+            reporter.table(*per)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def require_matplotlib() -> Any:
+    """The matplotlib package, or a UsageError naming the extra to install."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--plot needs matplotlib: {PLOT_EXTRA_HINT}") from None
+    return matplotlib
+
+
+def plot(result: EvalResult, path: Path | str, metric: str = "perplexity") -> Path:
+    """Write a PNG: a heatmap of ``metric`` (versions x columns, trained cells marked) and one line
+    per column across versions. -> the path written (atomically)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"--plot {path}: the folder {path.parent} does not exist")
+    versions = [i.version for i in result.versions]
+    columns = [c.id for c in result.columns]
+    values = [[_nan(result.value(v, c, metric)) for c in columns] for v in versions]  # (V, C)
+
+    fig = Figure(figsize=(max(8.0, 4.0 + 1.4 * len(columns)), max(4.0, 2.0 + 0.5 * len(versions))),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    heat, lines = fig.subplots(1, 2, width_ratios=[max(len(columns), 1), 2 + 0.3 * len(columns)])
+    finite = [x for row in values for x in row if math.isfinite(x) and x > 0]
+    higher = METRICS[metric][1]
+    log_scale = metric == "perplexity" and finite and max(finite) / min(finite) > 10
+    norm = LogNorm(min(finite), max(finite)) if log_scale else None
+    image = heat.imshow(values, aspect="auto", cmap="viridis" if higher else "viridis_r", norm=norm)
+    fig.colorbar(image, ax=heat)
+    heat.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
+    heat.set_yticks(range(len(versions)), labels=versions)
+    heat.set_title(f"{metric} (* = trained on)")
+    for i, info in enumerate(result.versions):
+        for j, c in enumerate(columns):
+            mark = MARK_TRAINED if c in info.trained_on else ""
+            heat.text(j, i, fmt(metric, values[i][j]) + mark, ha="center", va="center", fontsize=8,
+                      color=_ink(image, values[i][j]))
+
+    for j, c in enumerate(columns):
+        (line,) = lines.plot(range(len(versions)), [row[j] for row in values], marker="o", label=c)
+        learner = result.learned_by.get(c)
+        if learner in versions:  # a star where the increment was trained on
+            k = versions.index(learner)
+            lines.plot([k], [values[k][j]], marker="*", markersize=14, color=line.get_color())
+    lines.set_xticks(range(len(versions)), labels=versions, rotation=30, ha="right")
+    lines.set_ylabel(metric)
+    if log_scale:
+        lines.set_yscale("log")
+    lines.set_title("per increment (star: trained by)")
+    lines.grid(alpha=0.3)
+    lines.legend(fontsize=8)
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _ink(image: Any, value: float) -> str:
+    """Black or white text, whichever reads better on the cell's colour."""
+    if not math.isfinite(value):
+        return "black"
+    r, g, b, _ = image.cmap(image.norm(value))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
