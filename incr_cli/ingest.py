@@ -379,7 +379,22 @@ def _skipped_summary(tally: Tally) -> dict[str, dict[str, Any]]:
 
 
 def _describe_skips(tally: Tally) -> str:
-    return ", ".join(f"{', '.join(tally.examples[r][:3])}{' ...' if n > 3 else ''} ({r})" for r, n in sorted(tally.files.items()))
+    """ "a.bin, b.bin and 3 more (binary); x.txt (missing)" """
+    parts = []
+    for reason, n in sorted(tally.files.items()):
+        shown = tally.examples.get(reason, [])[:3]
+        more = f" and {n - len(shown)} more" if n > len(shown) else ""
+        parts.append(f"{', '.join(shown)}{more} ({reason})")
+    return "; ".join(parts)
+
+
+def _name_paths(paths: list[str]) -> str:
+    return " ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "")
+
+
+def _warn_skips(reporter: Reporter, tally: Tally) -> None:
+    if tally.files:
+        reporter.warn(f"skipped {sum(tally.files.values())} path(s): {_describe_skips(tally)}")
 
 
 def _documents(p1: _Pass1 | None, tally: Tally, n_train: int = 0, n_heldout: int = 0) -> dict[str, Any]:
@@ -437,9 +452,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
             except OSError as exc:
                 tally.skip_file(src.path, readers.stat_reason(exc))
         if not files:
-            raise InputError(f"nothing readable in {' '.join(paths)}: {_describe_skips(tally) or 'no files'}")
-        if tally.files:
-            reporter.warn(f"skipped {sum(tally.files.values())} path(s): {_describe_skips(tally)}")
+            raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally) or 'no files'}")
 
         rows = _lookup(conn, "SELECT sha256, reader, increment FROM sources WHERE sha256 IN ({marks})",
                        [sha for _, sha in files])
@@ -448,6 +461,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
         if wanted and all(key in known for key in wanted):
             where = ", ".join(sorted({known[key] for key in wanted}))
             message = f"nothing new: all {len(wanted)} source file(s) were already ingested in {where}"
+            _warn_skips(reporter, tally)
             return IngestResult(None, message, documents=_documents(None, tally), skipped=_skipped_summary(tally),
                                 seconds=time.perf_counter() - started)
 
@@ -459,6 +473,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                 conn.execute("BEGIN IMMEDIATE")
                 p1 = _read_clean_dedup(files, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
                                        conn=conn, spool=spool, tally=tally, reporter=reporter)
+                _warn_skips(reporter, tally)
                 if p1.kept == 0:
                     raise _NothingNew()
                 units = np.frombuffer(p1.units, dtype=np.float64)
@@ -494,7 +509,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
         except _NothingNew:
             conn.execute("ROLLBACK")
             if not p1.sources and set(tally.files) & _UNREADABLE:
-                raise InputError(f"nothing readable in {' '.join(paths)}: {_describe_skips(tally)}") from None
+                raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally)}") from None
             if p1.duplicate:
                 message = _nothing_new_message(p1)
             elif p1.raw_docs:
