@@ -174,7 +174,7 @@ def test_settings_that_change_scores_change_the_cache_key(three, eval_recipe):
     ws, incs = three
     ev.evaluate(ws, ["v0001"], incs, eval_recipe)
     for changed in (_recipe(eval_recipe, eval__seed=7), _recipe(eval_recipe, masking__probability=0.3),
-                    _recipe(eval_recipe, eval__max_sequences=4)):
+                    _recipe(eval_recipe, eval__max_sequences=4), _recipe(eval_recipe, masking__whole_word=True)):
         assert ev.evaluate(ws, ["v0001"], incs, changed).cache_hits == 0
     # batch size is not a scoring setting
     assert ev.evaluate(ws, ["v0001"], incs, _recipe(eval_recipe, eval__batch_size=5)).cache_misses == 0
@@ -238,3 +238,22 @@ def test_save_result_keeps_a_copy_and_writes_out(three, eval_recipe, tmp_path):
     assert doc["kind"] == "eval" and doc["settings"]["max_sequences"] == eval_recipe.eval.max_sequences
     assert set(doc["matrix"]) == {"v0000", "v0001"}
     assert doc["versions"][1] == dataclasses.asdict(result.versions[1])
+
+
+def test_eval_agrees_with_train_increment_before_and_after(tiny_workspace, eval_recipe, tmp_path):
+    """The scores train-increment records (through score_sequences) are the matrix cells of incr eval."""
+    from incr_cli.ingest import ingest
+    from incr_cli.train import train_increment
+
+    ws = tiny_workspace
+    recipe = _recipe(eval_recipe, train__steps=2)
+    text = tmp_path / "austen.txt"
+    text.write_text("\n".join(lines("austen.txt", 120)) + "\n", encoding="utf-8")
+    with ws.lock("test"):
+        inc = ingest(ws, [str(text)], name="austen", recipe=recipe).increment
+        trained = train_increment(ws, recipe)
+    metrics = json.loads((ws.version_dir(trained.version) / "metrics.json").read_text())
+    result = ev.evaluate(ws, ["v0000", trained.version], [inc], recipe)
+    for when, version in (("before", "v0000"), ("after", trained.version)):
+        for key in ("loss", "perplexity", "accuracy"):
+            assert metrics["eval"][when][inc][key] == pytest.approx(result.scores[version][inc][key], rel=1e-6)
