@@ -361,10 +361,12 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
     precision = resolve_precision(recipe.runtime.precision, dev)
     settings = eval_settings(recipe, precision)
     cache = ScoreCache(ws.eval_dir / "cache", enabled=use_cache)
+    if not versions:
+        raise UsageError(f"{ws.root}: no versions to score; valid versions: {', '.join(ws.versions()) or 'none'}")
     infos = [version_info(ws, v) for v in versions]
     columns = [Column(d, "increment") for d in increments]
-    text_docs = _read_texts(texts or [], recipe)
-    columns += [Column(f"text:{label}", "text", path) for label, path, _ in text_docs]
+    text_docs = {f"text:{label}": (path, docs) for label, path, docs in _read_texts(texts or [], recipe)}
+    columns += [Column(col_id, "text", path) for col_id, (path, _) in text_docs.items()]
     if not columns:
         raise UsageError(f"{ws.root}: no data to score; ingest an increment (`incr ingest`) or pass --text FILE")
 
@@ -388,6 +390,7 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
 
         configure_threads(recipe.runtime.num_threads)
         total = sum(len(cells) for cells in todo.values())
+        heldout: dict[str, np.ndarray] = {}  # read (and checksummed) once per increment
         with reporter.progress("scoring", total=total, unit="cells") as bar:
             for version, cells in todo.items():
                 model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
@@ -396,11 +399,12 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
                 for col, key in cells:
                     if col.kind == "increment":
                         _check_tokenizer(ws, col.id, version, models.tokenizer_sha256(tokenizer))
-                        ids, seed_key = read_heldout(ws, col.id), col.id
+                        if col.id not in heldout:
+                            heldout[col.id] = read_heldout(ws, col.id)
+                        ids = heldout[col.id]
                     else:
-                        docs = next(d for label, _, d in text_docs if f"text:{label}" == col.id)
-                        ids, seed_key = _pack_texts(docs, tokenizer, recipe.model.max_seq_len), col.id
-                    result = score_sequences(head, ids, increment_id=seed_key, recipe=recipe, device=dev,
+                        ids = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len)
+                    result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
                                              precision=precision, **inputs)
                     scores[version][col.id] = result
                     if key:
@@ -410,6 +414,7 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
 
+    scores = {v: {c.id: scores[v][c.id] for c in columns} for v in scores}  # column order, hit or not
     names = [i.version for i in infos]
     latest = ws.latest()
     final = latest if latest in names else names[-1]
