@@ -78,3 +78,50 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def reset_faults() -> None:
     """Fault counters are per process; in-process CLI runs must start from zero."""
     faults._counts.clear()
+
+
+# ----------------------------------------------------------------------------- workspace templates
+
+_TEMPLATES: dict[str, Path] = {}
+
+
+def _ingest(ws: Workspace, path: Path, name: str) -> str:
+    from incr_cli.ingest import ingest
+    from incr_cli.recipe import load_recipe
+
+    with ws.lock("ingest"):
+        result = ingest(ws, [str(path)], name=name, recipe=load_recipe(ws.recipe_path))
+    assert result.increment, result.message
+    return result.increment
+
+
+def template(tmp_path_factory, kind: str) -> Path:
+    """A workspace built once per test session (copy it with ``copy_workspace``):
+
+    - "one_pending": v0000 (scratch:tiny, cpu-tiny recipe) and d0001-austen pending;
+    - "two_increments": v0001 trained on d0001-austen (4 steps) and d0002-fortunes pending.
+    """
+    if kind in _TEMPLATES:
+        return _TEMPLATES[kind]
+    from incr_cli.models import init_workspace
+    from incr_cli.recipe import load_recipe
+    from incr_cli.train import train_increment
+
+    root = tmp_path_factory.mktemp(f"train-{kind}") / "ws"
+    texts = root.parent / "texts"
+    texts.mkdir()
+    if kind == "one_pending":
+        init_workspace(root, "scratch:tiny", load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))
+        _ingest(Workspace.open(root), excerpt("austen.txt", slice(0, 400), texts), "austen")
+    elif kind == "two_increments":
+        shutil.copytree(template(tmp_path_factory, "one_pending"), root)
+        ws = Workspace.open(root)
+        with ws.lock("train-increment"):
+            train_increment(ws, load_recipe(ws.recipe_path, ["train.steps=4"]))
+        _ingest(ws, excerpt("fortunes.txt", slice(0, 400), texts), "fortunes")
+    else:
+        raise ValueError(kind)
+    shutil.rmtree(root / "staging", ignore_errors=True)
+    (root / ".incr.lock").unlink(missing_ok=True)
+    _TEMPLATES[kind] = root
+    return root
