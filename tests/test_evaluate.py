@@ -156,6 +156,16 @@ def test_second_run_comes_from_the_cache_and_loads_nothing(three, eval_recipe, m
     assert second.summaries == first.summaries
 
 
+def test_an_unreadable_cache_file_is_a_miss(three, eval_recipe):
+    ws, (d1, _) = three
+    first = ev.evaluate(ws, ["v0001"], [d1], eval_recipe)
+    (cell,) = (ws.eval_dir / "cache").glob("*.json")
+    cell.write_text("{not json")
+    again = ev.evaluate(ws, ["v0001"], [d1], eval_recipe)
+    assert (again.cache_hits, again.cache_misses) == (0, 1) and again.scores == first.scores
+    assert json.loads(cell.read_text())["scores"] == first.scores["v0001"][d1]  # rewritten whole
+
+
 def test_a_new_version_costs_only_its_row(three, eval_recipe, monkeypatch):
     ws, incs = three
     ev.evaluate(ws, ev.select_versions(ws, "all"), incs, eval_recipe)
