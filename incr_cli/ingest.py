@@ -40,13 +40,14 @@ from typing import Any
 import numpy as np
 
 from incr_cli import readers
-from incr_cli.errors import InputError, UsageError
+from incr_cli.errors import InputError, IntegrityError, UsageError
 from incr_cli.faults import fault_point
 from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import Workspace, base_manifest, seal_folder
 
+DOC_HASHES = "doc_hashes.bin"  # 16-byte hash of every kept document, in order: the index can be rebuilt from it
 BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
 _SQL_CHUNK = 500  # bound variables per query, well under SQLite's limit
 # C0/C1 control characters and BOM / zero-width characters; tab, newline etc. become spaces later.
@@ -94,43 +95,79 @@ def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
 
 
 def open_index(ws: Workspace) -> sqlite3.Connection:
-    """The workspace's dedup index, created on first use. Autocommit: callers open transactions."""
+    """The workspace's dedup index, created on first use. Autocommit: callers open transactions.
+
+    An unreadable index is an IntegrityError; a missing one is rebuilt by ``recover_index`` from the
+    increments' ``doc_hashes.bin``, so the index is only ever a cache of what data/ holds.
+    """
     ws.data.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(ws.index_path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")  # readers (status) never wait for an ingest
-    conn.execute("PRAGMA synchronous=FULL")  # the commit must be on disk before the folder rename
-    conn.executescript(
-        """
-        CREATE TABLE IF NOT EXISTS documents(hash BLOB PRIMARY KEY, increment TEXT NOT NULL) WITHOUT ROWID;
-        CREATE TABLE IF NOT EXISTS sources(sha256 TEXT NOT NULL, increment TEXT NOT NULL, reader TEXT NOT NULL DEFAULT '');
-        CREATE INDEX IF NOT EXISTS sources_sha256 ON sources(sha256);
-        -- increments with rows here: recovery compares it with data/ without scanning millions of hashes
-        CREATE TABLE IF NOT EXISTS increments(id TEXT PRIMARY KEY);
-        """
-    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for an ingest
+        conn.execute("PRAGMA synchronous=FULL")  # the commit must be on disk before the folder rename
+        conn.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS documents(hash BLOB PRIMARY KEY, increment TEXT NOT NULL) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS sources(sha256 TEXT NOT NULL, increment TEXT NOT NULL, reader TEXT NOT NULL DEFAULT '');
+            CREATE INDEX IF NOT EXISTS sources_sha256 ON sources(sha256);
+            -- increments with rows here: recovery compares it with data/ without scanning millions of hashes
+            CREATE TABLE IF NOT EXISTS increments(id TEXT PRIMARY KEY);
+            """
+        )
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise IntegrityError(f"{ws.index_path}: the dedup index cannot be read ({exc}); move it away and rerun: "
+                             f"it is rebuilt from the increments' {DOC_HASHES}") from None
     return conn
 
 
-def recover_index(ws: Workspace, conn: sqlite3.Connection | None = None) -> list[str]:
-    """Delete index rows of increments whose folder does not exist; return their ids (lock held)."""
+def recover_index(ws: Workspace, conn: sqlite3.Connection | None = None) -> tuple[list[str], list[str]]:
+    """Make the index match data/ (the lock is held): return (increments removed, increments added).
+
+    Rows of an increment whose folder does not exist are deleted (a run killed between the index
+    commit and the folder rename); an increment folder the index lacks (a deleted index) is added
+    back from its ``doc_hashes.bin`` and manifest.
+    """
     own = conn is None
     conn = conn or open_index(ws)
     try:
-        on_disk = set(ws.increments())
+        on_disk = ws.increments()
         recorded = {row[0] for row in conn.execute("SELECT id FROM increments")}
         recorded |= {row[0] for row in conn.execute("SELECT DISTINCT increment FROM sources")}
-        gone = sorted(recorded - on_disk)
-        if gone:
+        gone = sorted(recorded - set(on_disk))
+        missing = [inc for inc in on_disk if inc not in recorded]
+        if gone or missing:
             conn.execute("BEGIN IMMEDIATE")
-            for inc in gone:  # a full scan of documents, but only after a crash
-                conn.execute("DELETE FROM documents WHERE increment = ?", (inc,))
-                conn.execute("DELETE FROM sources WHERE increment = ?", (inc,))
-                conn.execute("DELETE FROM increments WHERE id = ?", (inc,))
-            conn.execute("COMMIT")
-        return gone
+            try:
+                for inc in gone:  # a full scan of documents, but only after a crash
+                    conn.execute("DELETE FROM documents WHERE increment = ?", (inc,))
+                    conn.execute("DELETE FROM sources WHERE increment = ?", (inc,))
+                    conn.execute("DELETE FROM increments WHERE id = ?", (inc,))
+                for inc in missing:
+                    _index_increment(ws, conn, inc)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return gone, missing
     finally:
         if own:
             conn.close()
+
+
+def _index_increment(ws: Workspace, conn: sqlite3.Connection, inc: str) -> None:
+    manifest = ws.increment_manifest(inc)
+    path = ws.increment_dir(inc) / DOC_HASHES
+    if not path.is_file():
+        raise IntegrityError(f"{inc}: {DOC_HASHES} is missing, so the dedup index cannot be rebuilt; "
+                             f"restore it or remove {ws.increment_dir(inc)}")
+    with open(path, "rb") as f:
+        while block := f.read(16 * 65536):
+            conn.executemany("INSERT OR IGNORE INTO documents(hash, increment) VALUES (?, ?)",
+                             ((block[i:i + 16], inc) for i in range(0, len(block), 16)))
+    conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
+                     [(s["sha256"], inc, s.get("reader", "")) for s in manifest.get("sources", [])])
+    conn.execute("INSERT INTO increments(id) VALUES (?)", (inc,))
 
 
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
@@ -294,13 +331,13 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], *, increment: str, fm
             text_file.write("\n".join(lines) + "\n")
         batch.clear()
 
-    total_mb = sum(src.size for src, _ in files) / 1e6
+    total_kb = sum(src.size for src, _ in files) // 1024  # whole units: progress bars count integers
+    shown = 0  # bytes of input the bar has been moved by
     with open(spool.with_suffix(".txt"), "w", encoding="utf-8", newline="\n") as text_file, \
             open(spool.with_suffix(".hash"), "wb") as hash_file, \
-            reporter.progress("reading", total=total_mb, unit="MB") as bar:
+            reporter.progress("reading", total=total_kb, unit="KB") as bar:
         for src, sha in files:
             state = ReadState()
-            shown = 0
             got_text = False
             for raw, cut in readers.read_documents(src, fmt, text_field, max_chars, tally, state):
                 got_text = True
@@ -314,16 +351,22 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], *, increment: str, fm
                 batch.append((text, doc_hash(text), cut))
                 if len(batch) >= BATCH_DOCS:
                     flush()
-                    bar.advance((state.done - shown) / 1e6, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
-                    shown = state.done
-            bar.advance((state.done - shown) / 1e6, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
+                    shown = _advance(bar, shown, out.bytes_read + state.done, out)
             out.bytes_read += src.size
+            shown = _advance(bar, shown, out.bytes_read, out)
             if state.skipped is None or got_text:  # a .gz broken midway still gave documents
                 out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
                                     "reader": reader_id(src, fmt, text_field)})
         if batch:
             flush()
     return out
+
+
+def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
+    """Move the reading bar by whole KB; return the bytes now shown."""
+    kb = (done - shown) // 1024
+    bar.advance(kb, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
+    return shown + kb * 1024
 
 
 def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWriter, heldout: PackedWriter,
@@ -440,9 +483,11 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     ws.clean_staging()
     conn = open_index(ws)
     try:
-        gone = recover_index(ws, conn)
+        gone, added = recover_index(ws, conn)
         if gone:
             reporter.warn(f"removed index rows of increments that were never completed: {', '.join(gone)}")
+        if added:
+            reporter.warn(f"rebuilt the dedup index entries of {', '.join(added)} from their {DOC_HASHES}")
         tally = Tally()
         found = readers.expand_paths(paths, tally)
         files: list[tuple[SourceFile, str]] = []
@@ -486,8 +531,8 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                 finally:
                     train.close()
                     heldout.close()
-                for suffix in (".txt", ".hash"):
-                    spool.with_suffix(suffix).unlink()
+                spool.with_suffix(".txt").unlink()
+                spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
                 if n_train + n_heldout == 0:
                     raise _NothingNew()
                 conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
@@ -496,7 +541,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                 manifest = base_manifest(
                     "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
                     pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, vocab_size=vocab_size,
-                    tokenizer_sha256=models.tokenizer_sha256(tokenizer),
+                    tokenizer_sha256=models.tokenizer_sha256(tokenizer), doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"},
                     reader={"format": fmt, "text_field": text_field}, sources=p1.sources,
                     documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
                     sequences={"train": train.rows, "heldout": heldout.rows},

@@ -219,6 +219,27 @@ def test_reingest_is_a_noop(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_
     assert not list(ws.staging.glob("tmp-*"))
 
 
+def test_lost_index_is_rebuilt_from_the_increments(tiny_workspace: Workspace, tiny_recipe: Recipe,
+                                                  tmp_path: Path) -> None:
+    ws = tiny_workspace
+    docs = make_docs(80)
+    ingest(ws, [str(write_lines(tmp_path / "a.txt", docs[:50]))], recipe=tiny_recipe)
+    for path in ws.data.glob("index.sqlite*"):
+        path.unlink()
+    res = ingest(ws, [str(write_lines(tmp_path / "b.txt", docs[30:]))], recipe=tiny_recipe)
+    assert res.documents["kept"] == 30 and res.duplicates_in == {"d0001-a": 20}
+    assert index_rows(ws) == {"d0001-a": 50, "d0002-b": 30}
+
+
+def test_unreadable_index_is_an_integrity_error(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
+    from incr_cli.errors import IntegrityError
+
+    tiny_workspace.data.mkdir(exist_ok=True)
+    tiny_workspace.index_path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(IntegrityError, match="index.sqlite.*move it away"):
+        ingest(tiny_workspace, [str(write_lines(tmp_path / "a.txt", make_docs(5)))], recipe=tiny_recipe)
+
+
 def test_gz_inputs_read_like_plain(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
     docs = make_docs(30)
     with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
@@ -396,11 +417,14 @@ def _run_script(ws: Workspace, path: Path, *overrides: str, env: dict | None = N
 def _generate(path: Path, mb: float, *, unique_every: int) -> None:
     """About ``mb`` MB of lines; one in ``unique_every`` is new, the rest repeat (dedup drops them)."""
     docs = make_docs(2000, words=20)
+    size, i = 0, 0
     with open(path, "w", encoding="utf-8") as f:
-        i = 0
-        while f.tell() < mb * 1e6:
-            f.write(f"{i} {docs[i % 2000]}\n" if i % unique_every == 0 else docs[i % 2000] + "\n")
-            i += 1
+        while size < mb * 1e6:
+            block = "".join(f"{j} {docs[j % 2000]}\n" if j % unique_every == 0 else docs[j % 2000] + "\n"
+                            for j in range(i, i + 10_000))
+            f.write(block)
+            size += len(block)
+            i += 10_000
 
 
 def test_memory_stays_bounded_on_a_large_input(tiny_workspace: Workspace, tmp_path: Path) -> None:
