@@ -296,11 +296,14 @@ class _Pass1:
     raw_docs: int = 0
 
 
-def _read_clean_dedup(files: list[tuple[SourceFile, str]], *, increment: str, fmt: str, text_field: str,
+def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, increment: str, fmt: str, text_field: str,
                       recipe: Recipe, conn: sqlite3.Connection, spool: Path, tally: Tally,
-                      reporter: Reporter) -> _Pass1:
-    """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted)."""
-    out = _Pass1()
+                      reporter: Reporter) -> None:
+    """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted).
+
+    Kept documents go to ``spool``.txt (one per line: cleaning removed every newline) and their
+    hashes to ``spool``.hash; the counts go to ``out``.
+    """
     max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
     batch: list[tuple[str, bytes, bool]] = []
 
@@ -359,7 +362,6 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], *, increment: str, fm
                                     "reader": reader_id(src, fmt, text_field)})
         if batch:
             flush()
-    return out
 
 
 def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
@@ -473,12 +475,8 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     increment = ws.next_increment(name or readers.default_name(paths[0]))
-    seq_len = recipe.model.max_seq_len
     if tokenizer is None:
         tokenizer = models.load_tokenizer(ws, ws.latest())
-    cls_id, sep_id, pad_id = _special_ids(tokenizer)
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
 
     ws.clean_staging()
     conn = open_index(ws)
@@ -489,94 +487,124 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
         if added:
             reporter.warn(f"rebuilt the dedup index entries of {', '.join(added)} from their {DOC_HASHES}")
         tally = Tally()
-        found = readers.expand_paths(paths, tally)
-        files: list[tuple[SourceFile, str]] = []
-        for src in found:
-            try:
-                files.append((src, readers.sha256_of(src.real)))
-            except OSError as exc:
-                tally.skip_file(src.path, readers.stat_reason(exc))
-        if not files:
-            raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally) or 'no files'}")
-
-        rows = _lookup(conn, "SELECT sha256, reader, increment FROM sources WHERE sha256 IN ({marks})",
-                       [sha for _, sha in files])
-        known = {(sha, reader): inc for sha, reader, inc in rows}
-        wanted = [(sha, reader_id(src, fmt, text_field)) for src, sha in files if src.size > 0]
-        if wanted and all(key in known for key in wanted):
-            where = ", ".join(sorted({known[key] for key in wanted}))
-            message = f"nothing new: all {len(wanted)} source file(s) were already ingested in {where}"
+        files = _find_sources(paths, tally)
+        done = _already_ingested(conn, files, fmt, text_field)
+        if done:
             _warn_skips(reporter, tally)
+            message = f"nothing new: all {done[0]} source file(s) were already ingested in {done[1]}"
             return IngestResult(None, message, documents=_documents(None, tally), skipped=_skipped_summary(tally),
                                 seconds=time.perf_counter() - started)
-
-        final = ws.increment_dir(increment)
         p1 = _Pass1()
         try:
-            with ws.staged_folder(final) as tmp:
-                spool = tmp / ".spool"
-                conn.execute("BEGIN IMMEDIATE")
-                p1 = _read_clean_dedup(files, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
-                                       conn=conn, spool=spool, tally=tally, reporter=reporter)
-                _warn_skips(reporter, tally)
-                if p1.kept == 0:
-                    raise _NothingNew()
-                units = np.frombuffer(p1.units, dtype=np.float64)
-                cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
-                kw = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": pad_id, "dtype": dtype}
-                train, heldout = PackedWriter(tmp / "train.bin", seq_len, **kw), PackedWriter(tmp / "heldout.bin", seq_len, **kw)
-                try:
-                    n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, train, heldout, total=p1.kept,
-                                                        tally=tally, reporter=reporter)
-                finally:
-                    train.close()
-                    heldout.close()
-                spool.with_suffix(".txt").unlink()
-                spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
-                if n_train + n_heldout == 0:
-                    raise _NothingNew()
-                conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
-                                 [(s["sha256"], increment, s["reader"]) for s in p1.sources])
-                conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
-                manifest = base_manifest(
-                    "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
-                    pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, vocab_size=vocab_size,
-                    tokenizer_sha256=models.tokenizer_sha256(tokenizer), doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"},
-                    reader={"format": fmt, "text_field": text_field}, sources=p1.sources,
-                    documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
-                    sequences={"train": train.rows, "heldout": heldout.rows},
-                    tokens={"train": train.tokens, "heldout": heldout.tokens},
-                    skipped=_skipped_summary(tally),
-                )
-                seal_folder(tmp, manifest)
-                conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
-                fault_point("ingest.before_rename")
+            manifest = _write_increment(ws, conn, increment, files, p1, fmt=fmt, text_field=text_field,
+                                        recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter)
         except _NothingNew:
-            conn.execute("ROLLBACK")
-            if not p1.sources and set(tally.files) & _UNREADABLE:
-                raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally)}") from None
-            if p1.duplicate:
-                message = _nothing_new_message(p1)
-            elif p1.raw_docs:
-                message = f"nothing to ingest: none of the {p1.raw_docs:,} documents read is usable ({_rejections(tally)})"
-            else:
-                message = f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"
-            return IngestResult(None, message, sources=p1.sources, documents=_documents(p1, tally),
-                                skipped=_skipped_summary(tally), duplicates_in=dict(p1.duplicates_in),
-                                bytes_read=p1.bytes_read, seconds=time.perf_counter() - started)
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
+                                documents=_documents(p1, tally), skipped=_skipped_summary(tally),
+                                duplicates_in=dict(p1.duplicates_in), bytes_read=p1.bytes_read,
+                                seconds=time.perf_counter() - started)
     finally:
         conn.close()
 
-    docs = manifest["documents"]
+    docs, seqs, toks = manifest["documents"], manifest["sequences"], manifest["tokens"]
     message = (f"{increment}: {docs['kept']:,} documents ({docs['heldout']:,} held out), "
-               f"{train.rows + heldout.rows:,} sequences, {train.tokens + heldout.tokens:,} tokens")
-    return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=manifest["sequences"],
-                        tokens=manifest["tokens"], skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
+               f"{seqs['train'] + seqs['heldout']:,} sequences, {toks['train'] + toks['heldout']:,} tokens")
+    return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
+                        skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
                         bytes_read=p1.bytes_read, seconds=time.perf_counter() - started)
+
+
+def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
+    """The files to read with their sha256; InputError when there is none."""
+    files = []
+    for src in readers.expand_paths(paths, tally):
+        try:
+            files.append((src, readers.sha256_of(src.real)))
+        except OSError as exc:
+            tally.skip_file(src.path, readers.stat_reason(exc))
+    if not files:
+        raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally) or 'no files'}")
+    return files
+
+
+def _already_ingested(conn: sqlite3.Connection, files: list[tuple[SourceFile, str]], fmt: str,
+                      text_field: str) -> tuple[int, str] | None:
+    """(files, increments) when every non-empty file was ingested before, read the same way; else None."""
+    rows = _lookup(conn, "SELECT sha256, reader, increment FROM sources WHERE sha256 IN ({marks})",
+                   [sha for _, sha in files])
+    known = {(sha, reader): inc for sha, reader, inc in rows}
+    wanted = [(sha, reader_id(src, fmt, text_field)) for src, sha in files if src.size > 0]
+    if not wanted or not all(key in known for key in wanted):
+        return None
+    return len(wanted), ", ".join(sorted({known[key] for key in wanted}))
+
+
+def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, files: list[tuple[SourceFile, str]],
+                     p1: _Pass1, *, fmt: str, text_field: str, recipe: Recipe, tokenizer: Any, tally: Tally,
+                     reporter: Reporter) -> dict[str, Any]:
+    """Both passes inside a staged folder and one index transaction; return the sealed manifest.
+
+    Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing.
+    """
+    from incr_cli.models import tokenizer_sha256
+
+    cls_id, sep_id, pad_id = _special_ids(tokenizer)
+    vocab_size = len(tokenizer)
+    dtype, seq_len = token_dtype(vocab_size), recipe.model.max_seq_len
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        with ws.staged_folder(ws.increment_dir(increment)) as tmp:
+            spool = tmp / ".spool"
+            _read_clean_dedup(files, p1, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
+                              conn=conn, spool=spool, tally=tally, reporter=reporter)
+            _warn_skips(reporter, tally)
+            if p1.kept == 0:
+                raise _NothingNew()
+            units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
+            cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
+            kw = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": pad_id, "dtype": dtype}
+            train = PackedWriter(tmp / "train.bin", seq_len, **kw)
+            heldout = PackedWriter(tmp / "heldout.bin", seq_len, **kw)
+            try:
+                n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, train, heldout, total=p1.kept,
+                                                    tally=tally, reporter=reporter)
+            finally:
+                train.close()
+                heldout.close()
+            if n_train + n_heldout == 0:
+                raise _NothingNew()
+            spool.with_suffix(".txt").unlink()
+            spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
+            conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
+                             [(s["sha256"], increment, s["reader"]) for s in p1.sources])
+            conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
+            manifest = seal_folder(tmp, base_manifest(
+                "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
+                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, vocab_size=vocab_size,
+                tokenizer_sha256=tokenizer_sha256(tokenizer), reader={"format": fmt, "text_field": text_field},
+                sources=p1.sources, documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
+                sequences={"train": train.rows, "heldout": heldout.rows},
+                tokens={"train": train.tokens, "heldout": heldout.tokens},
+                doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
+            ))
+            conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
+            fault_point("ingest.before_rename")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return manifest
+
+
+def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:
+    """Why no increment was written; InputError when no file gave any text at all."""
+    if not p1.sources and set(tally.files) & _UNREADABLE:
+        raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally)}")
+    if p1.duplicate:
+        return _nothing_new_message(p1)
+    if p1.raw_docs:
+        return f"nothing to ingest: none of the {p1.raw_docs:,} documents read is usable ({_rejections(tally)})"
+    return f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"
 
 
 def _rejections(tally: Tally) -> str:

@@ -253,6 +253,15 @@ def test_gz_inputs_read_like_plain(tiny_workspace: Workspace, tiny_recipe: Recip
     assert ingest(tiny_workspace, [str(plain)], recipe=tiny_recipe).documents["duplicate"] == 30
 
 
+def test_truncated_gz_keeps_what_was_read(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
+    docs = make_docs(3000, words=30)
+    data = gzip.compress(("\n".join(docs) + "\n").encode(), compresslevel=1)
+    (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    res = ingest(tiny_workspace, [str(tmp_path / "cut.txt.gz")], recipe=tiny_recipe)
+    assert 0 < res.documents["kept"] < 3000
+    assert res.skipped["corrupt"]["count"] == 1 and len(res.sources) == 1
+
+
 def test_paragraphs_format(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
     text = "first para line one\nline two\n\n\n  second paragraph  \n\nthird\nwith\nthree lines\n"
     (tmp_path / "p.txt").write_text(text, encoding="utf-8")
