@@ -43,6 +43,7 @@ class MaskedLMHead(nn.Module):
         super().__init__()
         self.model = model
         self.kind = head_kind(model)
+        self.train(model.training)  # report the wrapped model's mode, so inference() restores it right
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 output_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

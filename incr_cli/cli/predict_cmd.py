@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
-from incr_cli.predict import fill_mask
 from incr_cli.workspace import Workspace
 
 
@@ -25,6 +24,8 @@ def fill_mask_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the top-k words each version predicts for [MASK] in each text."""
+    from incr_cli.predict import fill_mask  # torch loads only for commands that need it: --help stays fast
+
     ws = Workspace.open(workspace)
     names = [ws.resolve_version(v) for v in versions.split(",")]
     results = fill_mask(ws, names, texts, top_k=top_k)
