@@ -30,7 +30,7 @@ import re
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -167,18 +167,16 @@ class LossTerm(Protocol):
 
     name: str
     weight: float
-    needs_teacher: bool
-    needs_hidden: bool
+    needs_teacher: bool  # the teacher's logits at the masked positions
+    needs_hidden: bool  # last hidden states of student and teacher
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor: ...
 
 
 @dataclass
 class MlmNew:
-    name: str = "mlm_new"
     weight: float = 1.0
-    needs_teacher: bool = False
-    needs_hidden: bool = False
+    name, needs_teacher, needs_hidden = "mlm_new", False, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
         k = out.n_new_targets
@@ -188,9 +186,7 @@ class MlmNew:
 @dataclass
 class MlmReplay:
     weight: float
-    name: str = "mlm_replay"
-    needs_teacher: bool = False
-    needs_hidden: bool = False
+    name, needs_teacher, needs_hidden = "mlm_replay", False, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
         k = out.n_new_targets
@@ -201,9 +197,7 @@ class MlmReplay:
 class Distill:
     weight: float
     temperature: float
-    name: str = "distill"
-    needs_teacher: bool = True
-    needs_hidden: bool = False
+    name, needs_teacher, needs_hidden = "distill", True, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
         return kd_loss_sum(out.student_logits, out.teacher_logits, self.temperature) / out.norm.masked_targets
@@ -213,9 +207,7 @@ class Distill:
 class HiddenDistill:
     weight: float
     kind: str
-    name: str = "hidden"
-    needs_teacher: bool = True
-    needs_hidden: bool = True
+    name, needs_teacher, needs_hidden = "hidden", True, True
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
         return hidden_loss_sum(out.student_hidden, out.teacher_hidden, out.attention_mask, self.kind) / out.norm.tokens
@@ -285,10 +277,8 @@ class TrainState:
     lr: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds, "log": self.log,
-                "eval_before": self.eval_before, "window": self.window, "tail": self.tail,
-                "first_bad_step": self.first_bad_step, "local_tokens_since_log": self.local_tokens_since_log,
-                "lr": self.lr}
+        """Plain containers and tensors (what torch.load(weights_only=True) reads back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -345,8 +335,7 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
                     t_logits, t_hidden = run.teacher(masked.input_ids, attention, masked.positions,
                                                      output_hidden=need_hidden)
-                out.teacher_logits = t_logits.clone()  # a normal tensor: autograd may save it
-                out.teacher_hidden = t_hidden.clone() if t_hidden is not None else None
+                out.teacher_logits, out.teacher_hidden = t_logits, t_hidden  # the losses detach them
             loss = torch.zeros((), dtype=torch.float32, device=dev)
             for term in run.terms:
                 value = term(out)
@@ -711,9 +700,10 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                                                   unit="steps") as bar:
         if state.step:
             bar.advance(state.step)
-        last_log = time.perf_counter()
+        # Time is read only where the device is synchronised anyway (log lines, saves), so it is
+        # true on CUDA too; saves are not counted as training time.
+        clock, seconds_at_log = time.perf_counter(), state.train_seconds
         while state.step < plan.steps:
-            step_started = time.perf_counter()
             try:
                 train_step(run, state, check_loss=per_step_check)
             except torch.OutOfMemoryError as exc:
@@ -721,21 +711,21 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                                      "(raise train.grad_accum to keep the effective batch) or model.max_seq_len; "
                                      f"{str(exc).splitlines()[0]}") from None
             fault_point("train.step")
-            state.train_seconds += time.perf_counter() - step_started
             at_log = state.step % recipe.train.log_every == 0 or state.step == plan.steps
             save_every = recipe.runtime.save_every
             at_save = bool(save_every) and state.step % save_every == 0 and state.step < plan.steps
             stopping = stop.signum is not None
-            if ctx.enabled and (per_step_check or at_log or at_save):  # ranks stop together or not at all
-                stopping = bool(ctx.all_reduce_sum(torch.tensor(float(stopping), device=device)).item())
-            elif ctx.enabled:
-                stopping = False
+            if ctx.enabled:  # ranks stop together or not at all, agreed where they synchronise anyway
+                agree = per_step_check or at_log or at_save
+                stopping = agree and bool(ctx.all_reduce_sum(torch.tensor(float(stopping), device=device)).item())
             if at_log or at_save or stopping:
-                _raise_if_bad(state)
-            if at_log:
+                _raise_if_bad(state)  # reads the device: the clock below is honest
                 now = time.perf_counter()
-                line = _log_line(run, state, now - last_log)
-                last_log = now
+                state.train_seconds += now - clock
+                clock = now
+            if at_log:
+                line = _log_line(run, state, state.train_seconds - seconds_at_log)
+                seconds_at_log = state.train_seconds
                 state.log.append(line)
                 tps = line["tokens_per_second"]
                 info = f"loss {line['total']:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
@@ -744,6 +734,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                 trainer = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(),
                            "state": state.to_dict()}
                 store.save(state.step, run.model, trainer, capture_rng(device), meta)
+                clock = time.perf_counter()
             if stopping:
                 signum = stop.signum or signal.SIGTERM
                 raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {state.step} of "
