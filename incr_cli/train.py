@@ -157,13 +157,20 @@ class MicroOutputs:
     model: nn.Module  # the unwrapped student (for parameter-space terms such as EWC)
     micro: int
     n_micro: int
+    world_size: int
     teacher_logits: torch.Tensor | None = None  # (N, V)
     student_hidden: torch.Tensor | None = None  # (B, T, H)
     teacher_hidden: torch.Tensor | None = None  # (B, T, H)
 
 
 class LossTerm(Protocol):
-    """One term of the loss: ``weight * value``; ``value`` is this micro-batch's share of the step's term."""
+    """One term of the loss: the loop adds ``weight * term(out)`` for every micro-batch on every rank.
+
+    ``term(out)`` is this rank's and micro-batch's share: summed over the micro-batches of a step
+    and over the ranks it must give the step's value of the term. Token terms divide their sum by
+    the window's global count (``out.norm``); a parameter-space term (EWC) that every rank computes
+    alike returns ``penalty / (out.n_micro * out.world_size)``.
+    """
 
     name: str
     weight: float
@@ -329,8 +336,8 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         with sync:
             with devices.autocast(dev, run.precision):
                 logits, hidden = run.student(masked.input_ids, attention, masked.positions, output_hidden=need_hidden)
-            out = MicroOutputs(logits, masked.targets, int(per_micro_new[m]), attention, norm, run.model, m, len(micros),
-                               student_hidden=hidden)
+            out = MicroOutputs(logits, masked.targets, int(per_micro_new[m]), attention, norm, run.model, m,
+                               len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
                     t_logits, t_hidden = run.teacher(masked.input_ids, attention, masked.positions,

@@ -221,6 +221,8 @@ def test_bad_input_exits_2(one_pending):
     assert result.exit_code == 2 and "train.freeze" in result.output
     assert cli(one_pending.root, "--parent", "v0042").exit_code == 2
     assert cli(one_pending.root, "train.stepz=3").exit_code == 2
+    result = cli(one_pending.root, "train.freeze_lower_layers=9", "train.steps=1")
+    assert result.exit_code == 2 and "only 2 layers" in result.output
     assert one_pending.versions() == ["v0000"]
 
 
@@ -230,7 +232,15 @@ def test_locked_workspace_exits_75(one_pending):
     assert result.exit_code == 75 and "locked" in result.output
 
 
-# ----------------------------------------------------------------------------- freezing, gate, NaN
+# ----------------------------------------------------------------------------- masking, freezing, gate, NaN
+
+
+def test_whole_word_and_fixed_count_masking_train(one_pending):
+    result = cli(one_pending.root, "--json", "train.steps=2", "masking.whole_word=true", "masking.per_sequence=6",
+                 "eval.max_sequences=4")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["promoted"] and metrics["loss"]["mlm_new"] > 0
 
 
 def test_frozen_parameters_are_unchanged_and_counted(one_pending):
