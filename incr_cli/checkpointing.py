@@ -1,4 +1,5 @@
-"""Resumable training state: saved every ``runtime.save_every`` steps and on SIGINT/SIGTERM.
+"""Resumable training state: saved every ``runtime.save_every`` steps and on SIGINT/SIGTERM
+(``StopSignal`` turns a signal into a request the loop honours after its current step).
 
 ``WORKSPACE/staging/resume/<key>/`` holds numbered state folders and a ``CURRENT`` pointer:
 
@@ -22,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,28 @@ class ResumeStore:
         """Remove this run's state (after its version is written). Rank 0 only."""
         if self.rank == 0:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves state after the current step and stops.
+    A second signal gets the previous handler (Ctrl-C twice still stops at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum) or signal.SIG_DFL)
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, the run just cannot be stopped gently
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python

@@ -38,7 +38,7 @@ from torch import nn
 
 from incr_cli import device as devices
 from incr_cli import distributed
-from incr_cli.checkpointing import ResumeStore, capture_rng, restore_rng, resume_key
+from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng, resume_key
 from incr_cli.data import BatchSampler, IncrementShards, open_increment, split_batch_size
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed, UsageError
 from incr_cli.faults import fault_point, fault_value
@@ -555,31 +555,6 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-class _StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop saves state after the current step and stops.
-    A second signal gets the previous handler (Ctrl-C twice still stops at once)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> _StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, the run just cannot be stopped gently
-                pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None, reporter: Reporter | None = None,
                     dry_run: bool = False) -> TrainResult:
     """Train the increments pending in ``parent``'s lineage (LATEST by default) into a new version.
@@ -703,7 +678,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     per_step_check = device.type == "cpu" or bool(os.environ.get("INCR_FAULT"))
     meta = {"parent": plan.parent, "new": plan.new, "replay": plan.replay, "steps": plan.steps, "key": key}
     info = ""
-    with _StopSignal() as stop, reporter.progress(f"training {'+'.join(plan.new)}", total=plan.steps,
+    with StopSignal() as stop, reporter.progress(f"training {'+'.join(plan.new)}", total=plan.steps,
                                                   unit="steps") as bar:
         if state.step:
             bar.advance(state.step)
