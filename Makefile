@@ -22,6 +22,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on a real default: MiniLM-L6 from Austen to the Python docs, on CPU in minutes.
+demo: $(STAMP)
+	INCR=$(INCR) bash scripts/demo.sh
+
+# One unattended increment, e.g. from a CI pipeline or cron: make increment WS=path DATA="files..."
+# ingest is a no-op for data already seen; train-increment prints "nothing to train" when nothing is pending.
+increment: $(STAMP)
+	@test -n "$(WS)" -a -n "$(DATA)" || { echo "usage: make increment WS=workspace DATA='files or dirs'"; exit 2; }
+	$(INCR) ingest $(WS) $(DATA)
+	$(INCR) train-increment $(WS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
