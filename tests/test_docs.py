@@ -1,0 +1,36 @@
+"""The README stays true: its recipe reference is generated from the schema, and it documents
+every command and exit code the CLI has."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from incr_cli.cli.app import app
+from incr_cli.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_REJECTED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_recipe_reference_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_recipe_reference.py"), "--check",
+                             str(ROOT / "README.md")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_names_every_command():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name in group.commands:  # type: ignore[attr-defined]
+        assert f"incr {name}" in README, f"README does not document `incr {name}`"
+
+
+def test_readme_lists_every_exit_code():
+    for code in (EXIT_FAILURE, EXIT_USAGE, EXIT_REJECTED, EXIT_LOCKED):
+        assert f"| {code} |" in README
+    assert f"| {EXIT_SIGINT} / {EXIT_SIGTERM} |" in README
+
+
+def test_readme_shows_the_two_commands():
+    assert "make demo" in README and "make test" in README
