@@ -448,15 +448,24 @@ def freeze_parameters(model: nn.Module, train: TrainConfig, reporter: Reporter) 
     return trainable
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on biases and LayerNorm weights (1-d)."""
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and LayerNorm weights (1-d).
+
+    The fused kernel (one pass over all parameters) where torch has it for the device: CUDA, and
+    CPU since torch 2.4, where it is several times faster than the per-tensor loop on a
+    MiniLM-sized model. Older torch falls back to the default implementation.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                             fused=True if device.type == "cuda" else None)
+    groups = [g for g in ({"params": decay, "weight_decay": train.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    options = {"lr": train.lr, "betas": (train.adam_beta1, train.adam_beta2)}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except RuntimeError:  # no fused kernel for this device in this torch
+        return torch.optim.AdamW(groups, **options)
 
 
 def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementShards],
@@ -485,7 +494,7 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
                            n_replay=plan.replay_per_batch, seed=recipe.train.seed, sample=recipe.data.sample,
                            rank=ctx.rank, world_size=ctx.world_size)
     word_starts = tok_inputs["word_starts"]
-    run = Run(head=head, student=student, teacher=teacher, optimizer=build_optimizer(model, recipe.train, device),
+    run = Run(head=head, student=student, teacher=teacher, optimizer=build_optimizer(model, recipe.train),
               sampler=sampler, terms=terms, train=recipe.train, masking=recipe.masking,
               special_ids=tok_inputs["special_ids"].to(device), mask_token_id=tok_inputs["mask_token_id"],
               vocab_size=tok_inputs["vocab_size"], pad_id=int(new[0].pad_id),
