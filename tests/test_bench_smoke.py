@@ -1,0 +1,98 @@
+"""The training benchmark's harness: argument parsing, FLOP counting, summaries, and a 2-step run.
+
+No timing assertions: the benchmark reports, the README carries the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _flops  # noqa: E402
+import bench_train  # noqa: E402
+
+TINY = _flops.ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100)
+
+
+def test_flops_count_what_the_docstring_says():
+    # per layer: 4 * (32*32 + 32) attention + (32*64 + 64 + 64*32 + 32) feed-forward + 4*32 norms
+    per_layer = 4 * (32 * 32 + 32) + (32 * 64 + 64 + 64 * 32 + 32) + 4 * 32
+    assert _flops.encoder_params(TINY) == 2 * per_layer
+    assert _flops.head_params(TINY) == 32 * 32 + 32 * 100
+    b, t = 4, 16
+    attention = 2 * 4 * b * t * t * 32
+    hf = _flops.step_flops(TINY, b, t, head_positions=b * t)
+    assert hf["teacher"] == 0
+    assert hf["student"] == 6 * 2 * per_layer * b * t + 3 * attention + 6 * (32 * 32 + 32 * 100) * b * t
+    kd = _flops.step_flops(TINY, b, t, head_positions=10, teacher_positions=10)
+    assert kd["teacher"] == 2 * 2 * per_layer * b * t + attention + 2 * (32 * 32 + 32 * 100) * 10
+    assert kd["total"] == kd["student"] + kd["teacher"]
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("Some Future GPU", None)])
+def test_known_gpu_peaks(name, peak):
+    assert _flops.known_gpu_peak(name) == peak
+
+
+def test_gpu_mode_arguments_parse_without_a_gpu():
+    args = bench_train.parse_args(["--gpu"])
+    assert args.seqs == [128, 512] and args.precisions == ["bf16"]
+    assert [bench_train.batch_for(args, s) for s in args.seqs] == [128, 32]  # 16384 tokens per step
+    assert args.out.name == "train-gpu.json" and not args.scaling and args.profile > 0
+    cpu = bench_train.parse_args([])
+    assert cpu.seqs == [128] and bench_train.batch_for(cpu, 128) == 16 and cpu.threads == 2
+    assert cpu.precisions == ["fp32", "bf16"] and cpu.auto_precision  # bf16 dropped later on CPUs without it
+    assert bench_train.parse_args(["--configs", "a,c+compile"]).config_list == ["a", "c+compile"]
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--configs", "a,x"])
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--precision", "fp8"])
+
+
+def _window(seconds: float, steps: int = 2) -> dict:
+    return {"seconds": seconds * steps, "cpu_seconds": 2 * seconds * steps, "steps": steps,
+            "step_seconds": [seconds] * steps}
+
+
+def test_summaries_pair_rounds_and_judge_gpu_targets():
+    args = bench_train.parse_args(["--gpu", "--repeats", "2"])
+    data = {"new": {"maskable_per_row": 100.0}, "replay": {"maskable_per_row": 50.0}}
+    raw = {"a": {"windows": [_window(1.0), _window(2.0)], "load_avg": [0, 0], "loaded": {},
+                 "final": {"peak_memory_bytes": 100}},
+           "c": {"windows": [_window(0.5), _window(0.5)], "load_avg": [0, 0],
+                 "loaded": {"n_new": 96, "n_replay": 32, "teacher": True}, "final": {"peak_memory_bytes": 90}}}
+    g = bench_train.summarise_group(args, "bf16", 128, raw, data, TINY, peak=1e12)
+    assert g["ratios"]["c/a"] == pytest.approx(3.0)  # median of 1/0.5 and 2/0.5, paired per round
+    c = g["configs"]["c"]
+    assert c["head_positions_per_step"] == pytest.approx(96 * 15 + 32 * 7.5)  # 15% of the maskable tokens
+    assert c["mfu"] == pytest.approx(c["flops_per_step"]["total"] / 0.5 / 1e12)
+    targets = {t["target"]: t for t in bench_train.check_targets(args, [g])}
+    assert targets["bf16 seq 128: peak memory c <= a"]["passed"]
+    assert "bf16 seq 128: c_mfu >= 0.45" in targets
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_key(tmp_path):
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--quick", "--profile", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "cpu" and result["flop_formula"] and result["machine"]["load_avg_end"]
+    assert set(result["matmul"]) == {"fp32", "bf16"}
+    (group,) = result["groups"]
+    assert set(group["configs"]) == {"a", "b", "c"} and set(group["ratios"]) == {"b/a", "c/a"}
+    for config in group["configs"].values():
+        for key in ("seconds_per_step", "tokens_per_second", "peak_memory_bytes", "flops_per_step",
+                    "model_flops_per_s", "matmul_fraction", "profile"):
+            assert config[key], key
+    assert group["configs"]["c"]["details"]["teacher"] and group["configs"]["c"]["details"]["n_replay"] > 0
+    assert not group["configs"]["b"]["details"]["teacher"]
+    assert {t["target"].split(": ", 1)[1] for t in result["targets"]} >= {"b/a >= 2.5", "c/a >= 1.6",
+                                                                          "peak memory c <= a"}
