@@ -36,8 +36,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from incr_cli import __version__, distributed
 from incr_cli import device as devices
-from incr_cli import distributed
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng, resume_key
 from incr_cli.data import BatchSampler, IncrementShards, open_increment, split_batch_size
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed, UsageError
@@ -122,12 +122,13 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
 
 
 def run_key(plan: IncrementPlan, recipe: Recipe, parent_weights_sha: str) -> str:
-    """Identity of a training run: the same key means the same weights at the end."""
+    """Identity of a training run: the same key means the same weights at the end (and a state
+    layout this incr can read: its version is part of the key)."""
     r = recipe_to_dict(recipe)
     training = {k: v for k, v in r.items() if k not in _NOT_IN_KEY and k != "runtime"}
     training["runtime"] = {k: r["runtime"][k] for k in _RUNTIME_IN_KEY}
     training["train"] = {k: v for k, v in training["train"].items() if k != "log_every"}
-    return resume_key({"parent": plan.parent, "parent_weights": parent_weights_sha, "new": plan.new,
+    return resume_key({"incr": __version__, "parent": plan.parent, "parent_weights": parent_weights_sha, "new": plan.new,
                        "replay": plan.replay, "steps": plan.steps, "world_size": plan.world_size,
                        "recipe": training})
 
