@@ -1,0 +1,189 @@
+"""Strategies: presets, the EWC term inside the loop, the Fisher estimate and file, ewc and joint increments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load
+from transformers import BertConfig, BertForMaskedLM
+from typer.testing import CliRunner
+
+from incr_cli import strategies
+from incr_cli.cli.app import app
+from incr_cli.data import BatchSampler, open_increment
+from incr_cli.distributed import DistContext
+from incr_cli.masking import mask_batch
+from incr_cli.recipe import PRESETS, build_recipe
+from incr_cli.reporting import Quiet
+from incr_cli.train import IncrementPlan, TrainState, build_run, train_step
+from incr_cli.workspace import Workspace
+from tests.helpers_train import tagged_rows, write_increment
+
+runner = CliRunner()
+T = 16
+CPU = torch.device("cpu")
+TOK_INPUTS = {"special_ids": torch.tensor([0, 1, 2, 3, 4]), "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0,
+              "word_starts": None}
+ALL = ["naive", "replay", "distill", "replay+distill", "ewc", "joint"]
+
+
+def tiny_model(seed: int = 0) -> BertForMaskedLM:
+    config = BertConfig(vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def hand_increment(tmp_path, tag: int = 11, rows: int = 40):
+    ws = Workspace(tmp_path / "data-ws")
+    ws.root.mkdir(parents=True, exist_ok=True)
+    return open_increment(ws, write_increment(ws, f"inc{tag}", tagged_rows(tag, rows, T), tagged_rows(tag + 1, 2, T)))
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_preset_resolves_to_its_settings(name):
+    """A file's own alpha/ratio survive only where the preset does not fix them."""
+    recipe = build_recipe({"distill": {"alpha": 0.7, "hidden_weight": 0.2}, "replay": {"ratio": 0.3}},
+                          overrides=[f"strategy.name={name}"])
+    distills = name in ("distill", "replay+distill")
+    replays = name in ("replay", "replay+distill")
+    assert recipe.strategy.name == name
+    assert recipe.distill.alpha == (0.7 if distills else 0.0)
+    assert recipe.distill.hidden_weight == (0.2 if distills else 0.0)
+    assert recipe.replay.ratio == (0.3 if replays else 0.0)
+    assert set(PRESETS) == set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_recipe_show_names_what_the_preset_sets(name):
+    result = runner.invoke(app, ["recipe", "show", f"strategy.name={name}", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["recipe"]["strategy"]["name"] == name
+    assert doc["preset"] == PRESETS[name]
+    for key, value in PRESETS[name].items():
+        section, _, field = key.partition(".")
+        assert doc["recipe"][section][field] == value
+
+
+# ----------------------------------------------------------------------------- the EWC term in the loop
+
+
+SGD = {"train": {"batch_size": 4, "grad_accum": 2, "lr": 0.1, "weight_decay": 0.0, "warmup_ratio": 0.0,
+                 "schedule": "constant", "max_grad_norm": 0.0},
+       "masking": {"probability": 0.3}, "strategy": {"name": "ewc"}, "ewc": {"weight": 50.0}}
+
+
+def sgd_step(tmp_path, *, with_ewc: bool, displacement: float):
+    """One loop step (2 micro-batches, plain SGD so the update is -lr * grad) from theta* + displacement.
+
+    -> (anchor, theta before, theta after, fisher, state)."""
+    recipe = build_recipe(SGD)
+    new = hand_increment(tmp_path)
+    plan = IncrementPlan("v0000", [new.id], [], 40, 0, 4, 0, 1, 3, 0, T)
+    model = tiny_model()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(displacement * torch.randn(p.shape, generator=gen))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+    run, _ = build_run(model, TOK_INPUTS, [new], [], recipe, plan, device=CPU, precision="fp32",
+                       ctx=DistContext(0, 1, CPU), reporter=Quiet())
+    run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
+    if with_ewc:
+        run.terms.append(strategies.EwcPenalty(recipe.ewc.weight, anchor, fisher))
+    state = TrainState(first_bad_step=torch.tensor(-1))
+    train_step(run, state, check_loss=True)
+    after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    return anchor, before, after, fisher, state
+
+
+def test_ewc_term_is_zero_at_the_anchor(tmp_path):
+    _, _, plain, _, _ = sgd_step(tmp_path / "a", with_ewc=False, displacement=0.0)
+    _, _, with_ewc, _, state = sgd_step(tmp_path / "b", with_ewc=True, displacement=0.0)
+    assert float(state.window["ewc"]) == 0.0
+    for name in plain:
+        assert torch.equal(plain[name], with_ewc[name]), name
+
+
+def test_ewc_gradient_in_the_loop_matches_the_hand_computed_one(tmp_path):
+    """d/dtheta of weight/2 * sum F (theta - theta*)^2 = weight * F * (theta - theta*), over a
+    2-micro-batch window: the SGD updates with and without the term differ by lr times that."""
+    anchor, before, plain, fisher, _ = sgd_step(tmp_path / "a", with_ewc=False, displacement=0.01)
+    _, before_b, with_ewc, _, state = sgd_step(tmp_path / "b", with_ewc=True, displacement=0.01)
+    weight, lr = SGD["ewc"]["weight"], SGD["train"]["lr"]
+    penalty = sum(0.5 * (fisher[n] * (before[n] - anchor[n]) ** 2).sum() for n in anchor)
+    assert float(state.window["ewc"]) == pytest.approx(float(penalty), rel=1e-5)
+    assert float(state.window["total"]) == pytest.approx(float(state.window["mlm_new"]) + weight * float(penalty),
+                                                         rel=1e-5)
+    for name in anchor:
+        assert torch.equal(before[name], before_b[name])
+        expected = -lr * weight * fisher[name] * (before[name] - anchor[name])
+        torch.testing.assert_close(with_ewc[name] - plain[name], expected, rtol=1e-3, atol=1e-7, msg=name)
+
+
+# ----------------------------------------------------------------------------- the Fisher
+
+
+def test_fisher_is_the_squared_gradient_of_the_mlm_loss(tmp_path):
+    """One batch: F = (d mean-MLM-loss / d theta)^2, computed here with transformers' own full head and loss."""
+    recipe = build_recipe({"train": {"batch_size": 6, "seed": 3}, "masking": {"probability": 0.3}})
+    shards = hand_increment(tmp_path)
+    model = tiny_model()
+    model.train()
+    frozen = "bert.embeddings.position_embeddings.weight"
+    model.get_parameter(frozen).requires_grad_(False)
+    fisher = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+
+    assert model.training and not model.get_parameter(frozen).requires_grad  # flags restored
+    assert all(p.grad is None for p in model.parameters())
+    assert fisher.keys() == dict(model.named_parameters()).keys()  # frozen ones too
+    sampler = BatchSampler([shards], [], n_new=6, n_replay=0, seed=3)
+    ids = torch.from_numpy(sampler.next_batch().input_ids)
+    gen = torch.Generator().manual_seed(strategies._fisher_seed(3, 0))
+    masked = mask_batch(ids, recipe.masking, special_ids=TOK_INPUTS["special_ids"], mask_token_id=4, vocab_size=3000,
+                        generator=gen)
+    reference = tiny_model().eval()
+    loss = reference(input_ids=masked.input_ids, attention_mask=ids != 0,
+                     labels=torch.where(masked.positions, ids, -100)).loss
+    names, params = zip(*reference.named_parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for name, grad in zip(names, grads):
+        expected = torch.zeros_like(fisher[name]) if grad is None else grad.pow(2)
+        torch.testing.assert_close(fisher[name], expected, rtol=1e-4, atol=1e-12, msg=name)
+
+
+def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
+    recipe = build_recipe({"train": {"batch_size": 4}, "ewc": {"fisher_batches": 3}})
+    shards = hand_increment(tmp_path)
+    model = tiny_model()
+    first = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    again = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    one = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+        assert (first[name] >= 0).all()
+    assert not all(torch.equal(first[n], one[n]) for n in first)  # three batches, not one
+
+
+def test_fisher_file_round_trips_with_its_metadata(tmp_path):
+    fisher = {"a.weight": torch.rand(3, 4), "b.bias": torch.rand(5)}
+    blob = strategies.fisher_bytes(fisher, {"increments": ["d0001-x"], "batches": 2})
+    back = load(blob)
+    for name in fisher:
+        assert torch.equal(back[name], fisher[name])
+    from safetensors import safe_open
+
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(blob)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["kind"] == "ewc-fisher" and json.loads(meta["about"])["increments"] == ["d0001-x"]
