@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import re
@@ -622,8 +623,6 @@ def _finished_run(ws: Workspace, plan: IncrementPlan, key: str, ctx: distributed
 
 
 def _read_metrics(ws: Workspace, version: str) -> dict[str, Any] | None:
-    import json
-
     try:
         return json.loads((ws.version_dir(version) / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -698,7 +697,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         while state.step < plan.steps:
             try:
                 train_step(run, state, check_loss=per_step_check)
-            except torch.OutOfMemoryError as exc:
+            except torch.cuda.OutOfMemoryError as exc:
                 raise TrainingFailed(f"out of memory at step {state.step + 1} on {device}: lower train.batch_size "
                                      "(raise train.grad_accum to keep the effective batch) or model.max_seq_len; "
                                      f"{str(exc).splitlines()[0]}") from None
@@ -734,9 +733,10 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
 
     _raise_if_bad(state)
     losses = _tail_losses(run, state)  # a collective: every rank takes part
-    fingerprint = float(sum(p.detach().double().sum().item() for p in run.model.parameters()))
-    if not ctx.all_equal(fingerprint):
-        raise TrainingFailed("the ranks ended with different weights (a bug); nothing was promoted")
+    if ctx.enabled:
+        fingerprint = float(sum(p.detach().double().sum() for p in run.model.parameters()))
+        if not ctx.all_equal(fingerprint):
+            raise TrainingFailed("the ranks ended with different weights (a bug); nothing was promoted")
 
     result: TrainResult | None = None
     if ctx.is_main:
@@ -769,8 +769,6 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
             precision: str, started: float, resumed_from: int | None, store: ResumeStore,
             losses: dict[str, float | None]) -> TrainResult:
     """Rank 0: evaluate, gate, write the version, move LATEST when promoted."""
-    import json
-
     from incr_cli import models
 
     after = evaluate_lineage(run, shards, [*plan.replay, *plan.new], recipe, tok_inputs)
@@ -779,12 +777,14 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     version = ws.next_version()
     parent_manifest = ws.version_manifest(plan.parent)
     total_params = sum(p.numel() for p in run.model.parameters())
+    replayed = plan.replay if plan.replay_per_batch else []
     metrics = {
         "version": version, "parent": plan.parent, "promoted": passed,
         "status": "promoted" if passed else "rejected",
         "gate": {"passed": passed, "checks": checks},
-        "data": {"new": plan.new, "replay": plan.replay, "new_sequences": plan.new_sequences,
-                 "replay_sequences": plan.replay_sequences if plan.replay_per_batch else 0},
+        # replay: the earlier increments actually replayed; earlier: all of the lineage (evaluated)
+        "data": {"new": plan.new, "replay": replayed, "earlier": plan.replay, "new_sequences": plan.new_sequences,
+                 "replay_sequences": plan.replay_sequences if replayed else 0},
         "steps": state.step, "tokens": state.tokens,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(state.train_seconds, 3),
@@ -799,7 +799,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     manifest = {"version": version, "parent": plan.parent, "source": parent_manifest.get("source"),
                 "head_initialised": parent_manifest.get("head_initialised", False),
                 "trained_on": [*ws.trained_on(plan.parent), *plan.new], "new": plan.new,
-                "replay": plan.replay if plan.replay_per_batch else [],
+                "replay": replayed,
                 "status": metrics["status"], "promoted": passed, "recipe": recipe_to_dict(recipe),
                 "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
                 "software": models.software_versions(), "device": str(run.device), "precision": precision,

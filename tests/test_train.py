@@ -340,3 +340,14 @@ def test_two_increments_end_to_end(tiny_workspace, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, device="cpu")
     assert len(fill(f"she said {tokenizer.mask_token} to him.")) == 5
+
+
+def test_naive_strategy_trains_without_teacher_or_replay_but_still_measures_forgetting(two_increments):
+    result = cli(two_increments.root, "--json", "strategy.name=naive", "train.steps=2", "eval.max_sequences=8")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["data"]["replay"] == [] and metrics["data"]["earlier"] == ["d0001-austen"]
+    assert metrics["loss"]["mlm_replay"] is None and metrics["loss"]["distill"] is None
+    assert metrics["loss"]["total"] == pytest.approx(metrics["loss"]["mlm_new"])
+    assert list(metrics["forgetting"]) == ["d0001-austen"]
+    assert two_increments.version_manifest("v0002")["replay"] == []

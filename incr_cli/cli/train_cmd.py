@@ -97,7 +97,7 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
     before, after = metrics["eval"]["before"], metrics["eval"]["after"]
     new = set(metrics["data"]["new"])
     rows = []
-    for inc in [*metrics["data"]["replay"], *metrics["data"]["new"]]:
+    for inc in [*metrics["data"].get("earlier", metrics["data"]["replay"]), *metrics["data"]["new"]]:
         if inc not in after:
             rows.append([inc, "new" if inc in new else "earlier", "-", "-", "-", "no held-out data"])
             continue
