@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from incr_cli import __version__, distributed
+from incr_cli import __version__, distributed, strategies
 from incr_cli import device as devices
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng, resume_key
 from incr_cli.data import BatchSampler, IncrementShards, open_increment, split_batch_size
@@ -65,8 +65,8 @@ class IncrementPlan:
     """What one ``train-increment`` will do (the dry run prints it)."""
 
     parent: str
-    new: list[str]
-    replay: list[str]
+    new: list[str]  # increments trained as new data (joint: the whole lineage plus the pending ones)
+    replay: list[str]  # increments replay rows may come from (the lineage; none for joint)
     new_sequences: int  # training sequences of the new increments (after data.sample)
     replay_sequences: int
     new_per_batch: int  # rows per micro-batch and rank
@@ -75,6 +75,14 @@ class IncrementPlan:
     steps: int
     tokens: int  # upper bound: rows per step x seq_len x steps
     seq_len: int
+    earlier: list[str] = field(default_factory=list)  # the parent's lineage: where forgetting is measured
+    init_from: str | None = None  # joint: the version whose weights training starts from
+    retrained: list[str] = field(default_factory=list)  # joint: earlier increments trained again
+
+    @property
+    def pending(self) -> list[str]:
+        """The increments this version adds to the lineage (``trained_on = earlier + pending``)."""
+        return [d for d in self.new if d not in self.earlier]
 
     @property
     def nothing_to_train(self) -> bool:
@@ -90,9 +98,11 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
     Steps: ``train.steps``, else ceil(epochs * new sequences / new rows per step), capped so that
     no more than ``train.max_tokens`` tokens are processed.
     """
+    from incr_cli.strategies import training_data
+
     parent = ws.resolve_version(parent)
-    new = ws.pending(parent)
-    replay = ws.trained_on(parent)
+    new, replay, init_from, retrained = training_data(ws, recipe, parent)
+    earlier = ws.trained_on(parent)
     manifests = {d: ws.increment_manifest(d) for d in [*new, *replay]}
     count = {d: int(m.get("sequences", {}).get("train", 0)) for d, m in manifests.items()}
     seq_len = int(manifests[new[0]]["seq_len"]) if new else 0
@@ -103,7 +113,7 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
     t = recipe.train
     n_new, n_replay = split_batch_size(t.batch_size, recipe.replay.ratio, replay_sequences > 0)
     plan = IncrementPlan(parent, new, replay, new_sequences, replay_sequences, n_new, n_replay, world_size,
-                         0, 0, seq_len)
+                         0, 0, seq_len, earlier, init_from, retrained)
     if not new:
         return plan
     if new_sequences == 0:
@@ -129,9 +139,9 @@ def run_key(plan: IncrementPlan, recipe: Recipe, parent_weights_sha: str) -> str
     training = {k: v for k, v in r.items() if k not in _NOT_IN_KEY and k != "runtime"}
     training["runtime"] = {k: r["runtime"][k] for k in _RUNTIME_IN_KEY}
     training["train"] = {k: v for k, v in training["train"].items() if k != "log_every"}
-    return resume_key({"incr": __version__, "parent": plan.parent, "parent_weights": parent_weights_sha, "new": plan.new,
-                       "replay": plan.replay, "steps": plan.steps, "world_size": plan.world_size,
-                       "recipe": training})
+    return resume_key({"incr": __version__, "parent": plan.parent, "parent_weights": parent_weights_sha,
+                       "new": plan.new, "replay": plan.replay, "init_from": plan.init_from, "steps": plan.steps,
+                       "world_size": plan.world_size, "recipe": training})
 
 
 # ----------------------------------------------------------------------------- loss terms
@@ -405,7 +415,7 @@ def _tail_losses(run: Run, state: TrainState) -> dict[str, float | None]:
     values = torch.stack([torch.as_tensor(state.tail.get(n, 0.0), device=run.device, dtype=torch.float32)
                           for n in names])
     values = run.ctx.all_reduce_sum(values).tolist()
-    out: dict[str, float | None] = {n: None for n in ("mlm_new", "mlm_replay", "distill", "hidden")}
+    out: dict[str, float | None] = {n: None for n in ("mlm_new", "mlm_replay", "distill", "hidden", "ewc")}
     out.update({n: values[i] / steps for i, n in enumerate(names)})
     return out
 
@@ -659,7 +669,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
-    shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in [*plan.new, *plan.replay]}
+    shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
     _check_tokenizer(shards, models.tokenizer_sha256(tokenizer), plan.parent)
     tok_inputs = tokenizer_inputs(tokenizer, recipe)
     torch.manual_seed(recipe.train.seed * 7919 + ctx.rank)  # dropout stream; masks use their own seeds
@@ -667,11 +677,19 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                                recipe, plan, device=device, precision=precision, ctx=ctx, reporter=reporter)
     reporter.log(f"training {', '.join(plan.new)} into {plan.parent}'s line: {plan.steps} steps, "
                  f"{trainable:,} trainable parameters, {device} {precision}"
-                 + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else ""))
-
+                 + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
+                 + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
+    # The student still holds the parent's weights: the EWC anchor and the "before" scores.
+    run.terms += strategies.ewc_terms(ws, recipe, plan, run.model, shards, tok_inputs, device=device,
+                                      precision=precision, reporter=reporter)
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     resumed_from = None
+    if store.current() is None:
+        if ctx.is_main:
+            state.eval_before = evaluate_lineage(run, shards, plan_increments(plan), recipe, tok_inputs)
+        if plan.init_from:
+            strategies.reset_weights(run.model, ws, plan.init_from, recipe, device)
     loaded = store.load(run.model, device)
     if loaded is not None:
         trainer, rng = loaded
@@ -681,8 +699,6 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         restore_rng(rng, device)
         resumed_from = state.step
         reporter.log(f"resuming from step {state.step} of {plan.steps} ({store.current()})")
-    elif ctx.is_main:
-        state.eval_before = evaluate_lineage(run, shards, [*plan.replay, *plan.new], recipe, tok_inputs)
 
     per_step_check = device.type == "cpu" or bool(os.environ.get("INCR_FAULT"))
     meta = {"parent": plan.parent, "new": plan.new, "replay": plan.replay, "steps": plan.steps, "key": key}
@@ -753,6 +769,11 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     return result
 
 
+def plan_increments(plan: IncrementPlan) -> list[str]:
+    """Every increment scored before and after: the lineage, then what this version adds."""
+    return [*plan.earlier, *plan.pending]
+
+
 def _raise_if_bad(state: TrainState) -> None:
     bad = int(state.first_bad_step.item()) if state.first_bad_step is not None else -1
     if bad >= 0:
@@ -771,9 +792,9 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     """Rank 0: evaluate, gate, write the version, move LATEST when promoted."""
     from incr_cli import models
 
-    after = evaluate_lineage(run, shards, [*plan.replay, *plan.new], recipe, tok_inputs)
+    after = evaluate_lineage(run, shards, plan_increments(plan), recipe, tok_inputs)
     before = state.eval_before or {}
-    passed, checks, forgetting = gate_checks(recipe, before, after, plan.new, plan.replay)
+    passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
     version = ws.next_version()
     parent_manifest = ws.version_manifest(plan.parent)
     total_params = sum(p.numel() for p in run.model.parameters())
@@ -783,8 +804,8 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "status": "promoted" if passed else "rejected",
         "gate": {"passed": passed, "checks": checks},
         # replay: the earlier increments actually replayed; earlier: all of the lineage (evaluated)
-        "data": {"new": plan.new, "replay": replayed, "earlier": plan.replay, "new_sequences": plan.new_sequences,
-                 "replay_sequences": plan.replay_sequences if replayed else 0},
+        "data": {"new": plan.pending, "replay": replayed, "earlier": plan.earlier, "retrained": plan.retrained,
+                 "new_sequences": plan.new_sequences, "replay_sequences": plan.replay_sequences if replayed else 0},
         "steps": state.step, "tokens": state.tokens,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "train_seconds": round(state.train_seconds, 3),
@@ -798,14 +819,16 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     }
     manifest = {"version": version, "parent": plan.parent, "source": parent_manifest.get("source"),
                 "head_initialised": parent_manifest.get("head_initialised", False),
-                "trained_on": [*ws.trained_on(plan.parent), *plan.new], "new": plan.new,
-                "replay": replayed,
+                "trained_on": [*plan.earlier, *plan.pending], "new": plan.pending,
+                "replay": replayed, "init_from": plan.init_from, "retrained": plan.retrained,
                 "status": metrics["status"], "promoted": passed, "recipe": recipe_to_dict(recipe),
                 "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
                 "software": models.software_versions(), "device": str(run.device), "precision": precision,
                 "world_size": run.ctx.world_size, "steps": state.step, "run_key": key}
     log = "".join(json.dumps(line) + "\n" for line in state.log)
-    extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode()}
+    extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),
+             **strategies.version_files(recipe, plan, run.model, shards, tok_inputs, device=run.device,
+                                        precision=precision)}
     run.model.eval()
     fault_point("train.version_write")
     models.save_version(ws, version, run.model, tokenizer, manifest, extra)

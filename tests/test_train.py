@@ -351,3 +351,37 @@ def test_naive_strategy_trains_without_teacher_or_replay_but_still_measures_forg
     assert metrics["loss"]["total"] == pytest.approx(metrics["loss"]["mlm_new"])
     assert list(metrics["forgetting"]) == ["d0001-austen"]
     assert two_increments.version_manifest("v0002")["replay"] == []
+
+
+def test_ewc_strategy_adds_its_penalty_and_stores_the_fisher(two_increments):
+    ws = two_increments
+    result = cli(ws.root, "--json", "strategy.name=ewc", "train.steps=3", "ewc.fisher_batches=2",
+                 "eval.max_sequences=8", "train.log_every=1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["loss"]["ewc"] is not None and metrics["loss"]["distill"] is None
+    log = [json.loads(line) for line in (ws.version_dir("v0002") / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["ewc"] == pytest.approx(0.0, abs=1e-12) and log[-1]["ewc"] > 0  # zero at the anchor only
+    manifest = ws.verify_version("v0002")
+    assert "fisher.safetensors" in manifest["files"]
+    from incr_cli.strategies import load_fisher
+
+    fisher = load_fisher(ws, "v0002")
+    assert "bert.encoder.layer.0.attention.self.query.weight" in fisher
+    assert all(bool((f >= 0).all()) for f in fisher.values()) and any(bool((f > 0).any()) for f in fisher.values())
+
+
+def test_joint_strategy_retrains_from_the_root_on_every_increment(two_increments):
+    ws = two_increments
+    dry = cli(ws.root, "--dry-run", "--json", "strategy.name=joint")
+    plan = json.loads(dry.stdout)["plan"]
+    assert plan["new"] == ["d0001-austen", "d0002-fortunes"] and plan["replay"] == []
+    assert plan["init_from"] == "v0000" and plan["retrained"] == ["d0001-austen"]
+    result = cli(ws.root, "--json", "strategy.name=joint", "train.steps=2", "eval.max_sequences=8")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["data"]["new"] == ["d0002-fortunes"] and metrics["data"]["retrained"] == ["d0001-austen"]
+    assert list(metrics["forgetting"]) == ["d0001-austen"]
+    manifest = ws.version_manifest("v0002")
+    assert manifest["parent"] == "v0001" and manifest["init_from"] == "v0000"
+    assert manifest["trained_on"] == ["d0001-austen", "d0002-fortunes"] and manifest["new"] == ["d0002-fortunes"]

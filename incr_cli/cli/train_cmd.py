@@ -81,6 +81,8 @@ def _render_plan(out: Output, plan: Any, recipe: Any, json_out: bool) -> None:
     rows = [["parent", plan.parent], ["new", ", ".join(plan.new) or "none (nothing to train)"],
             ["replay", (", ".join(plan.replay) or "none") + ("" if plan.replay_per_batch or not plan.replay
                                                             else " (not replayed: replay.ratio gives 0 rows)")]]
+    if plan.init_from:
+        rows.append(["starts from", f"{plan.init_from}'s weights (joint: retrains {', '.join(plan.retrained) or 'nothing'})"])
     if not plan.nothing_to_train:
         rows += [["batch", f"{plan.new_per_batch} new + {plan.replay_per_batch} replay sequences"
                   + (f" per rank x {plan.world_size}" if plan.world_size > 1 else "")],
