@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 import traceback
@@ -86,6 +87,8 @@ def guarded(fn: F) -> F:
 
 
 def _error_line(message: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
+        return
     lines = message.splitlines() or [""]
     sys.stderr.write(f"error: {lines[0]}\n")
     for line in lines[1:]:
