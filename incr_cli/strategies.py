@@ -85,7 +85,8 @@ def reset_weights(model: nn.Module, ws: Workspace, version: str, recipe: Recipe,
     """
     from incr_cli import models
 
-    source, _ = models.load_version(ws, version, recipe=recipe, device=str(device))
+    with torch.random.fork_rng(devices=[]):  # loading must not move the dropout stream training uses
+        source, _ = models.load_version(ws, version, recipe=recipe, device=str(device))
     weights = dict(source.named_parameters())
     own = dict(model.named_parameters())
     if weights.keys() != own.keys() or any(weights[n].shape != p.shape for n, p in own.items()):

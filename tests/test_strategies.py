@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -14,12 +15,24 @@ from incr_cli import strategies
 from incr_cli.cli.app import app
 from incr_cli.data import BatchSampler, open_increment
 from incr_cli.distributed import DistContext
+from incr_cli.evaluate import tokenizer_inputs
 from incr_cli.masking import mask_batch
-from incr_cli.recipe import PRESETS, build_recipe
+from incr_cli.models import load_version
+from incr_cli.recipe import PRESETS, build_recipe, load_recipe
 from incr_cli.reporting import Quiet
-from incr_cli.train import IncrementPlan, TrainState, build_run, train_step
+from incr_cli.train import IncrementPlan, TrainState, build_run, train_increment, train_step
 from incr_cli.workspace import Workspace
-from tests.helpers_train import tagged_rows, write_increment
+from tests.helpers_train import (
+    _ingest,
+    assert_same_weights,
+    copy_workspace,
+    excerpt,
+    reset_faults,
+    tagged_rows,
+    template,
+    weights,
+    write_increment,
+)
 
 runner = CliRunner()
 T = 16
@@ -187,3 +200,99 @@ def test_fisher_file_round_trips_with_its_metadata(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["kind"] == "ewc-fisher" and json.loads(meta["about"])["increments"] == ["d0001-x"]
+
+
+# ----------------------------------------------------------------------------- ewc and joint increments
+
+
+@pytest.fixture
+def one_pending(tmp_path, tmp_path_factory) -> Workspace:
+    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+
+
+@pytest.fixture
+def two_increments(tmp_path, tmp_path_factory) -> Workspace:
+    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+
+
+def run_increment(ws: Workspace, *overrides: str, parent: str | None = None) -> tuple[object, list[str]]:
+    reporter = Quiet()
+    with ws.lock("train-increment"):
+        result = train_increment(ws, load_recipe(ws.recipe_path, ["train.steps=4", *overrides]), parent=parent,
+                                 reporter=reporter)
+    return result, reporter.messages
+
+
+def logged_terms(ws: Workspace, version: str) -> list[dict]:
+    text = (ws.version_dir(version) / "train_log.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pending, tmp_path):
+    ws = one_pending
+    first, messages = run_increment(ws, "strategy.name=ewc")
+    assert any("no penalty in this increment" in m for m in messages)  # v0000: nothing to protect yet
+    assert "ewc" not in logged_terms(ws, first.version)[-1]
+    manifest = ws.verify_version(first.version)  # every file, the Fisher too, matches its checksum
+    assert strategies.FISHER_FILE in manifest["files"]
+    fisher = strategies.load_fisher(ws, first.version)
+    model, tokenizer = load_version(ws, first.version)
+    assert fisher.keys() == dict(model.named_parameters()).keys()
+    recipe = load_recipe(ws.recipe_path, ["train.steps=4", "strategy.name=ewc"])
+    again = strategies.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
+                                       tokenizer_inputs(tokenizer, recipe), device=CPU, precision="fp32")
+    for name in fisher:  # reloaded = estimated on the new weights over the data just trained
+        torch.testing.assert_close(fisher[name], again[name], rtol=1e-5, atol=0.0, msg=name)
+
+    _ingest(ws, excerpt("fortunes.txt", slice(0, 200), tmp_path), "fortunes")
+    second, messages = run_increment(ws, "strategy.name=ewc", "ewc.weight=1e6")
+    assert not any("estimating it on" in m for m in messages)  # the parent's own file was used
+    lines = logged_terms(ws, second.version)
+    assert all("ewc" in line for line in lines) and lines[-1]["ewc"] > 0
+    assert second.metrics["loss"]["ewc"] > 0
+    assert strategies.FISHER_FILE in ws.verify_version(second.version)["files"]
+
+
+def test_ewc_after_another_strategy_estimates_the_parents_fisher_on_its_lineage(two_increments):
+    ws = two_increments  # v0001 was trained with replay+distill: no Fisher file
+    result, messages = run_increment(ws, "strategy.name=ewc")
+    assert any(f"estimating it on {ws.increments()[0]}" in m for m in messages)
+    assert logged_terms(ws, result.version)[-1]["ewc"] > 0
+    assert result.plan.replay_per_batch == 0 and result.metrics["loss"]["distill"] is None  # the preset's
+
+
+def test_joint_retrains_from_v0000_on_the_union(two_increments, tmp_path):
+    ws = two_increments
+    first, second = ws.increments()
+    result, _ = run_increment(ws, "strategy.name=joint")
+    manifest = ws.version_manifest(result.version)
+    assert manifest["parent"] == "v0001" and manifest["init_from"] == "v0000"
+    assert manifest["trained_on"] == [first, second] and manifest["retrained"] == [first]
+    assert manifest["new"] == [second] and manifest["replay"] == []
+    assert result.plan.new == [first, second] and result.plan.replay == []
+    assert set(result.metrics["eval"]["before"]) == {first, second}  # v0001's scores: the gate's reference
+    assert ws.latest() == result.version
+
+    # The same weights as a plain fine-tune from v0000 with both increments pending.
+    scratch = copy_workspace(ws.root, tmp_path / "from-base")
+    for version in scratch.versions()[1:]:
+        shutil.rmtree(scratch.version_dir(version))
+    scratch.set_latest("v0000")
+    reference, _ = run_increment(scratch, "strategy.name=naive")
+    assert reference.plan.new == [first, second]
+    assert_same_weights(weights(ws, result.version), weights(scratch, reference.version))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_train_increment_accepts_every_strategy_on_the_command_line(two_increments, name):
+    reset_faults()
+    result = runner.invoke(app, ["train-increment", str(two_increments.root), "--dry-run", "--json",
+                                 f"strategy.name={name}"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    plan = doc["plan"]
+    first, second = two_increments.increments()
+    assert doc["recipe"]["strategy"]["name"] == name
+    assert plan["new"] == ([first, second] if name == "joint" else [second])
+    assert plan["init_from"] == ("v0000" if name == "joint" else None)
+    assert (plan["replay_per_batch"] > 0) == (name in ("replay", "replay+distill"))
