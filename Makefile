@@ -56,6 +56,11 @@ bench: $(BENCH_STAMP)
 bench-gpu: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_train.py --gpu
 
+# Every strategy (naive, replay, distill, replay+distill, ewc, joint) on austen -> pydocs -> fortunes
+# with MiniLM-L6, on CPU: results/experiment.md (table) and results/experiment.png. STEPS=N to change.
+experiment: $(STAMP)
+	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS))
+
 docs: $(STAMP)
 	$(PY) scripts/gen_recipe_reference.py --write README.md
 
