@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="Keep the workspaces here (default: a temporary folder, removed at the end).")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="Comma list (default: all six).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="runtime.num_threads for every run (default: the recipe's, i.e. all cores).")
     parser.add_argument("--quiet", action="store_true", help="Print nothing but errors.")
     args = parser.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -200,13 +202,14 @@ def summarise(ws: Workspace, versions: list[str], increments: list[str],
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = QUICK if args.quick else FULL
+    overrides = [*mode["overrides"], *([f"runtime.num_threads={args.threads}"] if args.threads else [])]
     log = Log(args.quiet)
     started = time.perf_counter()
-    base_recipe = load_recipe(RECIPE, mode["overrides"])
+    base_recipe = load_recipe(RECIPE, overrides)
     steps = args.steps or mode["steps"] or base_recipe.train.steps
 
     def recipe_for(strategy: str, n: int) -> Recipe:
-        return load_recipe(RECIPE, [*mode["overrides"], f"strategy.name={strategy}", f"train.steps={n}"])
+        return load_recipe(RECIPE, [*overrides, f"strategy.name={strategy}", f"train.steps={n}"])
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="incr-experiment-"))
     if args.work_dir and work.exists():
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "base": mode["base"], "quick": args.quick, "domains": [d for d, _ in DOMAINS],
         "steps_per_increment": steps, "shared_first_increment": SHARED_FIRST,
         "recipe": recipe_to_dict(base_recipe), "recipe_file": str(RECIPE.relative_to(REPO)),
-        "overrides": mode["overrides"], "machine": machine(),
+        "overrides": overrides, "machine": machine(),
         "shared_seconds": round(first_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
