@@ -374,7 +374,9 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     todo: dict[str, list[tuple[Column, str | None]]] = {}
     for info in infos:
-        weights = weights_checksum(ws.version_manifest(info.version))
+        # Checked even when every cell is cached: a damaged version is named, never silently scored.
+        # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
+        weights = weights_checksum(ws.verify_version(info.version))
         row = scores.setdefault(info.version, {})
         for col in columns:
             # ad-hoc text is scored every time: it has no checksummed file to key the cache on
