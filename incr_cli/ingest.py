@@ -597,13 +597,15 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
 
 
 def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:
-    """Why no increment was written; InputError when no file gave any text at all."""
+    """Why no increment was written; InputError when nothing was readable or every document was rejected."""
     if not p1.sources and set(tally.files) & _UNREADABLE:
         raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally)}")
     if p1.duplicate:
         return _nothing_new_message(p1)
-    if p1.raw_docs:
-        return f"nothing to ingest: none of the {p1.raw_docs:,} documents read is usable ({_rejections(tally)})"
+    if p1.raw_docs or tally.docs:  # bad UTF-8 or JSON lines are rejected by the reader: not in raw_docs
+        hint = "; check --format and --text-field" if set(tally.docs) & {"malformed_json", "missing_field"} else ""
+        raise InputError(f"nothing usable in {_name_paths(paths)}: every document read was rejected "
+                         f"({_rejections(tally)}){hint}")
     return f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"
 
 

@@ -1,0 +1,209 @@
+"""Bad input through the CLI, each with its message and exit code: recipes, ingest inputs, commands.
+
+Ingest's reading of mixed input (good lines kept next to bad ones, 2000 small files, a 2 MB line,
+unreadable and binary files among good ones) is in test_ingest.py; here each bad input comes alone,
+so what a cron job sees (exit code, one line) is pinned."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from incr_cli import readers
+from incr_cli.workspace import Workspace
+from tests.helpers_reliability import assert_one_error_line, cli
+from tests.helpers_train import SAMPLES, copy_workspace, template
+
+FAST = ["eval.max_sequences=8", "runtime.num_threads=1"]
+
+
+@pytest.fixture
+def ws(tmp_path, tmp_path_factory) -> Workspace:
+    """v0000 (scratch:tiny) with d0001-austen pending."""
+    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+
+
+def _untouched(ws: Workspace) -> None:
+    assert ws.versions() == ["v0000"] and ws.increments() == ["d0001-austen"] and ws.latest() == "v0000"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+RECIPE_CASES = {
+    "unknown key": ("train.stepz=3", "train.stepz: unknown key (did you mean 'steps'?)"),
+    "wrong type": ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    "negative size": ("train.batch_size=-1", "train.batch_size: -1 is out of range (must be >= 1)"),
+    "zero size": ("model.max_seq_len=0", "model.max_seq_len: 0 is out of range (must be >= 8"),
+    "probability above 1": ("masking.probability=1.5", "masking.probability: 1.5 is out of range (must be > 0, <= 1)"),
+    "probability below 0": ("replay.ratio=-0.1", "replay.ratio: -0.1 is out of range (must be >= 0, < 1)"),
+}
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES)
+def test_a_bad_recipe_value_exits_2_naming_the_key(ws, tmp_path, case):
+    override, message = RECIPE_CASES[case]
+    section, rest = override.split(".", 1)
+    key, value = rest.split("=", 1)
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"{section}:\n  {key}: {value}\n")
+    for args in (["train-increment", ws.root, override],  # on the command line
+                 ["train-increment", ws.root, "--recipe", recipe],  # in a file
+                 ["ingest", ws.root, SAMPLES / "pydocs.txt", override]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "1 problem" in result.stderr and message in result.stderr and "Traceback" not in result.output
+    _untouched(ws)
+
+
+def test_every_problem_of_a_recipe_is_reported_at_once(ws, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  stepz: 3\n  lr: fast\n  batch_size: 0\nmasking:\n  probability: 1.5\n")
+    result = cli("train-increment", ws.root, "--recipe", recipe)
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, f"{recipe}: 4 problems")
+    for key in ("train.stepz", "train.lr", "train.batch_size", "masking.probability"):
+        assert f"  - {key}: " in result.stderr
+    _untouched(ws)
+
+
+def test_a_missing_or_unparsable_recipe_file_exits_2(ws, tmp_path):
+    result = cli("train-increment", ws.root, "--recipe", tmp_path / "nope.yaml")
+    assert result.exit_code == 2 and "nope.yaml: 1 problem" in result.stderr and "file not found" in result.stderr
+    (tmp_path / "broken.yaml").write_text("train: [steps\n")
+    result = cli("train-increment", ws.root, "--recipe", tmp_path / "broken.yaml")
+    assert result.exit_code == 2 and "invalid YAML at line" in result.stderr
+    _untouched(ws)
+
+
+# ----------------------------------------------------------------------------- ingest inputs
+
+
+def _invalid_utf8(d: Path) -> Path:
+    (d / "latin1.txt").write_bytes("café au lait\nnaïve text here\n".encode("latin-1"))
+    return d / "latin1.txt"
+
+
+def _binary(d: Path) -> Path:
+    (d / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02" + bytes(range(256)) * 20)
+    return d / "blob.bin"
+
+
+def _empty(d: Path) -> Path:
+    (d / "empty.txt").write_bytes(b"")
+    return d / "empty.txt"
+
+
+def _malformed_jsonl(d: Path) -> Path:
+    (d / "bad.jsonl").write_text('{not json\n[1, 2]\n{"body": "a text under another field"}\n')
+    return d / "bad.jsonl"
+
+
+def _symlink_loop(d: Path) -> Path:
+    (d / "loop").mkdir()
+    (d / "loop" / "self").symlink_to("self")
+    (d / "loop" / "back").symlink_to("../loop")
+    return d / "loop"
+
+
+def _huge_line(d: Path) -> Path:
+    (d / "huge.txt").write_text("word " * 400_000 + "\n")  # 2 MB, one line
+    return d / "huge.txt"
+
+
+INGEST_CASES = {
+    # name: (input, exit code, what the output says)
+    "invalid UTF-8": (_invalid_utf8, 2, "every document read was rejected (invalid_utf8: 2)"),
+    "binary": (_binary, 2, "blob.bin (binary)"),
+    "empty": (_empty, 0, "nothing to ingest: the input holds no documents"),
+    "malformed JSON Lines": (_malformed_jsonl, 2, "(malformed_json: 1, missing_field: 2); check --format and --text-field"),
+    "symlink loop": (_symlink_loop, 2, "(symlink_loop)"),
+    "missing path": (lambda d: d / "nope.txt", 2, "nope.txt (missing)"),
+    "huge single line": (_huge_line, 0, "cut to data.max_doc_chars  1"),
+}
+
+
+@pytest.mark.parametrize("case", INGEST_CASES)
+def test_ingest_of_one_bad_input(ws, tmp_path, case):
+    make, code, message = INGEST_CASES[case]
+    (tmp_path / "in").mkdir()
+    result = cli("ingest", ws.root, make(tmp_path / "in"), "data.max_doc_chars=1000")
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    if code:
+        assert_one_error_line(result.stderr, message)
+        assert ws.increments() == ["d0001-austen"]
+    else:
+        assert message in result.stdout
+    assert not list(ws.staging.glob("tmp-*"))
+
+
+def test_ingest_of_an_unreadable_file(ws, tmp_path, monkeypatch):
+    """Root reads a chmod 000 file anyway, so the open is refused the way the kernel would."""
+    src = tmp_path / "locked.txt"
+    src.write_text("a perfectly good line of text about emma\n")
+
+    def deny(path: str):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(readers, "open_binary", deny)
+    result = cli("ingest", ws.root, src)
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, "nothing readable", "locked.txt (unreadable)")
+    assert ws.increments() == ["d0001-austen"]
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def test_unknown_versions_and_increments_exit_2_listing_the_valid_ones(ws):
+    for args, message in (
+            (["fill-mask", ws.root, "a [MASK]", "--versions", "v0009"], "unknown version 'v0009'; valid versions: v0000"),
+            (["train-increment", ws.root, "--parent", "v0009"], "unknown version 'v0009'; valid versions: v0000"),
+            (["eval", ws.root, "--versions", "v0009"], "unknown version 'v0009'"),
+            (["eval", ws.root, "--data", "d0042"], "unknown increment 'd0042'; valid increments: d0001-austen")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert_one_error_line(result.stderr, message)
+    _untouched(ws)
+
+
+COMMANDS = {
+    "status": lambda root: ["status", root],
+    "verify": lambda root: ["verify", root],
+    "ingest": lambda root: ["ingest", root, SAMPLES / "pydocs.txt"],
+    "train-increment": lambda root: ["train-increment", root],
+    "eval": lambda root: ["eval", root],
+    "fill-mask": lambda root: ["fill-mask", root, "a [MASK]"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_folder_that_is_not_a_workspace_exits_2(tmp_path, command):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine\n")
+    for root, message in ((tmp_path / "plain", "not an incr workspace"), (tmp_path / "nope", "no such workspace")):
+        result = cli(*COMMANDS[command](root))
+        assert result.exit_code == 2, result.output
+        assert_one_error_line(result.stderr, message, "incr init")
+    assert os.listdir(tmp_path / "plain") == ["notes.txt"] and not (tmp_path / "nope").exists()
+
+
+def test_a_newer_increment_manifest_format_exits_2(ws):
+    path = ws.increment_dir("d0001-austen") / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format": 2}))
+    for args in (["train-increment", ws.root, *FAST], ["verify", ws.root], ["eval", ws.root, *FAST]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert_one_error_line(result.stderr, "d0001-austen/manifest.json: format 2 is newer", "upgrade incr")
+    _untouched(ws)
+
+
+def test_latest_naming_a_missing_version_exits_2(ws):
+    ws.latest_path.write_text("v0007\n")
+    for args in (["status", ws.root], ["train-increment", ws.root], ["fill-mask", ws.root, "a [MASK]"]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output
+        assert_one_error_line(result.stderr, "LATEST: names 'v0007', which is not a version here", "v0000")
