@@ -616,6 +616,8 @@ def _finished_run(ws: Workspace, plan: IncrementPlan, key: str, ctx: distributed
         if manifest.get("run_key") != key:
             continue
         metrics = _read_metrics(ws, version)
+        if ctx.is_main:  # left by a run killed after writing the version, before removing its state
+            ResumeStore(ws, key).clear()
         result = TrainResult(plan, version, bool(manifest.get("promoted")), metrics)
         if not result.promoted:
             exc = GateRejected(f"{version} was already trained from {plan.parent} on this data with this recipe and "
