@@ -13,7 +13,7 @@ import pytest
 from conftest import write_tiny_model_dir
 
 from incr_cli import workspace as workspace_mod
-from incr_cli.recipe import load_recipe
+from incr_cli.recipe import load_recipe, recipe_to_dict
 from incr_cli.workspace import Workspace, seal_folder
 from tests.helpers_reliability import assert_one_error_line, cli
 from tests.helpers_train import REPO, SAMPLES, copy_workspace, template
@@ -277,6 +277,9 @@ def test_ingest_and_train_write_only_inside_the_workspace(ws, tmp_path, monkeypa
     def outside() -> dict[str, tuple[int, int]]:
         return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in tmp_path.rglob("*")
                 if ws.root not in p.parents and p != ws.root}
+
+    recipe_keys = [f"{section}.{key}" for section, keys in recipe_to_dict(load_recipe(None)).items() for key in keys]
+    assert not [k for k in recipe_keys if any(w in k for w in ("path", "dir", "file", "output"))]  # none names a place
 
     before = outside()
     assert cli("train-increment", ws.root, "train.steps=2", *FAST).exit_code == 0

@@ -1,0 +1,42 @@
+"""The README's reliability tables stay true: every test they name exists, and every test of the
+reliability files is named there."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+README = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+BLOCK = README.split("<!-- reliability:begin -->")[1].split("<!-- reliability:end -->")[0]
+RELIABILITY_FILES = ("test_faults_train.py", "test_integrity.py", "test_bad_input.py")
+
+
+def _test_functions(file: str) -> set[str]:
+    tree = ast.parse((TESTS / file).read_text(encoding="utf-8"))
+    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+def test_every_test_the_table_names_exists():
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)", BLOCK)
+    assert len(named) > 40
+    for file, name in named:
+        assert name in _test_functions(file), f"README names {file}::{name}, which does not exist"
+
+
+def test_every_reliability_test_is_in_the_table():
+    for file in RELIABILITY_FILES:
+        for name in _test_functions(file):
+            assert f"`{file}::{name}" in BLOCK, f"{file}::{name} is missing from the README's reliability table"
+
+
+def test_every_parametrized_case_the_table_names_is_collected():
+    named = set(re.findall(r"`(test_\w+\.py::test_\w+\[[^\]]+\])`", BLOCK))
+    files = sorted({n.split("::")[0] for n in named})
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                *(str(TESTS / f) for f in files)], capture_output=True, text=True, cwd=TESTS.parent)
+    ids = {line.split("tests/", 1)[-1] for line in collected.stdout.splitlines() if "::" in line}
+    assert named and not named - ids, f"README names cases that are not collected: {sorted(named - ids)}"
