@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="CUDA mode: BERT-base shape, seq 128 and 512, bf16, MFU")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps, no repeats: checks the harness only")
-    p.add_argument("--steps", type=int, help="timed steps per window (default 3 CPU, 20 GPU, 2 quick)")
+    p.add_argument("--steps", type=int, help="timed steps per window (default 3 CPU, 30 GPU, 2 quick)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 2 CPU, 10 GPU, 1 quick)")
     p.add_argument("--repeats", type=int, help="timed windows per configuration (default 5 CPU, 3 GPU, 1 quick)")
     p.add_argument("--configs", default="a,b,c", help="comma list of a, b, c; add +compile (e.g. c+compile) "
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON output (default bench-results/train.json or train-gpu.json)")
     args = p.parse_args(argv)
     gpu, quick = args.gpu, args.quick
-    args.steps = args.steps or (2 if quick else 20 if gpu else 3)
+    args.steps = args.steps or (2 if quick else 30 if gpu else 3)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10 if gpu else 2)
     args.repeats = args.repeats or (1 if quick else 3 if gpu else 5)
     args.profile = args.profile if args.profile is not None else (0 if quick else 3 if gpu else 1)
@@ -218,6 +218,10 @@ def summarise_group(args: argparse.Namespace, precision: str, seq: int, raw: dic
                  # process CPU seconds per step (all threads): with other load on the machine, wall
                  # time grows while this mostly does not
                  "cpu_seconds_per_step": statistics.median(w["cpu_seconds"] / w["steps"] for w in res["windows"]),
+                 # wall time outside on_step_begin..on_step_end (HF: fetching and collating the batch,
+                 # logging); incr's step function includes its own sampling and masking
+                 "outside_step_seconds": statistics.median(
+                     (w["seconds"] - sum(w.get("compute_seconds", []))) / w["steps"] for w in res["windows"]),
                  "details": {k: v for k, v in loaded.items() if k != "kind"}}
         if "profile" in res:
             entry["profile"] = res["profile"]
