@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -91,11 +92,28 @@ KILLS = [
 ]
 
 
+LATEST_UPDATE = "train.latest_update:kill"  # after v0002 was renamed into place, before LATEST moved
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """The kill -9 runs of this module, started up front two at a time (each is mostly one core
+    importing torch) while the tests rerun the ones already done: fault -> (workspace, future)."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    runs = {}
+    for fault in [*(k[0] for k in KILLS), LATEST_UPDATE]:
+        ws = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("killed") / "ws")
+        runs[fault] = (ws, pool.submit(run_incr, "train-increment", ws.root, *ARGS, fault=fault))
+    yield runs
+    pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault, resumed_from", KILLS, ids=[k[0].split(":")[0] for k in KILLS])
-def test_kill_9_then_rerun_equals_uninterrupted(ws, reference, fault, resumed_from):
-    killed = run_incr("train-increment", ws.root, *ARGS, fault=fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+def test_kill_9_then_rerun_equals_uninterrupted(killed, reference, fault, resumed_from):
+    ws, run = killed[fault]
+    proc = run.result()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     report = assert_only_complete_versions(ws)
     assert report["latest"] == "v0001" and ws.versions() == ["v0000", "v0001"]
     if fault.startswith("save_version"):
@@ -104,11 +122,12 @@ def test_kill_9_then_rerun_equals_uninterrupted(ws, reference, fault, resumed_fr
 
 
 @pytest.mark.slow
-def test_kill_9_before_latest_moves_promotes_without_a_duplicate(ws, reference):
+def test_kill_9_before_latest_moves_promotes_without_a_duplicate(killed, reference):
     """v0002 was renamed into place, LATEST still names v0001: the rerun recognises its own run
     (the run key in v0002's manifest) and only moves LATEST."""
-    killed = run_incr("train-increment", ws.root, *ARGS, fault="train.latest_update:kill")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ws, run = killed[LATEST_UPDATE]
+    proc = run.result()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     report = assert_only_complete_versions(ws)
     assert report["latest"] == "v0001" and ws.versions() == ["v0000", "v0001", "v0002"]
     assert_same_weights(weights(ws, "v0002"), reference["weights"])
@@ -133,6 +152,7 @@ def test_death_after_the_version_is_written_leaves_no_state_behind(ws, reference
     monkeypatch.setattr(ResumeStore, "clear", die)
     assert cli("train-increment", ws.root, *ARGS).exit_code == 1
     assert ws.versions() == ["v0000", "v0001", "v0002"] and ws.latest() == "v0001" and leftovers(ws)
+    assert_only_complete_versions(ws)
     monkeypatch.undo()
     result = cli("train-increment", ws.root, *ARGS)
     assert result.exit_code == 0 and "LATEST -> v0002" in result.output, result.output
@@ -150,6 +170,7 @@ def test_damaged_resumable_state_is_named_and_removing_it_starts_afresh(ws, refe
     assert result.exit_code == 2, result.output
     assert_one_error_line(result.stderr, f"{state}: resumable state cannot be read", f"remove {state.parent}")
     assert ws.versions() == ["v0000", "v0001"]
+    assert_only_complete_versions(ws)
     shutil.rmtree(state.parent)
     rerun_equals(ws, reference, resumed_from=None)
 
@@ -163,6 +184,7 @@ def test_a_signal_at_a_step_saves_state_and_the_rerun_resumes(ws, reference):
     assert stopped.returncode == 130, stopped.stderr
     assert_one_error_line(stopped.stderr, "interrupted by SIGINT after step 3 of 6", "run the same command to resume")
     assert ws.versions() == ["v0000", "v0001"] and ws.latest() == "v0001"
+    assert_only_complete_versions(ws)
     rerun_equals(ws, reference, resumed_from=3)
 
 
@@ -178,6 +200,7 @@ def test_an_external_sigterm_mid_training_exits_143_promptly_and_the_rerun_resum
     line = assert_one_error_line(stderr, "interrupted by SIGTERM after step ")
     step = int(re.search(r"after step (\d+) of 40", line).group(1))
     assert 2 <= step < 40 and ws.versions() == ["v0000", "v0001"]
+    assert_only_complete_versions(ws)
     rerun_equals(ws, long_reference, LONG, resumed_from=step)
 
 
@@ -200,6 +223,7 @@ def test_a_second_writer_exits_75_and_a_killed_holders_lock_is_taken_over(ws, re
         holder.kill()  # kill -9 while it holds the lock
         holder.wait()
     assert lock_holder_pid(ws) == holder.pid  # its record stays; the kernel dropped its flock
+    assert_only_complete_versions(ws)
     rerun_equals(ws, reference, resumed_from=resumed_from_state(ws))
 
 
