@@ -54,7 +54,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{r['ewc']['fisher_batches']} Fisher batches; eval: the first {r['eval']['max_sequences']} held-out "
         f"sequences per domain, masks seeded ({r['eval']['seed']}). Increment 1 ({s['domains'][0]}) is shared: "
         f"one {s['shared_first_increment']} fine-tune from v0000 ({s['shared_seconds']:.0f} s). "
-        f"{m['cores']} CPU cores, {m['torch_threads']} torch threads, torch {m['torch']}; whole run "
+        f"{m['cores']} CPU cores, torch threads {m['torch_threads']}, torch {m['torch']}; whole run "
         f"{s['total_seconds'] / 60:.1f} min." + (" **--quick: a tiny scratch model, not a result.**" if s["quick"] else ""),
         "",
         "| strategy | final avg ppl ↓ | final avg acc ↑ | avg forgetting (ppl) ↓ | BWT (ppl) ↑ | "
