@@ -147,7 +147,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class EwcConfig:
-    weight: float = knob(1000.0, "Strength lambda of the EWC penalty lambda/2 * sum F_i (theta_i - theta*_i)^2.", lo=0.0)
+    weight: float = knob(1.0e5, "Strength lambda of the EWC penalty lambda/2 * sum F_i (theta_i - theta*_i)^2 (the empirical Fisher of MLM is small: 1e5 makes the penalty of the order of the MLM loss).", lo=0.0)
     fisher_batches: int = knob(16, "Batches of the parent's data used to estimate the diagonal Fisher.", lo=1)
 
 

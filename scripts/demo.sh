@@ -7,6 +7,7 @@ INCR=${INCR:-.venv/bin/incr}
 OUT=${DEMO_DIR:-demo-workspace}
 STEPS1=${DEMO_STEPS1:-100}   # increment 1: train the MLM head + encoder on Austen
 STEPS2=${DEMO_STEPS2:-60}    # increment 2: the Python docs
+# Extra recipe overrides for every train-increment, e.g. DEMO_OVERRIDES="runtime.num_threads=1" on a busy machine.
 WS=$OUT/minilm
 NAIVE=$OUT/minilm-naive
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -16,12 +17,12 @@ step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
 step "$INCR" init "$WS" --base minilm-l6 --recipe recipes/demo-minilm.yaml
 step "$INCR" ingest "$WS" samples/austen.txt --name austen
-step "$INCR" train-increment "$WS" train.steps="$STEPS1"
+step "$INCR" train-increment "$WS" train.steps="$STEPS1" ${DEMO_OVERRIDES:-}
 step "$INCR" ingest "$WS" samples/pydocs.txt --name pydocs
 # The same second increment as a plain fine-tune (no distillation, no replay), in a copy.
 cp -a "$WS" "$NAIVE"
-step "$INCR" train-increment "$WS" train.steps="$STEPS2"
-step "$INCR" train-increment "$NAIVE" train.steps="$STEPS2" strategy.name=naive
+step "$INCR" train-increment "$WS" train.steps="$STEPS2" ${DEMO_OVERRIDES:-}
+step "$INCR" train-increment "$NAIVE" train.steps="$STEPS2" strategy.name=naive ${DEMO_OVERRIDES:-}
 step "$INCR" eval "$WS" --plot "$OUT/eval.png" --out "$OUT/eval.json"
 step "$INCR" eval "$NAIVE" --out "$OUT/eval-naive.json"
 step "$INCR" fill-mask "$WS" --versions v0001,v0002 \
