@@ -244,6 +244,10 @@ class Workspace:
         ws = cls(Path(root))
         if not ws.root.is_dir():
             raise UsageError(f"{ws.root}: no such workspace; create one with `incr init {ws.root} --base SOURCE`")
+        if ws.checkpoints.is_dir() and ws.recipe_path.is_file() and not ws.latest_path.is_file() and ws.versions():
+            # Never suggest `init --force` here: that would wipe the versions and data that are still intact.
+            raise IntegrityError(f"{ws.latest_path}: missing; write the newest good version into it "
+                                 f"(one of {', '.join(ws.versions())}), e.g. `echo {ws.versions()[-1]} > {ws.latest_path}`")
         if not (ws.latest_path.is_file() and ws.checkpoints.is_dir() and ws.recipe_path.is_file()):
             raise UsageError(f"{ws.root}: not an incr workspace (no LATEST, recipe.yaml or checkpoints/); "
                              f"create one with `incr init {ws.root} --base SOURCE`")

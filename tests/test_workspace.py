@@ -165,3 +165,11 @@ def test_next_names_and_pending(tiny_workspace):
     with pytest.raises(UsageError, match="increment name"):
         ws.next_increment("../evil")
     assert ws.pending("v0000") == [] and ws.trained_on("v0000") == []
+
+
+def test_missing_latest_points_at_the_intact_versions_not_at_init(tiny_workspace):
+    from incr_cli.errors import IntegrityError
+
+    tiny_workspace.latest_path.unlink()
+    with pytest.raises(IntegrityError, match="LATEST: missing.*v0000"):
+        Workspace.open(tiny_workspace.root)

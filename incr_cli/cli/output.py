@@ -7,6 +7,7 @@ the traceback shown only under ``--debug``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -74,7 +75,10 @@ def guarded(fn: F) -> F:
         except Exception as exc:  # a bug or an environment failure: one line, traceback on --debug
             if STATE.debug:
                 traceback.print_exc()
-            if _is_oom(exc):
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                _error_line(f"no space left on device: {exc.filename or exc}; free space and rerun the same "
+                            "command (nothing half-written was kept; training resumes from its saved state)")
+            elif _is_oom(exc):
                 _error_line(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                             "lower train.batch_size (raise train.grad_accum to keep the effective batch) "
                             "or model.max_seq_len")
