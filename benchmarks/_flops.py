@@ -1,15 +1,18 @@
 """Model FLOPs of one training step, the hardware's large-matmul rate, and known GPU peaks.
 
 What is counted (matrix multiplications only; softmax, layer norm, GELU, losses and the optimizer
-are left out, as is usual for MFU):
+are left out, as is usual for MFU), for what each configuration actually computes:
 
 - N = parameters of the encoder layers (attention q/k/v/o, feed-forward, their biases and layer
-  norms). Embeddings are lookups and cost no FLOPs; their gradient is a scatter.
+  norms), N_l = N / L per layer. Embeddings are lookups and cost no FLOPs; their gradient is a scatter.
 - Student (trained): 6 * N * tokens (2 forward + 4 backward FLOPs per parameter and token)
   + attention 3 * L * 4 * B * T^2 * H (QK^T and AV are 2*B*T^2*H each forward; backward is twice
   the forward) + head 6 * (H*H + H*V) * P, where P is the number of positions the vocabulary head
   runs at: every position for Hugging Face's BertForMaskedLM, the masked ones for incr.
-- Teacher (frozen, forward only): 2 * N * tokens + L * 4 * B * T^2 * H + 2 * (H*H + H*V) * P_masked.
+- incr also runs its last encoder layer at the P masked rows only (keys and values for every
+  token): that layer counts 6 * 2*(H^2+H) * tokens + 6 * (N_l - 2*(H^2+H)) * P and attention
+  3 * 4 * P * T * H instead of 6 * N_l * tokens and 3 * 4 * B * T^2 * H.
+- Teacher (frozen, forward only): the same with 2 in place of 6 and 1 in place of 3.
 
 tokens = B * T (packed rows, no padding).
 """
@@ -19,9 +22,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-FORMULA = ("student = 6*N*tokens + 3*L*4*B*T^2*H + 6*(H^2+H*V)*P_head;  "
-           "teacher = 2*N*tokens + L*4*B*T^2*H + 2*(H^2+H*V)*P_masked;  "
-           "N = encoder-layer parameters (no embeddings), P_head = B*T for HF, masked positions for incr")
+FORMULA = ("student = 6*N*tokens + 3*L*4*B*T^2*H + 6*(H^2+H*V)*P_head;  teacher = 2*N*tokens + L*4*B*T^2*H "
+           "+ 2*(H^2+H*V)*P;  N = encoder-layer parameters (no embeddings), P_head = B*T for HF, P = masked "
+           "positions for incr, whose last layer counts k,v at every token and the rest of it at the P rows "
+           "(6*2(H^2+H)*tokens + 6*(N/L - 2(H^2+H))*P + 3*4*P*T*H for the student)")
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets.
 GPU_PEAK_BF16 = [
@@ -71,20 +75,33 @@ def attention_flops_forward(s: ModelShape, batch: int, seq: int) -> int:
     return s.layers * 4 * batch * seq * seq * s.hidden
 
 
+def _encoder_flops(s: ModelShape, batch: int, seq: int, factor: int, last_rows: float | None) -> float:
+    """Encoder matmul FLOPs at ``factor`` per parameter and token (6 trained, 2 forward only);
+    ``last_rows``: rows the last layer runs at (keys and values still at every token), None = all."""
+    tokens = batch * seq
+    per_layer = encoder_params(s) / s.layers
+    attention_per_layer = 4 * batch * seq * seq * s.hidden
+    full = factor * per_layer * tokens + factor // 2 * attention_per_layer
+    if last_rows is None:
+        return s.layers * full
+    kv = 2 * (s.hidden * s.hidden + s.hidden)
+    last = factor * kv * tokens + factor * (per_layer - kv) * last_rows + factor // 2 * 4 * last_rows * seq * s.hidden
+    return (s.layers - 1) * full + last
+
+
 def step_flops(s: ModelShape, batch: int, seq: int, *, head_positions: float,
-               teacher_positions: float | None = None) -> dict[str, float]:
+               teacher_positions: float | None = None, last_layer_rows: float | None = None) -> dict[str, float]:
     """FLOPs of one optimizer step -> {"student", "teacher", "total"} (see the module docstring).
 
     head_positions: positions the student's vocabulary head runs at (B*T for HF, masked for incr);
-    teacher_positions: masked positions of the teacher's forward, None when there is no teacher.
+    teacher_positions: masked positions of the teacher's forward, None when there is no teacher;
+    last_layer_rows: rows the student's last layer runs at (the teacher's: its positions), None = all.
     """
-    tokens = batch * seq
-    n = encoder_params(s)
-    attention = attention_flops_forward(s, batch, seq)
-    student = 6 * n * tokens + 3 * attention + 6 * head_params(s) * head_positions
+    student = _encoder_flops(s, batch, seq, 6, last_layer_rows) + 6 * head_params(s) * head_positions
     teacher = 0.0
     if teacher_positions is not None:
-        teacher = 2 * n * tokens + attention + 2 * head_params(s) * teacher_positions
+        rows = teacher_positions if last_layer_rows is not None else None
+        teacher = _encoder_flops(s, batch, seq, 2, rows) + 2 * head_params(s) * teacher_positions
     return {"student": float(student), "teacher": float(teacher), "total": float(student + teacher)}
 
 

@@ -37,13 +37,14 @@ def render(console: Console, result: dict[str, Any]) -> None:
     for g in result["groups"]:
         table = Table(title=f"{g['precision']}, batch {g['batch']} x seq {g['seq_len']} "
                             f"({g['tokens_per_step']} tokens/step), median of windows")
-        for col in ("config", "s/step", "tokens/s", "x vs a", "peak mem", "FLOPs/step", "model FLOP/s",
-                    "of matmul", *(["MFU"] if gpu else [])):
+        for col in ("config", "s/step", "tokens/s", "x vs a", "x vs a (cpu s)", "peak mem", "FLOPs/step",
+                    "model FLOP/s", "of matmul", *(["MFU"] if gpu else [])):
             table.add_column(col, justify="left" if col == "config" else "right")
         for name, c in g["configs"].items():
-            ratio = g["ratios"].get(f"{name}/a")
+            ratio, cpu_ratio = g["ratios"].get(f"{name}/a"), g.get("cpu_ratios", {}).get(f"{name}/a")
             table.add_row(f"({name}) {c['label']}", f"{c['seconds_per_step']:.3f}", f"{c['tokens_per_second']:,.0f}",
                           "1.00" if name == "a" else ("n/a" if ratio is None else f"{ratio:.2f}"),
+                          "1.00" if name == "a" else ("n/a" if cpu_ratio is None else f"{cpu_ratio:.2f}"),
                           _si(c["peak_memory_bytes"], "B"), _si(c["flops_per_step"]["total"]),
                           _si(c["model_flops_per_s"]), _pct(c["matmul_fraction"]),
                           *([_pct(c["mfu"])] if gpu else []))

@@ -101,12 +101,14 @@ def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> d
             "eval_row_seconds": eval_seconds, "eval_columns": len(columns)}
 
 
-def run(*, threads: int, say: Any, histories: tuple[int, ...] = (1, 5, 20), steps: int = 40,
+def run(*, say: Any, threads: int = 1, histories: tuple[int, ...] = (1, 5, 20), steps: int = 40,
         repeats: int = 3) -> dict[str, Any]:
     """-> {"rows": [per history: medians over ``repeats`` interleaved runs], ...}.
 
     Each history is built once; every timed run trains a fresh copy of it, the histories taking turns
-    (after one untimed warm-up run), so load elsewhere on the machine hits them alike.
+    (after one untimed warm-up run), so load elsewhere on the machine hits them alike. One thread by
+    default: the tiny model gains nothing from more, and with other load on the machine thread
+    synchronisation, not bookkeeping, would dominate its timings.
     """
     from incr_cli.device import configure_threads
 
@@ -135,7 +137,7 @@ def run(*, threads: int, say: Any, histories: tuple[int, ...] = (1, 5, 20), step
         rows.append(row)
     first, last = rows[0], rows[-1]
     growth = last["seconds_per_step"] / first["seconds_per_step"] if first["seconds_per_step"] else None
-    return {"model": "scratch:tiny, seq 64, batch 8", "steps": steps, "repeats": repeats,
+    return {"model": f"scratch:tiny, seq 64, batch 8, {threads} thread(s)", "steps": steps, "repeats": repeats,
             "new_sequences": rows[0]["new_sequences"], "rows": rows, "loop_step_growth": growth,
             "note": (f"train-loop s/step with {last['earlier']} vs {first['earlier']} earlier increments: x{growth:.2f} "
                      "(flat = sampling and bookkeeping do not grow with history); the whole increment and the eval "

@@ -200,12 +200,13 @@ def summarise_group(args: argparse.Namespace, precision: str, seq: int, raw: dic
         sps = statistics.median(per_window)
         loaded = res["loaded"]
         if base == "a":
-            head, teacher = float(tokens), None
+            head, teacher, last = float(tokens), None, None
         else:
             n_new, n_replay = loaded["n_new"], loaded["n_replay"]
             head = n_new * max(1.0, p * m_new) + n_replay * max(1.0, p * m_replay)  # expected masked positions
             teacher = head if loaded["teacher"] else None
-        flops = step_flops(shape, batch, seq, head_positions=head, teacher_positions=teacher)
+            last = head if loaded["masked_last_layer"] else None
+        flops = step_flops(shape, batch, seq, head_positions=head, teacher_positions=teacher, last_layer_rows=last)
         model_rate = flops["total"] / sps
         entry = {"label": LABELS[base] + (" (compiled)" if "+compile" in c else ""),
                  "seconds_per_step": sps, "seconds_per_step_windows": per_window,
@@ -226,15 +227,19 @@ def summarise_group(args: argparse.Namespace, precision: str, seq: int, raw: dic
         if "profile" in res:
             entry["profile"] = res["profile"]
         configs[c] = entry
-    ratios: dict[str, float] = {}
-    if "a" in raw:
-        a_windows = [w["seconds"] / w["steps"] for w in raw["a"]["windows"]]
-        for c in raw:
-            if c != "a":  # paired per round: a's window time over c's in the same round
-                mine = [w["seconds"] / w["steps"] for w in raw[c]["windows"]]
-                ratios[f"{c}/a"] = statistics.median(x / y for x, y in zip(a_windows, mine))
     return {"precision": precision, "seq_len": seq, "batch": batch, "tokens_per_step": tokens,
-            "configs": configs, "ratios": ratios}
+            "configs": configs, "ratios": paired_ratios(raw, "seconds"),
+            # the same from process CPU seconds: a diagnostic for a busy machine, not the target
+            "cpu_ratios": paired_ratios(raw, "cpu_seconds")}
+
+
+def paired_ratios(raw: dict[str, Any], key: str) -> dict[str, float]:
+    """{"x/a": median over rounds of a's time per step over x's in the same round} for every x != a."""
+    if "a" not in raw:
+        return {}
+    per_step = {c: [w[key] / w["steps"] for w in res["windows"]] for c, res in raw.items()}
+    return {f"{c}/a": statistics.median(a / x for a, x in zip(per_step["a"], mine))
+            for c, mine in per_step.items() if c != "a"}
 
 
 def check_targets(args: argparse.Namespace, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -343,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scaling:
         import _scaling
 
-        say("[bold]scaling[/bold]: an increment with 1, 5 and 20 earlier increments (scratch:tiny)")
-        scaling = _scaling.run(threads=args.threads, say=say)
+        say("[bold]scaling[/bold]: an increment with 1, 5 and 20 earlier increments (scratch:tiny, 1 thread)")
+        scaling = _scaling.run(say=say)
 
     targets = check_targets(args, groups)
     result = {"benchmark": "train", "mode": "gpu" if args.gpu else "cpu",

@@ -33,6 +33,15 @@ def test_flops_count_what_the_docstring_says():
     kd = _flops.step_flops(TINY, b, t, head_positions=10, teacher_positions=10)
     assert kd["teacher"] == 2 * 2 * per_layer * b * t + attention + 2 * (32 * 32 + 32 * 100) * 10
     assert kd["total"] == kd["student"] + kd["teacher"]
+    # the last layer at 10 masked rows: k and v for all 64 tokens, the rest of the layer and attention for 10
+    kv = 2 * (32 * 32 + 32)
+    last = _flops.step_flops(TINY, b, t, head_positions=10, teacher_positions=10, last_layer_rows=10)
+    student_last = 6 * kv * b * t + 6 * (per_layer - kv) * 10 + 3 * 4 * 10 * t * 32
+    assert last["student"] == pytest.approx(6 * per_layer * b * t + 3 * attention / 2 + student_last
+                                            + 6 * (32 * 32 + 32 * 100) * 10)
+    teacher_last = 2 * kv * b * t + 2 * (per_layer - kv) * 10 + 4 * 10 * t * 32
+    assert last["teacher"] == pytest.approx(2 * per_layer * b * t + attention / 2 + teacher_last
+                                            + 2 * (32 * 32 + 32 * 100) * 10)
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
@@ -68,7 +77,8 @@ def test_summaries_pair_rounds_and_judge_gpu_targets():
     raw = {"a": {"windows": [_window(1.0), _window(2.0)], "load_avg": [0, 0], "loaded": {},
                  "final": {"peak_memory_bytes": 100}},
            "c": {"windows": [_window(0.5), _window(0.5)], "load_avg": [0, 0],
-                 "loaded": {"n_new": 96, "n_replay": 32, "teacher": True}, "final": {"peak_memory_bytes": 90}}}
+                 "loaded": {"n_new": 96, "n_replay": 32, "teacher": True, "masked_last_layer": True},
+                 "final": {"peak_memory_bytes": 90}}}
     g = bench_train.summarise_group(args, "bf16", 128, raw, data, TINY, peak=1e12)
     assert g["ratios"]["c/a"] == pytest.approx(3.0)  # median of 1/0.5 and 2/0.5, paired per round
     c = g["configs"]["c"]
