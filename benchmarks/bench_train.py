@@ -13,6 +13,10 @@ precision and thread count are used by all. The machine's large-matmul rate is m
 run, and each configuration's model FLOP/s is reported against it (formula in benchmarks/_flops.py).
 Prints a table and PASS/SHORT per target, writes JSON (default bench-results/train.json, or
 train-gpu.json with --gpu).
+
+On a machine busy with other jobs, two-thread processes lose a roughly fixed time per operator
+waiting for a descheduled partner thread, which weighs more on the configuration with less work per
+step: there ``--threads 1`` (and the paired CPU-seconds column) is the steadier comparison.
 """
 
 from __future__ import annotations
