@@ -13,17 +13,6 @@ from pathlib import Path
 from typing import Any
 
 
-def finite(obj: Any) -> Any:
-    """NaN and infinities -> None (standard JSON)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def _num(x: float | None, digits: int = 2, signed: bool = False) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"

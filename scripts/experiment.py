@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _experiment_report as report  # noqa: E402
 
-from incr_cli.evaluate import evaluate, lineage_of  # noqa: E402
+from incr_cli.evaluate import evaluate, finite_json, lineage_of  # noqa: E402
 from incr_cli.ingest import ingest  # noqa: E402
 from incr_cli.metrics import summarize  # noqa: E402
 from incr_cli.models import init_workspace  # noqa: E402
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"settings": settings, "strategies": results}
-    (args.out_dir / "experiment.json").write_text(json.dumps(report.finite(doc), indent=2) + "\n", encoding="utf-8")
+    (args.out_dir / "experiment.json").write_text(json.dumps(finite_json(doc), indent=2) + "\n", encoding="utf-8")
     (args.out_dir / "experiment.md").write_text(report.markdown(doc), encoding="utf-8")
     report.plot(doc, args.out_dir / "experiment.png")
     log.log(f"wrote {args.out_dir / 'experiment.md'}, experiment.png and experiment.json "
