@@ -11,6 +11,7 @@ import typer
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
 from incr_cli.errors import GateRejected
 from incr_cli.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
+from incr_cli.report import fmt
 from incr_cli.reporting import Quiet
 from incr_cli.workspace import Workspace
 
@@ -105,9 +106,10 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
             continue
         b, a = before.get(inc, {}), after[inc]
         change = (a["perplexity"] / b["perplexity"] - 1) if b.get("perplexity") and a.get("perplexity") else None
-        rows.append([inc, "new" if inc in new else "earlier", _num(b.get("perplexity")), _num(a.get("perplexity")),
+        rows.append([inc, "new" if inc in new else "earlier",
+                     fmt("perplexity", b.get("perplexity")), fmt("perplexity", a.get("perplexity")),
                      "-" if change is None else f"{change:+.1%}",
-                     f"{_pct(b.get('accuracy'))} -> {_pct(a.get('accuracy'))}"])
+                     f"{fmt('accuracy', b.get('accuracy'))} -> {fmt('accuracy', a.get('accuracy'))}"])
     out.table(f"{metrics['version']} vs {metrics['parent']}: held-out perplexity",
               ["increment", "data", "before", "after", "change", "accuracy"], rows)
     gate = metrics["gate"]
@@ -118,12 +120,8 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
     tps = metrics.get("tokens_per_second")
     out.log(f"{metrics['steps']} steps, {metrics['tokens']:,} tokens in {metrics['train_seconds']:.1f} s"
             + (f" ({tps:,.0f} tokens/s)" if tps else "") + f" on {metrics['device']} ({metrics['precision']}), "
-            f"{metrics['trainable_parameters']:,} trainable parameters; final loss {_num(metrics['loss']['total'])}")
+            f"{metrics['trainable_parameters']:,} trainable parameters; final loss {_loss(metrics['loss']['total'])}")
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else (f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}")
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
