@@ -34,9 +34,7 @@ from safetensors.torch import load_model, save_model
 
 from incr_cli.errors import IntegrityError
 from incr_cli.faults import fault_point
-from incr_cli.workspace import Workspace, atomic_write_text, fsync_dir, fsync_tree
-
-POINTER = "CURRENT"
+from incr_cli.workspace import RESUME_POINTER, Workspace, atomic_write_text, fsync_dir, fsync_tree
 
 
 def resume_key(fields: dict[str, Any]) -> str:
@@ -89,7 +87,7 @@ class ResumeStore:
     def current(self) -> Path | None:
         """The last complete state folder, or None."""
         try:
-            name = (self.root / POINTER).read_text(encoding="utf-8").strip()
+            name = (self.root / RESUME_POINTER).read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
         folder = self.root / name
@@ -113,7 +111,7 @@ class ResumeStore:
         self.barrier()
         if self.rank == 0:
             fsync_tree(folder)
-            atomic_write_text(self.root / POINTER, folder.name + "\n")
+            atomic_write_text(self.root / RESUME_POINTER, folder.name + "\n")
             for old in self.root.glob("state-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)

@@ -41,6 +41,7 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 INCREMENT_RE = re.compile(r"^d(\d{4,})-([A-Za-z0-9][A-Za-z0-9._-]*)$")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".incr.lock"
+RESUME_POINTER = "CURRENT"  # staging/resume/KEY/CURRENT names the last complete state-NNNNNNNN folder
 
 
 def now_iso() -> str:
@@ -289,6 +290,34 @@ class Workspace:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(tmp.name)
         return removed
+
+    def resume_states(self) -> list[dict[str, Any]]:
+        """The resumable states of interrupted runs (``staging/resume/KEY``), oldest run first.
+
+        Each: key, path, bytes, and what the run's ``meta.json`` says (parent, new, steps, step
+        reached); a state whose pointer or meta cannot be read is listed with ``step`` None.
+        """
+        root = self.staging / "resume"
+        states = []
+        for folder in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
+            if not folder.is_dir():
+                continue
+            entry: dict[str, Any] = {"key": folder.name, "path": str(folder), "parent": None, "new": [],
+                                     "steps": None, "step": None,
+                                     "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
+            try:
+                current = (folder / RESUME_POINTER).read_text(encoding="utf-8").strip()
+                meta = json.loads((folder / current / "meta.json").read_text(encoding="utf-8"))
+                entry.update(parent=meta.get("parent"), new=list(meta.get("new") or []), steps=meta.get("steps"),
+                             step=int(current.removeprefix("state-")))
+            except (OSError, ValueError):
+                pass
+            states.append(entry)
+        return states
+
+    def remove_resume_state(self, key: str) -> None:
+        """Remove one run's resumable state (call while holding the lock)."""
+        shutil.rmtree(self.staging / "resume" / key, ignore_errors=True)
 
     # versions
     def versions(self) -> list[str]:

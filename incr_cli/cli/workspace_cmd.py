@@ -63,6 +63,11 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
         out.table("increments", ["increment", "state", "train seqs", "held-out seqs", "train tokens", "created"], incs)
     pending = report["pending"]
     out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
+    for state in report["resume_states"]:
+        at = "unreadable" if state["step"] is None else f"step {state['step']} of {state['steps']}"
+        out.warn(f"an interrupted run from {state['parent'] or '?'} ({', '.join(state['new']) or '?'}, {at}) left "
+                 f"{_human_bytes(state['bytes'])} of resumable state in {state['path']}: rerun the same "
+                 "train-increment to resume it; a version from that parent removes it")
     if report["staging_leftovers"]:
         out.warn(f"{len(report['staging_leftovers'])} temporary folders left by interrupted writers in "
                  f"{workspace}/staging (removed by the next writing command)")
@@ -128,7 +133,7 @@ def workspace_status(ws: Workspace) -> dict:
         increments.append(entry)
     leftovers = sorted(p.name for p in ws.staging.glob("tmp-*")) if ws.staging.is_dir() else []
     return {"workspace": str(ws.root), "latest": latest, "versions": versions, "increments": increments,
-            "pending": pending, "staging_leftovers": leftovers}
+            "pending": pending, "staging_leftovers": leftovers, "resume_states": ws.resume_states()}
 
 
 def verify_workspace(ws: Workspace, *, all_versions: bool = False) -> dict:
