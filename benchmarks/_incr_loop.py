@@ -33,9 +33,10 @@ def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
     from incr_cli import distributed
     from incr_cli.data import IncrementShards, split_batch_size
     from incr_cli.evaluate import tokenizer_inputs
+    from incr_cli.plan import IncrementPlan
     from incr_cli.recipe import build_recipe
     from incr_cli.reporting import Quiet
-    from incr_cli.train import IncrementPlan, TrainState, build_run, train_step
+    from incr_cli.step import TrainState, build_run, train_step
 
     recipe = build_recipe({}, "bench", incr_overrides(spec, driver.total_steps))
     tokenizer = load_tokenizer(spec)

@@ -77,8 +77,9 @@ def build_history(root: Path, k: int, *, threads: int, steps: int) -> Any:
 def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> dict[str, Any]:
     """Train the pending increment in a fresh copy of ``pristine``, then score the new version's row."""
     from incr_cli.evaluate import evaluate
+    from incr_cli.plan import plan_increment
     from incr_cli.recipe import build_recipe
-    from incr_cli.train import plan_increment, train_increment
+    from incr_cli.train import train_increment
     from incr_cli.workspace import Workspace
 
     shutil.copytree(pristine, copy)

@@ -44,8 +44,8 @@ from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import Workspace
 
-if TYPE_CHECKING:  # train.py imports this module; only the type is needed here
-    from incr_cli.train import MicroOutputs
+if TYPE_CHECKING:  # only the type is needed here
+    from incr_cli.step import MicroOutputs
 
 FISHER_FILE = "fisher.safetensors"
 

@@ -79,3 +79,19 @@ def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool =
 def tiny_model_dir(tmp_path: Path) -> Path:
     """A local model dir with a tiny BertForMaskedLM (hidden 32, 2 layers) and the scratch tokenizer."""
     return write_tiny_model_dir(tmp_path / "tiny-model")
+
+
+@pytest.fixture
+def one_pending(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """scratch:tiny at v0000 with one ingested, pending increment (a copy of a cached template)."""
+    from tests.helpers_train import copy_workspace, template
+
+    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+
+
+@pytest.fixture
+def two_increments(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """v0001 trained on a first increment, a second one pending (a copy of a cached template)."""
+    from tests.helpers_train import copy_workspace, template
+
+    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")

@@ -125,3 +125,14 @@ def template(tmp_path_factory, kind: str) -> Path:
     (root / ".incr.lock").unlink(missing_ok=True)
     _TEMPLATES[kind] = root
     return root
+
+
+def tiny_model(seed: int = 0):
+    """A BertForMaskedLM for the tiny vocabulary (3000 ids; hidden 32, 2 layers, no dropout)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=0)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)

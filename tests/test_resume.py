@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from incr_cli.checkpointing import ResumeStore, capture_rng, restore_rng
 from incr_cli.cli.app import app
+from incr_cli.plan import plan_increment, run_key
 from incr_cli.recipe import load_recipe
-from incr_cli.train import plan_increment, run_key
 from incr_cli.workspace import Workspace
 from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
 
@@ -30,8 +30,8 @@ def cli(ws: Workspace, *args: str):
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+def ws(two_increments) -> Workspace:
+    return two_increments
 
 
 _REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
@@ -154,3 +154,23 @@ def test_failure_before_latest_moves_is_finished_by_the_rerun(ws, uninterrupted,
     assert "already trained" in result.output
     assert ws.versions() == ["v0000", "v0001", "v0002"] and ws.latest() == "v0002"
     assert_same_weights(weights(ws, "v0002"), uninterrupted)
+
+
+def test_a_changed_command_leaves_the_old_state_then_removes_it_with_its_version(ws, monkeypatch):
+    """State left by an interrupted run is listed by status; a run with another recipe from the same
+    parent says it starts afresh, and once it writes its version the stale state is gone."""
+    monkeypatch.setenv("INCR_FAULT", "train.step@3:term")
+    assert cli(ws).exit_code == 143
+    monkeypatch.delenv("INCR_FAULT")
+    (left,) = ws.resume_states()
+    assert (left["parent"], left["step"], left["steps"]) == ("v0001", 3, 6) and left["bytes"] > 0
+
+    status = runner.invoke(app, ["status", str(ws.root), "--json"])
+    assert json.loads(status.stdout)["resume_states"][0]["key"] == left["key"]
+    plain = runner.invoke(app, ["status", str(ws.root)])
+    assert "step 3 of 6" in plain.output and left["key"] in plain.output
+
+    result = cli(ws, "train.lr=1e-4")  # another key: must not resume the old state
+    assert result.exit_code == 0, result.output
+    assert "starts afresh" in result.output and "resuming" not in result.output
+    assert ws.latest() == "v0002" and ws.resume_states() == []

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load
-from transformers import BertConfig, BertForMaskedLM
 from typer.testing import CliRunner
 
 from incr_cli import strategies
@@ -18,9 +17,11 @@ from incr_cli.distributed import DistContext
 from incr_cli.evaluate import tokenizer_inputs
 from incr_cli.masking import mask_batch
 from incr_cli.models import load_version
+from incr_cli.plan import IncrementPlan
 from incr_cli.recipe import PRESETS, build_recipe, load_recipe
 from incr_cli.reporting import Quiet
-from incr_cli.train import IncrementPlan, TrainState, build_run, train_increment, train_step
+from incr_cli.step import TrainState, build_run, train_step
+from incr_cli.train import train_increment
 from incr_cli.workspace import Workspace
 from tests.helpers_train import (
     _ingest,
@@ -29,7 +30,7 @@ from tests.helpers_train import (
     excerpt,
     reset_faults,
     tagged_rows,
-    template,
+    tiny_model,
     weights,
     write_increment,
 )
@@ -40,14 +41,6 @@ CPU = torch.device("cpu")
 TOK_INPUTS = {"special_ids": torch.tensor([0, 1, 2, 3, 4]), "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0,
               "word_starts": None}
 ALL = ["naive", "replay", "distill", "replay+distill", "ewc", "joint"]
-
-
-def tiny_model(seed: int = 0) -> BertForMaskedLM:
-    config = BertConfig(vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=0)
-    torch.manual_seed(seed)
-    return BertForMaskedLM(config)
 
 
 def hand_increment(tmp_path, tag: int = 11, rows: int = 40):
@@ -203,16 +196,6 @@ def test_fisher_file_round_trips_with_its_metadata(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ewc and joint increments
-
-
-@pytest.fixture
-def one_pending(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
-
-
-@pytest.fixture
-def two_increments(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
 
 
 def run_increment(ws: Workspace, *overrides: str, parent: str | None = None) -> tuple[object, list[str]]:

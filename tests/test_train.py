@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForMaskedLM
 from typer.testing import CliRunner
 
-from incr_cli import train as train_mod
+from incr_cli import step as step_mod
 from incr_cli.cli.app import app
 from incr_cli.data import open_increment
 from incr_cli.distributed import DistContext
+from incr_cli.plan import IncrementPlan, plan_increment
 from incr_cli.recipe import build_recipe, load_recipe
 from incr_cli.reporting import Quiet
-from incr_cli.train import IncrementPlan, TrainState, build_run, gate_checks, plan_increment, train_step
+from incr_cli.step import TrainState, build_run, train_step
+from incr_cli.train import gate_checks
 from incr_cli.workspace import Workspace
 from tests.helpers_train import (
-    copy_workspace,
     reset_faults,
     tagged_rows,
-    template,
+    tiny_model,
     weights,
     write_increment,
 )
@@ -40,28 +40,10 @@ def cli(*args: object):
     return runner.invoke(app, ["train-increment", *map(str, args)])
 
 
-@pytest.fixture
-def one_pending(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
-
-
-@pytest.fixture
-def two_increments(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
-
-
 # ----------------------------------------------------------------------------- the loop against references
 
 T = 16
 SPECIALS = torch.tensor([0, 1, 2, 3, 4])  # [PAD] [UNK] [CLS] [SEP] [MASK] of the tiny vocabulary
-
-
-def tiny_model(seed: int = 0) -> BertForMaskedLM:
-    config = BertConfig(vocab_size=3000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pad_token_id=0)
-    torch.manual_seed(seed)
-    return BertForMaskedLM(config)
 
 
 def loop_run(tmp_path, recipe_data: dict, *, replay: bool = False, steps: int = 3):
@@ -86,14 +68,14 @@ def loop_run(tmp_path, recipe_data: dict, *, replay: bool = False, steps: int = 
 @pytest.fixture
 def recorded_masks(monkeypatch):
     masks = []
-    real = train_mod.mask_batch
+    real = step_mod.mask_batch
 
     def recording(ids, *args, **kwargs):
         out = real(ids, *args, **kwargs)
         masks.append((ids.clone(), out))
         return out
 
-    monkeypatch.setattr(train_mod, "mask_batch", recording)
+    monkeypatch.setattr(step_mod, "mask_batch", recording)
     return masks
 
 
