@@ -41,7 +41,9 @@ from incr_cli.workspace import (
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_VOCAB = ASSETS / "tiny-vocab.txt"
-SCRATCH_SEED = 0  # scratch weights are a pure function of the preset (and this seed)
+# Weights a base does not supply (a scratch preset, a missing MLM head) are drawn from a private RNG
+# stream with this seed: `init` of the same base gives the same v0000 every time.
+INIT_SEED = 0
 
 # From-scratch presets: BertConfig keys. vocab_size comes from the shipped vocabulary.
 SCRATCH_PRESETS: dict[str, dict[str, int]] = {
@@ -172,9 +174,9 @@ def _scratch(source: str, recipe: Recipe) -> LoadedBase:
     config._attn_implementation = recipe.model.attn_implementation
     # A private RNG stream: the weights depend on the preset only, and the caller's RNG is untouched.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SCRATCH_SEED)
+        torch.manual_seed(INIT_SEED)
         model = BertForMaskedLM(config)
-    info = {"kind": "scratch", "spec": source, "preset": preset, "seed": SCRATCH_SEED,
+    info = {"kind": "scratch", "spec": source, "preset": preset, "seed": INIT_SEED,
             "vocab": TINY_VOCAB.name, "config": dict(SCRATCH_PRESETS[preset])}
     return LoadedBase(model, tokenizer, info, head_initialised=True)
 
@@ -211,7 +213,9 @@ def _weights_choice(folder: Path, allow_pickle: bool, reporter: Reporter, where:
 def _from_pretrained(ref: str, recipe: Recipe, use_safetensors: bool | None, **kwargs: Any) -> tuple[Any, dict]:
     from transformers import AutoModelForMaskedLM
 
-    with quiet_transformers():
+    # Weights missing from the checkpoint (MiniLM ships without an MLM head) are initialised here.
+    with quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
         model, info = AutoModelForMaskedLM.from_pretrained(
             ref, output_loading_info=True, use_safetensors=use_safetensors,
             attn_implementation=recipe.model.attn_implementation,
@@ -438,7 +442,7 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
             manifest = {"version": "v0000", "parent": None, "source": loaded.source_info,
                         "head_initialised": loaded.head_initialised, "trained_on": [], "new": [], "replay": [],
                         "status": "base", "promoted": True, "recipe": recipe_to_dict(recipe),
-                        "seeds": {"init": SCRATCH_SEED} if loaded.source_info["kind"] == "scratch" else {},
+                        "seeds": {"init": INIT_SEED} if loaded.head_initialised else {},
                         "software": software_versions(), "device": "cpu"}
             sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest)
             fault_point("init.latest")

@@ -80,6 +80,23 @@ def test_local_dir_without_mlm_head_initialises_it(tiny_recipe, tmp_path, capfd)
     assert "LOAD REPORT" not in captured.out + captured.err  # transformers' report is silenced
 
 
+def test_a_missing_head_is_initialised_from_a_fixed_seed(tiny_recipe, tmp_path):
+    """Two inits of one headless base give the same head (the experiment's table depends on it),
+    and the caller's RNG stream is left where it was."""
+    folder = write_tiny_model_dir(tmp_path / "encoder", with_head=False)
+    torch.manual_seed(123)
+    first = resolve_base(str(folder), tiny_recipe).model.state_dict()
+    after_first = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(7)  # the global stream elsewhere: must not change the head
+    second = resolve_base(str(folder), tiny_recipe).model.state_dict()
+    head = [k for k in first if k.startswith("cls.predictions")]
+    assert head and all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(123)
+    resolve_base(str(folder), tiny_recipe)
+    assert torch.equal(torch.rand(1), after_first)
+
+
 def test_pickle_weights_refused_unless_allowed(tiny_recipe, tmp_path):
     folder = write_tiny_model_dir(tmp_path / "pickled", pickle=True)
     with pytest.raises(UsageError, match="allow-pickle"):
