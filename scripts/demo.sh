@@ -5,8 +5,8 @@
 set -euo pipefail
 INCR=${INCR:-.venv/bin/incr}
 OUT=${DEMO_DIR:-demo-workspace}
-STEPS1=${DEMO_STEPS1:-100}   # increment 1: train the MLM head + encoder on Austen
-STEPS2=${DEMO_STEPS2:-60}    # increment 2: the Python docs
+STEPS1=${DEMO_STEPS1:-80}    # increment 1: train the MLM head + encoder on Austen
+STEPS2=${DEMO_STEPS2:-50}    # increment 2: the Python docs
 # Extra recipe overrides for every train-increment, e.g. DEMO_OVERRIDES="runtime.num_threads=1" on a busy machine.
 WS=$OUT/minilm
 NAIVE=$OUT/minilm-naive
