@@ -34,3 +34,13 @@ def test_readme_lists_every_exit_code():
 
 def test_readme_shows_the_two_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_readme_experiment_tables_are_the_committed_results():
+    """The tables the README discusses are the ones `make experiment` wrote to results/."""
+    results = (ROOT / "results" / "experiment.md").read_text(encoding="utf-8")
+    rows = [line for line in results.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert len(rows) >= 14  # two tables: a header and six strategies each
+    block = README[README.index("### The forgetting experiment"):README.index("<!-- strategies:end -->")]
+    missing = [row for row in rows if row not in block.splitlines()]
+    assert not missing, f"README's experiment tables differ from results/experiment.md: {missing[:2]}"
