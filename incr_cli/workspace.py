@@ -51,6 +51,11 @@ def now_iso() -> str:
 # ----------------------------------------------------------------------------- atomic file helpers
 
 
+def folder_bytes(folder: Path) -> int:
+    """The size of every file under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -304,7 +309,7 @@ class Workspace:
                 continue
             entry: dict[str, Any] = {"key": folder.name, "path": str(folder), "parent": None, "new": [],
                                      "steps": None, "step": None,
-                                     "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())}
+                                     "bytes": folder_bytes(folder)}
             try:
                 current = (folder / RESUME_POINTER).read_text(encoding="utf-8").strip()
                 meta = json.loads((folder / current / "meta.json").read_text(encoding="utf-8"))

@@ -10,7 +10,7 @@ import typer
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
 from incr_cli.errors import IncrError, IntegrityError
 from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.workspace import Workspace, folder_bytes
 
 WorkspaceArg = Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)]
 
@@ -108,7 +108,7 @@ def workspace_status(ws: Workspace) -> dict:
     for version in ws.versions():
         folder = ws.version_dir(version)
         entry = {"version": version, "parent": None, "status": "unreadable", "promoted": False, "trained_on": 0,
-                 "new": [], "size_bytes": _folder_bytes(folder), "created": None, "head_initialised": None,
+                 "new": [], "size_bytes": folder_bytes(folder), "created": None, "head_initialised": None,
                  "problem": None}
         try:
             manifest = ws.version_manifest(version)
@@ -123,7 +123,7 @@ def workspace_status(ws: Workspace) -> dict:
     increments = []
     for inc in ws.increments():
         entry = {"id": inc, "pending": inc in pending, "sequences": {}, "tokens": {}, "created": None,
-                 "size_bytes": _folder_bytes(ws.increment_dir(inc)), "problem": None}
+                 "size_bytes": folder_bytes(ws.increment_dir(inc)), "problem": None}
         try:
             manifest = ws.increment_manifest(inc)
             entry.update(sequences=dict(manifest.get("sequences") or {}), tokens=dict(manifest.get("tokens") or {}),
@@ -156,10 +156,6 @@ def verify_workspace(ws: Workspace, *, all_versions: bool = False) -> dict:
         except IncrError as exc:
             checked.append({"kind": kind, "id": name, "ok": False, "error": str(exc)})
     return {"workspace": str(ws.root), "ok": all(c["ok"] for c in checked), "checked": checked}
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _human_bytes(n: int) -> str:
