@@ -80,7 +80,7 @@ class ResumeStore:
 
     def __init__(self, ws: Workspace, key: str, *, rank: int = 0,
                  barrier: Callable[[], None] = lambda: None):
-        self.root = ws.staging / "resume" / key
+        self.root = ws.resume_dir / key
         self.rank = rank
         self.barrier = barrier
 

@@ -358,7 +358,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     models.save_version(ws, version, run.model, tokenizer, manifest, extra)
     store.clear()
     for other in _superseded_states(ws, plan, key):
-        ws.remove_resume_state(other["key"])
+        ResumeStore(ws, other["key"]).clear()
     if passed:
         fault_point("train.latest_update")
         ws.set_latest(version)

@@ -233,6 +233,11 @@ class Workspace:
         return self.root / "staging"
 
     @property
+    def resume_dir(self) -> Path:
+        """``staging/resume``: one folder per interrupted run, named by its run key."""
+        return self.staging / "resume"
+
+    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
@@ -302,7 +307,7 @@ class Workspace:
         Each: key, path, bytes, and what the run's ``meta.json`` says (parent, new, steps, step
         reached); a state whose pointer or meta cannot be read is listed with ``step`` None.
         """
-        root = self.staging / "resume"
+        root = self.resume_dir
         states = []
         for folder in sorted(root.iterdir(), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
             if not folder.is_dir():
@@ -319,10 +324,6 @@ class Workspace:
                 pass
             states.append(entry)
         return states
-
-    def remove_resume_state(self, key: str) -> None:
-        """Remove one run's resumable state (call while holding the lock)."""
-        shutil.rmtree(self.staging / "resume" / key, ignore_errors=True)
 
     # versions
     def versions(self) -> list[str]:
