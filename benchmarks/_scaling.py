@@ -82,8 +82,7 @@ def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> d
     from incr_cli.train import train_increment
     from incr_cli.workspace import Workspace
 
-    shutil.copytree(pristine, copy)
-    ws = Workspace(copy)
+    ws = Workspace(pristine).copy_to(copy)
     recipe = build_recipe({}, "bench-scaling", _overrides(threads, steps))
     with ws.lock("bench"):
         plan = plan_increment(ws, recipe)

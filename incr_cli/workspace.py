@@ -292,6 +292,18 @@ class Workspace:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def copy_to(self, dest: Path | str) -> Workspace:
+        """A copy of this workspace at ``dest`` (a branch of the model line to try something on).
+
+        Everything but the lock file and ``staging/``: its temporary folders and resumable states
+        belong to this workspace's runs, and its verify cache names this workspace's paths.
+        """
+        dest = Path(dest)
+        top = os.path.realpath(self.root)
+        shutil.copytree(self.root, dest, ignore=lambda folder, names: [
+            n for n in names if os.path.realpath(folder) == top and n in (LOCK_FILE, "staging")])
+        return Workspace.open(dest)
+
     def clean_staging(self) -> list[str]:
         """Remove temporary folders left by killed writers (call while holding the lock)."""
         removed = []

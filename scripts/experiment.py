@@ -144,17 +144,10 @@ def train(ws: Workspace, recipe: Recipe, log: Log) -> tuple[str, float]:
     return result.version, seconds
 
 
-def copy_workspace(source: Path, dest: Path) -> Workspace:
-    shutil.copytree(source, dest)
-    (dest / ".incr.lock").unlink(missing_ok=True)
-    shutil.rmtree(dest / "staging", ignore_errors=True)
-    return Workspace.open(dest)
-
-
 def run_strategy(name: str, shared: Path, work: Path, third: tuple[str, Path], recipe_for: Any,
                  steps: int, log: Log) -> dict[str, Any]:
     """Increments 2 and 3 of one strategy in its own copy of the shared state."""
-    ws = copy_workspace(shared, work / name.replace("+", "-"))
+    ws = Workspace(shared).copy_to(work / name.replace("+", "-"))
     seconds = []
     for i in (2, 3):
         if i == 3:

@@ -5,7 +5,6 @@ Everything is built offline from a config; no test touches the network.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -46,11 +45,7 @@ def _tiny_workspace_template(tmp_path_factory: pytest.TempPathFactory, tiny_reci
 @pytest.fixture
 def tiny_workspace(tmp_path: Path, _tiny_workspace_template: Path) -> Workspace:
     """A fresh workspace (copy of one initialised from scratch:tiny with cpu-tiny): LATEST = v0000."""
-    root = tmp_path / "ws"
-    shutil.copytree(_tiny_workspace_template, root)
-    (root / ".incr.lock").unlink(missing_ok=True)
-    shutil.rmtree(root / "staging", ignore_errors=True)  # the template's verify cache names its own paths
-    return Workspace.open(root)
+    return Workspace(_tiny_workspace_template).copy_to(tmp_path / "ws")
 
 
 def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool = False, seed: int = 0) -> Path:

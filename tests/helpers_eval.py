@@ -89,10 +89,9 @@ def quick_recipe(recipe):
 
 
 def copy_workspace(template: Path, dest: Path) -> Workspace:
-    shutil.copytree(template, dest)
-    shutil.rmtree(dest / "staging", ignore_errors=True)  # the verify cache names the template's paths
-    shutil.rmtree(dest / "eval", ignore_errors=True)
-    return Workspace.open(dest)
+    ws = Workspace(template).copy_to(dest)
+    shutil.rmtree(ws.eval_dir, ignore_errors=True)  # no scores cached by the template's runs
+    return ws
 
 
 @pytest.fixture(scope="session")

@@ -59,10 +59,7 @@ def excerpt(samples_name: str, lines: slice, folder: Path) -> Path:
 
 
 def copy_workspace(template: Path, dest: Path) -> Workspace:
-    shutil.copytree(template, dest)
-    (dest / ".incr.lock").unlink(missing_ok=True)
-    shutil.rmtree(dest / "staging", ignore_errors=True)
-    return Workspace.open(dest)
+    return Workspace(template).copy_to(dest)
 
 
 def weights(ws: Workspace, version: str) -> dict[str, torch.Tensor]:
@@ -114,8 +111,7 @@ def template(tmp_path_factory, kind: str) -> Path:
         init_workspace(root, "scratch:tiny", load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))
         _ingest(Workspace.open(root), excerpt("austen.txt", slice(0, 400), texts), "austen")
     elif kind == "two_increments":
-        shutil.copytree(template(tmp_path_factory, "one_pending"), root)
-        ws = Workspace.open(root)
+        ws = Workspace(template(tmp_path_factory, "one_pending")).copy_to(root)
         with ws.lock("train-increment"):
             train_increment(ws, load_recipe(ws.recipe_path, ["train.steps=4"]))
         _ingest(ws, excerpt("fortunes.txt", slice(0, 400), texts), "fortunes")

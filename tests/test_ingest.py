@@ -82,12 +82,7 @@ def unpack(rows: np.ndarray, m: dict) -> list[tuple[int, ...]]:
 
 def fresh_workspace(template: Path, root: Path) -> Workspace:
     """A copy of the session's scratch:tiny workspace (like the tiny_workspace fixture) at ``root``."""
-    import shutil
-
-    shutil.copytree(template, root)
-    (root / ".incr.lock").unlink(missing_ok=True)
-    shutil.rmtree(root / "staging", ignore_errors=True)
-    return Workspace.open(root)
+    return Workspace(template).copy_to(root)
 
 
 def index_rows(ws: Workspace) -> dict[str, int]:

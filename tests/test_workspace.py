@@ -173,3 +173,18 @@ def test_missing_latest_points_at_the_intact_versions_not_at_init(tiny_workspace
     tiny_workspace.latest_path.unlink()
     with pytest.raises(IntegrityError, match="LATEST: missing.*v0000"):
         Workspace.open(tiny_workspace.root)
+
+
+def test_copy_to_takes_the_model_line_but_not_the_lock_or_staging(tiny_workspace, tmp_path):
+    ws = tiny_workspace
+    ws.verify_version("v0000")  # fills staging/verify-cache.json
+    (ws.resume_dir / "somekey").mkdir(parents=True)
+    with ws.lock("test"):
+        copy = ws.copy_to(tmp_path / "copy")
+    assert copy.latest() == ws.latest() == "v0000" and copy.versions() == ws.versions()
+    copy.verify_folder(copy.version_dir("v0000"), use_cache=False)
+    assert copy.recipe_path.read_text() == ws.recipe_path.read_text()
+    assert not (copy.root / ".incr.lock").exists() and not copy.staging.exists()
+    assert (ws.resume_dir / "somekey").is_dir()  # the source is untouched
+    with copy.lock("test"):  # the copy is a workspace of its own
+        pass
