@@ -42,6 +42,8 @@ import _data  # noqa: E402
 import _report  # noqa: E402
 from _flops import FORMULA, ModelShape, best_rates, known_gpu_peak, machine_rates, step_flops  # noqa: E402
 
+from incr_cli.device import cpu_has_bf16_matmul  # noqa: E402
+
 PREFIX = "@@bench "
 LABELS = {"a": "HF Trainer", "b": "incr MLM", "c": "incr KD+replay"}
 MINILM = ModelShape(layers=6, hidden=384, heads=12, intermediate=1536, vocab=30522)
@@ -275,8 +277,6 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    from incr_cli.device import cpu_has_bf16_matmul
-
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -295,23 +295,9 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from rich.console import Console
-
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    say = console.print
-    import torch
-
-    from incr_cli.device import cpu_has_bf16_matmul
-
-    if args.gpu and not torch.cuda.is_available():
-        say("[red]--gpu: no CUDA device is available[/red]")
-        return 2
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args)
-    skipped = []
-    precisions = list(args.precisions)
+def precisions_to_run(args: argparse.Namespace, say: Any = print) -> tuple[list[str], list[dict]]:
+    """The precisions to measure, and those skipped with why: `auto` drops bf16 on CPUs without bf16 units."""
+    precisions, skipped = list(args.precisions), []
     if not args.gpu and "bf16" in precisions and not cpu_has_bf16_matmul():
         reason = ("this CPU has no bf16 matrix instructions (no AMX / AVX512-BF16): bf16 matmuls are emulated, "
                   "hundreds of times slower than fp32 here (see the matmul rates)")
@@ -321,6 +307,23 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[yellow]bf16 skipped: {reason}[/yellow]")
         else:
             say(f"[yellow]bf16 measured anyway, but emulated: {reason}[/yellow]")
+    return precisions, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    say = console.print
+    import torch
+
+    if args.gpu and not torch.cuda.is_available():
+        say("[red]--gpu: no CUDA device is available[/red]")
+        return 2
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args)
+    precisions, skipped = precisions_to_run(args, say)
 
     tok = _data.model_choice(quick=args.quick, gpu=args.gpu, cpu_shape=MINILM, gpu_shape=BERT_BASE)
     device = "cuda" if args.gpu else "cpu"

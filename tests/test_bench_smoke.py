@@ -91,18 +91,31 @@ def test_summaries_pair_rounds_and_judge_gpu_targets():
 
 @pytest.mark.slow
 def test_quick_run_writes_every_key(tmp_path):
+    # Both precisions asked for explicitly, so the same groups run on every CPU: bf16 autocast works on
+    # any x86-64 CPU (emulated where it has no bf16 units), and `auto` would drop bf16 on those.
     out = tmp_path / "train.json"
-    assert bench_train.main(["--quick", "--profile", "1", "--out", str(out)]) == 0
+    assert bench_train.main(["--quick", "--profile", "1", "--precision", "fp32,bf16", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["mode"] == "cpu" and result["flop_formula"] and result["machine"]["load_avg_end"]
     assert set(result["matmul"]) == {"fp32", "bf16"}
-    (group,) = result["groups"]
-    assert set(group["configs"]) == {"a", "b", "c"} and set(group["ratios"]) == {"b/a", "c/a"}
-    for config in group["configs"].values():
-        for key in ("seconds_per_step", "tokens_per_second", "peak_memory_bytes", "flops_per_step",
-                    "model_flops_per_s", "matmul_fraction", "profile"):
-            assert config[key], key
-    assert group["configs"]["c"]["details"]["teacher"] and group["configs"]["c"]["details"]["n_replay"] > 0
-    assert not group["configs"]["b"]["details"]["teacher"]
-    assert {t["target"].split(": ", 1)[1] for t in result["targets"]} >= {"b/a >= 2.5", "c/a >= 1.6",
-                                                                          "peak memory c <= a"}
+    assert [g["precision"] for g in result["groups"]] == ["fp32", "bf16"]
+    for group in result["groups"]:
+        assert set(group["configs"]) == {"a", "b", "c"} and set(group["ratios"]) == {"b/a", "c/a"}
+        for config in group["configs"].values():
+            for key in ("seconds_per_step", "tokens_per_second", "peak_memory_bytes", "flops_per_step",
+                        "model_flops_per_s", "matmul_fraction", "profile"):
+                assert config[key], (group["precision"], key)
+        assert group["configs"]["c"]["details"]["teacher"] and group["configs"]["c"]["details"]["n_replay"] > 0
+        assert not group["configs"]["b"]["details"]["teacher"]
+    wanted = {"b/a >= 2.5", "c/a >= 1.6", "peak memory c <= a"}
+    fp32_targets = {t["target"].split(": ", 1)[1] for t in result["targets"] if t["target"].startswith("fp32")}
+    assert fp32_targets >= wanted
+
+
+def test_auto_precision_drops_bf16_only_on_cpus_without_it(monkeypatch):
+    """`--precision auto` runs bf16 exactly when the CPU has bf16 matrix units: a stubbed flag decides."""
+    args = bench_train.parse_args(["--quick"])
+    for has_bf16, expected in ((True, ["fp32", "bf16"]), (False, ["fp32"])):
+        monkeypatch.setattr(bench_train, "cpu_has_bf16_matmul", lambda v=has_bf16: v)
+        precisions, skipped = bench_train.precisions_to_run(args)
+        assert precisions == expected and bool(skipped) == (not has_bf16)
