@@ -78,8 +78,7 @@ def model_choice(*, quick: bool, gpu: bool, cpu_shape: Any, gpu_shape: Any) -> d
     init otherwise; the speed is the same). GPU: the BERT-base shape, random init (no download).
     quick: a 2-layer, hidden-32 model on incr's tiny scratch vocabulary.
     """
-    from _flops import ModelShape
-
+    from incr_cli.flops import ModelShape
     from incr_cli.models import scratch_tokenizer
 
     folder = minilm_path()

@@ -10,7 +10,8 @@ configuration runs one window of ``--steps`` steps, the order rotating per round
 elsewhere on the machine hits every configuration alike; ratios are taken within a round, then the
 median over rounds. The same model shape, packed rows of real text, batch, sequence length,
 precision and thread count are used by all. The machine's large-matmul rate is measured in the same
-run, and each configuration's model FLOP/s is reported against it (formula in benchmarks/_flops.py).
+run, and each configuration's model FLOP/s is reported against it (formula in incr_cli/flops.py, which training's
+log lines use too).
 Prints a table and PASS/SHORT per target, writes JSON (default bench-results/train.json, or
 train-gpu.json with --gpu).
 
@@ -40,9 +41,10 @@ sys.path.insert(0, str(BENCH))
 
 import _data  # noqa: E402
 import _report  # noqa: E402
-from _flops import FORMULA, ModelShape, best_rates, known_gpu_peak, machine_rates, step_flops  # noqa: E402
+from _rates import best_rates, machine_rates  # noqa: E402
 
 from incr_cli.device import cpu_has_bf16_matmul  # noqa: E402
+from incr_cli.flops import FORMULA, ModelShape, known_gpu_peak, step_flops  # noqa: E402
 
 PREFIX = "@@bench "
 LABELS = {"a": "HF Trainer", "b": "incr MLM", "c": "incr KD+replay"}

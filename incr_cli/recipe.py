@@ -152,6 +152,17 @@ class EwcConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    sinks: list[str] = knob([], "Dashboards each increment is sent to (each an optional extra: pip install incr-cli[tensorboard,mlflow]); `--track` sets it.",
+                            choices=["tensorboard", "mlflow"])
+    tensorboard_dir: Optional[str] = knob(None, "TensorBoard log directory, one run per version under it (default WORKSPACE/tensorboard; relative paths are under the workspace).")
+    mlflow_uri: Optional[str] = knob(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKSPACE/mlflow.db).")
+    mlflow_experiment: str = knob("incr", "MLflow experiment holding one run per increment.")
+    registered_model: Optional[str] = knob(None, "Register each promoted version in MLflow's model registry under this name, alias `current` (null = no registration).")
+    flush_timeout: float = knob(60.0, "Seconds the command waits at its end for the sinks to finish sending (they never hold up training).", lo=0.0)
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,6 +175,7 @@ class Recipe:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ewc: EwcConfig = field(default_factory=EwcConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # What each strategy fixes. `replay+distill` uses the recipe's own alpha and ratio.
@@ -232,7 +244,11 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
     if typing.get_origin(inner) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return None, f"{path}: expected a list of strings, got {value!r}"
-        return list(value), None
+        unknown = [v for v in value if meta["choices"] and v not in meta["choices"]]
+        if unknown:
+            hint = _did_you_mean(unknown[0], meta["choices"])
+            return None, f"{path}: {unknown[0]!r} is not one of {', '.join(meta['choices'])}{hint}"
+        return list(dict.fromkeys(value)), None
     if inner is bool:
         if not isinstance(value, bool):
             return None, f"{path}: expected true or false, got {value!r}"

@@ -33,6 +33,7 @@ from incr_cli import distributed
 from incr_cli.data import BatchSampler, IncrementShards
 from incr_cli.errors import TrainingFailed, UsageError
 from incr_cli.faults import fault_value
+from incr_cli.flops import Meter, device_peak, model_shape
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
 from incr_cli.masking import mask_batch
@@ -170,6 +171,7 @@ class Run:
     steps: int
     ctx: distributed.DistContext
     ddp: nn.Module | None = None
+    meter: Meter | None = None  # model FLOPs and the device peak, for the log's MFU
 
     @property
     def model(self) -> nn.Module:
@@ -222,10 +224,12 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     t, dev = run.train, run.device
     generator = torch.Generator(device=dev)
     micros = []
+    rows = 0
     for m in range(t.grad_accum):  # mask the whole window first: the counts normalise every term
         batch = run.sampler.next_batch()
         ids_np = batch.input_ids  # (B, T) new rows first
         state.local_tokens_since_log += int((ids_np != run.pad_id).sum())
+        rows += ids_np.shape[0]
         ids = torch.from_numpy(ids_np)
         ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
         generator.manual_seed(_mask_seed(t.seed, run.ctx.rank, state.step, m))
@@ -277,8 +281,7 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
                           schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    if t.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], t.max_grad_norm)
+    grad_norm = _grad_norm([p for g in run.optimizer.param_groups for p in g["params"]], t.max_grad_norm)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -291,22 +294,53 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         state.window[name] = state.window.get(name, 0) + value
         if in_tail:
             state.tail[name] = state.tail.get(name, 0) + value
+    # For the log line only: the norm stays on the device, the counts are host numbers already read.
+    log_window = state.window
+    log_window["grad_norm"] = log_window.get("grad_norm", 0) + grad_norm.detach().float()
+    log_window["rows"] = log_window.get("rows", 0) + rows
+    log_window["seq"] = int(micros[0][0].input_ids.shape[1])
+    log_window["masked"] = log_window.get("masked", 0.0) + n_new + n_replay
     return total if check_loss else None
 
 
+def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The gradients' total 2-norm before clipping, a device scalar; clips to ``max_norm`` when > 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)  # returns the norm it computed
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one fused pass
+    if total_norm is not None:
+        return total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def log_line(run: Run, state: TrainState, seconds: float) -> dict[str, Any]:
-    """Read the window sums from the device (all ranks) and start a new window."""
-    names = [*run.term_names, "total"]
-    values = torch.stack([torch.as_tensor(state.window.get(n, 0.0), device=run.device, dtype=torch.float32)
-                          for n in names] + [torch.tensor(float(state.local_tokens_since_log), device=run.device)])
+    """Read the window sums from the device (all ranks, one read) and start a new window.
+
+    Losses and ``grad_norm`` (before clipping) are means over the window's steps; ``lr`` is the last
+    step's; ``mfu`` is the window's model FLOP/s over the device peak (None when unknown).
+    """
+    window = state.window
+    names = [*run.term_names, "total", "grad_norm"]
+    values = torch.stack([torch.as_tensor(window.get(n, 0.0), device=run.device, dtype=torch.float32)
+                          for n in names] + [torch.tensor(float(state.local_tokens_since_log), device=run.device),
+                                             torch.tensor(float(window.get("rows", 0)), device=run.device)])
     values = run.ctx.all_reduce_sum(values).tolist()
-    steps = max(1, state.window.get("steps", 1))
-    tokens = int(values[-1])
+    values[len(names) - 1] /= run.ctx.world_size  # every rank holds the same (all-reduced) gradients
+    steps = max(1, window.get("steps", 1))
+    tokens, rows = int(values[-2]), values[-1]
     state.tokens += tokens
-    line = {"step": state.step, **{n: values[i] / steps for i, n in enumerate(names)}, "lr": state.lr,
-            "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds > 0 else None}
+    line = {"step": state.step, **{n: _finite(values[i] / steps) for i, n in enumerate(names)}, "lr": state.lr,
+            "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds > 0 else None,
+            "mfu": run.meter.mfu(rows, window.get("seq", 0), window.get("masked", 0.0), seconds) if run.meter else None}
     state.window, state.local_tokens_since_log = {}, 0
     return line
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def tail_losses(run: Run, state: TrainState) -> dict[str, float | None]:
@@ -412,4 +446,19 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
               vocab_size=tok_inputs["vocab_size"], pad_id=int(new[0].pad_id),
               word_starts=word_starts.to(device) if word_starts is not None else None, device=device,
               precision=precision, steps=plan.steps, ctx=ctx, ddp=ddp)
+    if ctx.is_main:  # only rank 0 writes the log
+        run.meter = _meter(run, compiled=recipe.runtime.compile)
     return run, trainable
+
+
+def _meter(run: Run, *, compiled: bool) -> Meter | None:
+    """What this run computes per row (for the log's MFU); None for a model the FLOP formula does not know."""
+    shape = model_shape(run.model.config)
+    if shape is None:
+        return None
+    need_hidden = any(term.needs_hidden for term in run.terms)
+    peak, source = device_peak(run.device, run.precision)
+    return Meter(shape, teacher=run.teacher is not None,
+                 last_layer_masked=run.head.masked_last_layer and not need_hidden and not compiled,
+                 head_all_positions=run.head.kind == "full", peak_flops_per_s=peak, peak_source=source,
+                 devices=run.ctx.world_size)

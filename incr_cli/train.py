@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from incr_cli import device as devices
-from incr_cli import distributed, strategies
+from incr_cli import distributed, strategies, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
@@ -114,7 +114,8 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
             return finished
         if ctx.is_main:
             ws.clean_staging()
-        return _train(ws, recipe, plan, key, ctx, reporter)
+        with tracking.session(recipe.tracking, ws.root, reporter, enabled=ctx.is_main) as tracker:
+            return _train(ws, recipe, plan, key, ctx, reporter, tracker)
     finally:
         ctx.close()
 
@@ -182,7 +183,7 @@ def _check_tokenizer(shards: dict[str, IncrementShards], tokenizer_sha: str, par
 
 
 def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
-           reporter: Reporter) -> TrainResult:
+           reporter: Reporter, tracker: tracking.Tracker) -> TrainResult:
     from incr_cli import models
     from incr_cli.evaluate import tokenizer_inputs
 
@@ -229,6 +230,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         resumed_from = state.step
         reporter.log(f"resuming from step {state.step} of {plan.steps} ({store.current()})")
 
+    tracker.start(tracking.RunInfo(ws.next_version(), plan.parent, key, plan.new, recipe_to_dict(recipe)), state.log)
     per_step_check = device.type == "cpu" or bool(os.environ.get("INCR_FAULT"))
     meta = {"parent": plan.parent, "new": plan.new, "replay": plan.replay, "steps": plan.steps, "key": key}
     info = ""
@@ -263,6 +265,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                 line = log_line(run, state, state.train_seconds - seconds_at_log)
                 seconds_at_log = state.train_seconds
                 state.log.append(line)
+                tracker.step(line)
                 tps = line["tokens_per_second"]
                 info = f"loss {line['total']:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
             bar.advance(1, info)
@@ -287,6 +290,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     if ctx.is_main:
         result = _finish(ws, recipe, plan, key, run, state, shards, tok_inputs, tokenizer, trainable,
                          precision, started, resumed_from, store, losses)
+        tracker.finish(result.metrics, ws.version_dir(result.version))
     result = ctx.broadcast_object(result)
     if not result.promoted:
         checks = [c for c in result.metrics["gate"]["checks"] if not c["passed"]]
@@ -335,6 +339,8 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "peak_memory_bytes": devices.peak_memory_bytes(run.device),
+        "mfu_peak": {"flops_per_s": run.meter.peak_flops_per_s if run.meter else None,
+                     "source": run.meter.peak_source if run.meter else "unknown"},
         "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
         "trainable_parameters": trainable, "total_parameters": total_params,
         "loss": {k: _finite(v) for k, v in losses.items()},

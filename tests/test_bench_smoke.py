@@ -14,8 +14,9 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import _flops  # noqa: E402
 import bench_train  # noqa: E402
+
+from incr_cli import flops as _flops  # noqa: E402
 
 TINY = _flops.ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100)
 

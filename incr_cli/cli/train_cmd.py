@@ -28,6 +28,8 @@ def train_increment(
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
     parent: Annotated[str | None, typer.Option("--parent", help="Version to train from (default: LATEST).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the resolved recipe; train nothing.")] = False,
+    track: Annotated[str | None, typer.Option("--track", help="Dashboards, comma-separated: tensorboard, mlflow "
+                                              "(sets tracking.sinks; '' turns them off).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the increments not yet in the parent's lineage into a new version vNNNN.
@@ -37,6 +39,7 @@ def train_increment(
     after on every increment's held-out split and gated: promoted (LATEST moves, exit 0) or kept as
     rejected (exit 3). Nothing pending: "nothing to train", exit 0. Rerunning after a crash or
     Ctrl-C resumes from the saved state. Under torchrun it trains data-parallel; rank 0 writes.
+    With --track (or tracking.sinks) the run also goes to TensorBoard and/or MLflow.
     """
     from incr_cli import distributed
     from incr_cli.train import train_increment as run_training
@@ -44,7 +47,8 @@ def train_increment(
     main = distributed.env_rank() == 0
     out = Output(json_out)
     ws = Workspace.open(workspace)
-    resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
+    sinks = [] if track is None else [f"tracking.sinks=[{', '.join(t.strip() for t in track.split(',') if t.strip())}]"]
+    resolved = load_recipe(recipe or ws.recipe_path, [*(overrides or []), *sinks])
     reporter = out if main else Quiet()
     if dry_run:
         result = run_training(ws, resolved, parent=parent, reporter=reporter, dry_run=True)

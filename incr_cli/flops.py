@@ -1,4 +1,5 @@
-"""Model FLOPs of one training step, the hardware's large-matmul rate, and known GPU peaks.
+"""Model FLOPs of one training step, the hardware's large-matmul rate, known GPU peaks, and the
+model FLOP utilisation (MFU) of training windows. Used by training's log lines and by the benchmark.
 
 What is counted (matrix multiplications only; softmax, layer norm, GELU, losses and the optimizer
 are left out, as is usual for MFU), for what each configuration actually computes:
@@ -15,10 +16,15 @@ are left out, as is usual for MFU), for what each configuration actually compute
 - Teacher (frozen, forward only): the same with 2 in place of 6 and 1 in place of 3.
 
 tokens = B * T (packed rows, no padding).
+
+MFU = model FLOPs per second / the device's peak: the data-sheet dense bf16 peak for known GPUs
+(training at bf16), on CPU the large-matmul rate measured once per process at the run's precision,
+else unknown (None).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -135,28 +141,67 @@ def matmul_rate(dtype_name: str, size: int, repeats: int = 5, device: str = "cpu
     return {"flops_per_s": 2 * size**3 / best, "size": size, "seconds": best}
 
 
-def machine_rates(*, device: str, quick: bool, native_bf16: bool) -> dict[str, dict[str, float]]:
-    """Large-matmul FLOP/s at fp32 and bf16 on ``device``.
+# ----------------------------------------------------------------------------- training's MFU
 
-    CPU: 2048^3 best of 5 (256^3 with ``quick``). Without bf16 matrix instructions a 2048 bf16 matmul
-    takes about a minute, so bf16 is measured at 256 and flagged ``emulated``. CUDA: 8192^3 bf16,
-    10 back to back, best of 5; fp32 is not measured there (the GPU benchmark runs bf16 only).
+CPU_MATMUL_SIZE = 1024  # 2 GFLOP per matmul: tens of milliseconds on a few cores, measured once
+
+
+@dataclass(frozen=True)
+class Meter:
+    """What one training run computes per row and masked position, and the peak it is measured against."""
+
+    shape: ModelShape
+    teacher: bool  # a frozen teacher's forward runs on every row
+    last_layer_masked: bool  # the masked-only last layer (incr's MaskedLMHead on BERT / RoBERTa)
+    head_all_positions: bool  # the vocabulary head runs at every position (a model without the split head)
+    peak_flops_per_s: float | None  # per device; None = unknown
+    peak_source: str
+    devices: int = 1
+
+    def flops(self, rows: float, seq: int, masked: float) -> float:
+        """Model FLOPs of ``rows`` packed rows of length ``seq`` with ``masked`` masked positions (all steps)."""
+        head = rows * seq if self.head_all_positions else masked
+        return step_flops(self.shape, rows, seq, head_positions=head,
+                          teacher_positions=head if self.teacher else None,
+                          last_layer_rows=masked if self.last_layer_masked else None)["total"]
+
+    def mfu(self, rows: float, seq: int, masked: float, seconds: float) -> float | None:
+        """Model FLOP/s over ``seconds`` of all devices / their peak; None when the peak is unknown."""
+        if not self.peak_flops_per_s or seconds <= 0 or rows <= 0:
+            return None
+        return self.flops(rows, seq, masked) / seconds / (self.peak_flops_per_s * self.devices)
+
+
+def model_shape(config) -> ModelShape | None:
+    """The shape of a BERT-style config; None for configs that name things otherwise (DistilBERT)."""
+    try:
+        return ModelShape.from_config(config)
+    except AttributeError:
+        return None
+
+
+def device_peak(device, precision: str) -> tuple[float | None, str]:
+    """-> (peak FLOP/s of one device at ``precision``, where the number comes from).
+
+    CUDA at bf16: the data-sheet peak of a known GPU. CPU: the large-matmul rate measured now (once
+    per process, precision and thread count). Anything else: (None, "unknown").
     """
-    if device.startswith("cuda"):
-        return {"bf16": {**matmul_rate("bf16", 8192, repeats=5, device=device, inner=10), "emulated": False}}
-    size = 256 if quick else 2048
-    repeats = 2 if quick else 5
-    rates = {"fp32": {**matmul_rate("fp32", size, repeats), "emulated": False}}
-    bf16_size = size if native_bf16 else 256
-    rates["bf16"] = {**matmul_rate("bf16", bf16_size, repeats), "emulated": not native_bf16}
-    return rates
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = known_gpu_peak(name) if precision == "bf16" else None
+        return (peak, f"{name} data-sheet dense bf16 peak") if peak else (None, "unknown")
+    if device.type == "cpu":
+        return _cpu_matmul_rate(precision, torch.get_num_threads())
+    return None, "unknown"
 
 
-def best_rates(*runs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per precision, the fastest of several measurements (before and after the configurations)."""
-    out: dict[str, dict[str, float]] = {}
-    for rates in runs:
-        for prec, r in rates.items():
-            if prec not in out or r["flops_per_s"] > out[prec]["flops_per_s"]:
-                out[prec] = r
-    return out
+@functools.cache
+def _cpu_matmul_rate(precision: str, threads: int) -> tuple[float | None, str]:
+    from incr_cli.device import cpu_has_bf16_matmul
+
+    # bf16 without matrix units is emulated and slow: a smaller matmul keeps the measurement cheap.
+    size = CPU_MATMUL_SIZE if precision == "fp32" or cpu_has_bf16_matmul() else 256
+    rate = matmul_rate(precision, size, repeats=3)["flops_per_s"]
+    return rate, f"measured {size}^3 {precision} matmul on {threads} CPU threads"

@@ -1,0 +1,259 @@
+"""Tracking: the log's grad norm / lr / MFU, and the TensorBoard and MLflow sinks read back with
+their own readers (tensorboard's EventAccumulator, MLflow's client on a local sqlite store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from incr_cli import tracking
+from incr_cli.cli.app import app
+from incr_cli.flops import Meter, ModelShape, step_flops
+from incr_cli.recipe import TrackingConfig, load_recipe
+from incr_cli.reporting import Quiet
+from incr_cli.schedule import lr_factor, warmup_steps
+from incr_cli.train import train_increment
+from incr_cli.workspace import Workspace
+from tests.helpers_train import REPO, _ingest, excerpt
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+runner = CliRunner()
+ARGS = ["train.steps=4", "train.log_every=2"]
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An sqlite store with MLflow's tables made once (creating them takes seconds)."""
+    db = tmp_path_factory.mktemp("mlflow") / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, _mlflow_template) -> str:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_mlflow_template, db)
+    return f"sqlite:///{db}"
+
+
+def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _log(ws: Workspace, version: str) -> list[dict]:
+    text = (ws.version_dir(version) / "train_log.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _runs(uri: str, version: str | None = None) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("incr")
+    query = f"tags.`incr.version` = '{version}'" if version else ""
+    return client.search_runs([experiment.experiment_id], filter_string=query)
+
+
+# ----------------------------------------------------------------------------- the log line
+
+
+def test_mfu_is_model_flops_per_second_over_the_peak():
+    shape = ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100)
+    meter = Meter(shape, teacher=True, last_layer_masked=True, head_all_positions=False,
+                  peak_flops_per_s=1e9, peak_source="test", devices=2)
+    flops = step_flops(shape, 16, 64, head_positions=150, teacher_positions=150, last_layer_rows=150)["total"]
+    assert meter.mfu(16, 64, 150, seconds=2.0) == pytest.approx(flops / 2.0 / 2e9)
+    unknown = Meter(shape, False, False, True, None, "unknown")
+    assert unknown.mfu(16, 64, 150, 2.0) is None
+
+
+def test_log_lines_carry_grad_norm_before_clipping_lr_and_mfu(one_pending):
+    recipe = load_recipe(one_pending.recipe_path, [*ARGS, "train.max_grad_norm=1e-6"])
+    result = train_increment(one_pending, recipe)
+    lines = _log(one_pending, result.version)
+    assert [line["step"] for line in lines] == [2, 4]
+    t = recipe.train
+    for line in lines:
+        assert line["grad_norm"] > 1e-3  # the norm before clipping to 1e-6
+        # lr: the schedule's value at the line's last step
+        expected = t.lr * lr_factor(line["step"] - 1, total_steps=4, warmup=warmup_steps(4, t.warmup_ratio),
+                                    schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+        assert line["lr"] == pytest.approx(expected)
+        assert line["tokens_per_second"] > 0 and 0 < line["mfu"] < 1  # against the measured matmul rate
+    peak = result.metrics["mfu_peak"]
+    assert peak["flops_per_s"] > 0 and "matmul" in peak["source"]
+
+
+# ----------------------------------------------------------------------------- both sinks, two versions
+
+
+@pytest.mark.slow
+def test_each_version_is_one_tensorboard_run_and_one_mlflow_run(one_pending, mlflow_uri, tmp_path):
+    ws = one_pending
+    args = [*ARGS, f"tracking.mlflow_uri={mlflow_uri}", "tracking.registered_model=line"]
+    for name in ("austen", "fortunes"):
+        if name == "fortunes":
+            _ingest(ws, excerpt("fortunes.txt", slice(0, 200), tmp_path), name)
+        result = runner.invoke(app, ["train-increment", str(ws.root), "--track", "tensorboard,mlflow", *args])
+        assert result.exit_code == 0, result.output
+        assert "warning" not in result.output
+
+    board = ws.root / "tensorboard"
+    assert sorted(p.name for p in board.iterdir()) == ["line", "v0001", "v0002"]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    for version in ("v0001", "v0002"):
+        lines = _log(ws, version)
+        for key in ("total", "grad_norm", "lr", "tokens_per_second", "mfu", "mlm_new", "distill"):
+            got = _scalars(board / version, f"train/{key}")
+            assert [s for s, _ in got] == [2, 4], (version, key)
+            assert [v for _, v in got] == pytest.approx([line[key] for line in lines], rel=1e-6)
+        metrics = json.loads((ws.version_dir(version) / "metrics.json").read_text())
+        for inc, scores in metrics["eval"]["after"].items():
+            assert _scalars(board / version, f"eval/after/{inc}/perplexity") == [(4, pytest.approx(scores["perplexity"]))]
+        assert _scalars(board / version, "gate/passed") == [(4, 1.0)]
+
+        (run,) = _runs(mlflow_uri, version)  # one run per version
+        assert run.info.status == "FINISHED" and run.data.tags["incr.status"] == "promoted"
+        assert run.data.tags["incr.parent"] == metrics["parent"] and run.data.params["train.steps"] == "4"
+        history = client.get_metric_history(run.info.run_id, "train/grad_norm")
+        assert [(m.step, m.value) for m in history] == [(line["step"], pytest.approx(line["grad_norm"])) for line in lines]
+        assert run.data.metrics["gate/passed"] == 1.0
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "manifest.json"}
+    forgetting = json.loads((ws.version_dir("v0002") / "metrics.json").read_text())["forgetting"]
+    (inc, value), = forgetting.items()
+    assert _scalars(board / "v0002", f"forgetting/{inc}") == [(4, pytest.approx(value))]
+    assert _scalars(board / "line", "gate/passed") == [(1, 1.0), (2, 1.0)]  # the line across versions
+    current = client.get_model_version_by_alias("line", "current")
+    assert current.tags["incr.version"] == "v0002" and current.source == str(ws.version_dir("v0002").resolve())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _run_info(version: str = "v0001") -> tracking.RunInfo:
+    return tracking.RunInfo(version, "v0000", "key-1", ["d0001-a"], {"train": {"lr": 1e-3}})
+
+
+def _line(step: int) -> dict:
+    return {"step": step, "mlm_new": 5.0 - step / 10, "total": 5.0 - step / 10, "grad_norm": 1.0, "lr": 1e-3,
+            "tokens": 100 * step, "tokens_per_second": 10.0, "mfu": None}
+
+
+def test_a_resumed_run_continues_without_duplicated_steps(tmp_path, mlflow_uri):
+    """Killed after logging steps 1-6 with state saved at 4: the rerun hands the sinks the lines up
+    to 4 and goes on from 5. Each sink shows steps 1-8 once, in one run."""
+    board = tmp_path / "tb"
+    artifacts = (tmp_path / "artifacts").as_uri()
+    for sink in (tracking.TensorBoardSink(board), tracking.MlflowSink(mlflow_uri, "incr", None, artifacts)):
+        sink.start(_run_info(), [])
+        for step in range(1, 7):
+            sink.step(_line(step))
+        if isinstance(sink, tracking.TensorBoardSink):
+            sink.writer.flush()  # what the killed process had sent
+        resumed = type(sink)(board) if isinstance(sink, tracking.TensorBoardSink) else \
+            tracking.MlflowSink(mlflow_uri, "incr", None, artifacts)
+        resumed.start(_run_info(), [_line(s) for s in range(1, 5)])
+        for step in range(5, 9):
+            resumed.step(_line(step))
+        resumed.close("FINISHED")
+    assert [s for s, _ in _scalars(board / "v0001", "train/total")] == list(range(1, 9))
+    (run,) = _runs(mlflow_uri, "v0001")
+    history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run.info.run_id, "train/total")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_shows_one_continuous_run(one_pending, mlflow_uri):
+    ws = one_pending
+    args = ["train.steps=6", "train.log_every=1", "runtime.save_every=2", f"tracking.mlflow_uri={mlflow_uri}",
+            "tracking.sinks=[tensorboard, mlflow]"]
+    env = {**os.environ, "INCR_FAULT": "train.step@5:kill"}
+    killed = subprocess.run([sys.executable, "-m", "incr_cli", "train-increment", str(ws.root), *args],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    result = runner.invoke(app, ["train-increment", str(ws.root), "--json", *args])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["resumed_from_step"] == 4
+    assert [s for s, _ in _scalars(ws.root / "tensorboard" / "v0001", "train/total")] == list(range(1, 7))
+    (run,) = _runs(mlflow_uri)
+    history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run.info.run_id, "train/total")
+    assert sorted(m.step for m in history) == list(range(1, 7)) and run.info.status == "FINISHED"
+
+
+# ----------------------------------------------------------------------------- failing sinks
+
+
+@pytest.mark.parametrize("mlflow_fault", ["store cannot be opened", "not installed"])
+def test_failing_sinks_only_warn(one_pending, monkeypatch, mlflow_fault):
+    """A TensorBoard folder that cannot be made and an MLflow that cannot work: one warning line
+    each, and the version is written and promoted."""
+    blocker = one_pending.root / "not-a-folder"
+    blocker.write_text("")
+    overrides = [*ARGS, "tracking.sinks=[tensorboard, mlflow]", f"tracking.tensorboard_dir={blocker}/tb"]
+    if mlflow_fault == "not installed":
+        monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+        monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    else:
+        overrides.append(f"tracking.mlflow_uri=sqlite:///{blocker}/sub/x.db")
+    reporter = Quiet()
+    result = train_increment(one_pending, load_recipe(one_pending.recipe_path, overrides), reporter=reporter)
+    assert result.promoted and (one_pending.version_dir(result.version) / "metrics.json").exists()
+    warnings = sorted(m for m in reporter.messages if m.startswith("warning: tracking:"))
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("warning: tracking: mlflow failed and is off for this run (")
+    assert warnings[1].startswith("warning: tracking: tensorboard failed and is off for this run (")
+    if mlflow_fault == "not installed":
+        assert "pip install 'incr-cli[mlflow]'" in warnings[0]
+
+
+class _Stuck:
+    name = "stuck"
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def start(self, run, history):
+        self.release.wait()
+
+    def step(self, line):
+        pass
+
+    def finish(self, metrics, version_dir):
+        pass
+
+    def close(self, status):
+        pass
+
+
+def test_a_stuck_sink_is_left_behind_after_flush_timeout():
+    sink, reporter = _Stuck(), Quiet()
+    tracker = tracking.Tracker([sink], reporter, flush_timeout=0.05)
+    tracker.start(_run_info(), [])
+    for step in range(1, 100):
+        tracker.step(_line(step))  # returns at once: the calls queue up behind the stuck one
+    tracker.close()
+    sink.release.set()
+    assert reporter.messages == ["warning: tracking: stuck still sending after 0.05 s (tracking.flush_timeout); "
+                                 "left behind, the version's own files are the record"]
+
+
+def test_track_option_sets_the_sinks_and_rejects_unknown_ones(one_pending, monkeypatch):
+    result = runner.invoke(app, ["train-increment", str(one_pending.root), "--track", "tensorboard,wandb", "--dry-run"])
+    assert result.exit_code == 2
+    assert "tracking.sinks: 'wandb' is not one of tensorboard, mlflow" in result.output
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    board, mlflow = tracking.build_sinks(TrackingConfig(sinks=["tensorboard", "mlflow"]), one_pending.root)
+    assert board.root == one_pending.root / "tensorboard"  # everything inside the workspace by default
+    assert mlflow.uri == f"sqlite:///{(one_pending.root / 'mlflow.db').resolve()}"
