@@ -153,10 +153,10 @@ class EwcConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    # No key names a place (a recipe never directs writes outside the workspace): TensorBoard writes
+    # WORKSPACE/tensorboard, MLflow goes to $MLFLOW_TRACKING_URI, else WORKSPACE/mlflow.db.
     sinks: list[str] = knob([], "Dashboards each increment is sent to (each an optional extra: pip install incr-cli[tensorboard,mlflow]); `--track` sets it.",
                             choices=["tensorboard", "mlflow"])
-    tensorboard_dir: Optional[str] = knob(None, "TensorBoard log directory, one run per version under it (default WORKSPACE/tensorboard; relative paths are under the workspace).")
-    mlflow_uri: Optional[str] = knob(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///WORKSPACE/mlflow.db).")
     mlflow_experiment: str = knob("incr", "MLflow experiment holding one run per increment.")
     registered_model: Optional[str] = knob(None, "Register each promoted version in MLflow's model registry under this name, alias `current` (null = no registration).")
     flush_timeout: float = knob(60.0, "Seconds the command waits at its end for the sinks to finish sending (they never hold up training).", lo=0.0)

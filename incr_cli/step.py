@@ -224,12 +224,10 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     t, dev = run.train, run.device
     generator = torch.Generator(device=dev)
     micros = []
-    rows = 0
     for m in range(t.grad_accum):  # mask the whole window first: the counts normalise every term
         batch = run.sampler.next_batch()
         ids_np = batch.input_ids  # (B, T) new rows first
         state.local_tokens_since_log += int((ids_np != run.pad_id).sum())
-        rows += ids_np.shape[0]
         ids = torch.from_numpy(ids_np)
         ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
         generator.manual_seed(_mask_seed(t.seed, run.ctx.rank, state.step, m))
@@ -294,13 +292,18 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         state.window[name] = state.window.get(name, 0) + value
         if in_tail:
             state.tail[name] = state.tail.get(name, 0) + value
-    # For the log line only: the norm stays on the device, the counts are host numbers already read.
-    log_window = state.window
-    log_window["grad_norm"] = log_window.get("grad_norm", 0) + grad_norm.detach().float()
-    log_window["rows"] = log_window.get("rows", 0) + rows
-    log_window["seq"] = int(micros[0][0].input_ids.shape[1])
-    log_window["masked"] = log_window.get("masked", 0.0) + n_new + n_replay
+    _count_for_log(state, grad_norm, [masked.input_ids for masked, _, _ in micros], n_new + n_replay)
     return total if check_loss else None
+
+
+def _count_for_log(state: TrainState, grad_norm: torch.Tensor, input_ids: list[torch.Tensor], masked: float) -> None:
+    """Add one step to the log window: the norm stays on the device; rows (this rank's, (B, T) each)
+    and masked positions (all ranks) are host numbers already known, for the line's MFU."""
+    window = state.window
+    window["grad_norm"] = window.get("grad_norm", 0) + grad_norm.detach().float()
+    window["rows"] = window.get("rows", 0) + sum(ids.shape[0] for ids in input_ids)
+    window["seq"] = int(input_ids[0].shape[1])
+    window["masked"] = window.get("masked", 0.0) + masked
 
 
 def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

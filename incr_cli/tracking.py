@@ -105,9 +105,9 @@ class TensorBoardSink:
         scalars = version_scalars(metrics)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, metrics["steps"])
-        self.writer.add_text("gate", f"{metrics['version']} {metrics['status']}: " + "; ".join(
-            f"{c['check']} on {c['increment']} {c['value']} (limit {c['limit']}) {'ok' if c['passed'] else 'FAILED'}"
-            for c in metrics["gate"]["checks"]) if metrics["gate"]["checks"] else f"{metrics['version']} {metrics['status']}")
+        checks = "; ".join(f"{c['check']} on {c['increment']}: {c['value']} (limit {c['limit']}) "
+                           f"{'ok' if c['passed'] else 'FAILED'}" for c in metrics["gate"]["checks"])
+        self.writer.add_text("gate", f"{metrics['version']} {metrics['status']}" + (f"; {checks}" if checks else ""))
         self.writer.close()
         number = int(metrics["version"].lstrip("v"))
         # purge_step: a version written again replaces its point instead of adding a second one
@@ -280,10 +280,10 @@ def build_sinks(config: TrackingConfig, workspace: Path) -> list[Sink]:
     """The recipe's sinks; nothing is imported here (a missing package is the sink's first failure)."""
     sinks: list[Sink] = []
     if "tensorboard" in config.sinks:
-        sinks.append(TensorBoardSink(workspace / (config.tensorboard_dir or "tensorboard")))
+        sinks.append(TensorBoardSink(workspace / "tensorboard"))
     if "mlflow" in config.sinks:
         # default: everything inside the workspace; a server keeps the artifacts where it is told to
-        uri = config.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
         local = not uri.startswith(("http://", "https://", "databricks"))
         artifacts = (workspace / "mlflow-artifacts").resolve().as_uri() if local else None
         sinks.append(MlflowSink(uri, config.mlflow_experiment, config.registered_model, artifacts))

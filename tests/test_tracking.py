@@ -24,11 +24,6 @@ from incr_cli.train import train_increment
 from incr_cli.workspace import Workspace
 from tests.helpers_train import REPO, _ingest, excerpt
 
-pytest.importorskip("tensorboard")
-pytest.importorskip("mlflow")
-from mlflow.tracking import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
 runner = CliRunner()
 ARGS = ["train.steps=4", "train.log_every=2"]
 
@@ -48,7 +43,16 @@ def mlflow_uri(tmp_path, _mlflow_template) -> str:
     return f"sqlite:///{db}"
 
 
+def MlflowClient(tracking_uri: str):  # noqa: N802 - imported when used: mlflow takes seconds to import
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
 def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(folder))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
@@ -100,9 +104,10 @@ def test_log_lines_carry_grad_norm_before_clipping_lr_and_mfu(one_pending):
 
 
 @pytest.mark.slow
-def test_each_version_is_one_tensorboard_run_and_one_mlflow_run(one_pending, mlflow_uri, tmp_path):
+def test_each_version_is_one_tensorboard_run_and_one_mlflow_run(one_pending, mlflow_uri, tmp_path, monkeypatch):
     ws = one_pending
-    args = [*ARGS, f"tracking.mlflow_uri={mlflow_uri}", "tracking.registered_model=line"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    args = [*ARGS, "tracking.registered_model=line"]
     for name in ("austen", "fortunes"):
         if name == "fortunes":
             _ingest(ws, excerpt("fortunes.txt", slice(0, 200), tmp_path), name)
@@ -175,10 +180,10 @@ def test_a_resumed_run_continues_without_duplicated_steps(tmp_path, mlflow_uri):
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_shows_one_continuous_run(one_pending, mlflow_uri):
+def test_kill_9_then_rerun_shows_one_continuous_run(one_pending, mlflow_uri, monkeypatch):
     ws = one_pending
-    args = ["train.steps=6", "train.log_every=1", "runtime.save_every=2", f"tracking.mlflow_uri={mlflow_uri}",
-            "tracking.sinks=[tensorboard, mlflow]"]
+    args = ["train.steps=6", "train.log_every=1", "runtime.save_every=2", "tracking.sinks=[tensorboard, mlflow]"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     env = {**os.environ, "INCR_FAULT": "train.step@5:kill"}
     killed = subprocess.run([sys.executable, "-m", "incr_cli", "train-increment", str(ws.root), *args],
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -199,14 +204,14 @@ def test_kill_9_then_rerun_shows_one_continuous_run(one_pending, mlflow_uri):
 def test_failing_sinks_only_warn(one_pending, monkeypatch, mlflow_fault):
     """A TensorBoard folder that cannot be made and an MLflow that cannot work: one warning line
     each, and the version is written and promoted."""
-    blocker = one_pending.root / "not-a-folder"
+    blocker = one_pending.root / "tensorboard"  # a file where the folder should be
     blocker.write_text("")
-    overrides = [*ARGS, "tracking.sinks=[tensorboard, mlflow]", f"tracking.tensorboard_dir={blocker}/tb"]
+    overrides = [*ARGS, "tracking.sinks=[tensorboard, mlflow]"]
     if mlflow_fault == "not installed":
         monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
         monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
     else:
-        overrides.append(f"tracking.mlflow_uri=sqlite:///{blocker}/sub/x.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/sub/x.db")
     reporter = Quiet()
     result = train_increment(one_pending, load_recipe(one_pending.recipe_path, overrides), reporter=reporter)
     assert result.promoted and (one_pending.version_dir(result.version) / "metrics.json").exists()
