@@ -130,7 +130,10 @@ def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> dict[str, Any]:
     too, so its before/after scores equal ``incr eval``'s)."""
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token; incr needs a masked-LM tokenizer")
-    return {"special_ids": torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long),
+    # The unknown token is never a target (nor a random replacement): predicting [UNK] teaches nothing,
+    # and a perplexity that counted it would look good on text the tokenizer cannot represent.
+    never_masked = set(tokenizer.all_special_ids) | ({tokenizer.unk_token_id} - {None})
+    return {"special_ids": torch.tensor(sorted(never_masked), dtype=torch.long),
             "mask_token_id": int(tokenizer.mask_token_id), "vocab_size": len(tokenizer),
             "pad_id": tokenizer.pad_token_id,
             "word_starts": word_start_table(tokenizer) if recipe.masking.whole_word else None}

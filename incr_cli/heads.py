@@ -6,7 +6,11 @@ states gives the same logits there. Known heads are split explicitly:
 
 - BERT: ``model.bert`` (built without a pooler by BertForMaskedLM) then ``model.cls``;
 - RoBERTa, XLM-R, CamemBERT: ``model.roberta`` then ``model.lm_head``;
-- DistilBERT: ``model.distilbert`` then vocab_transform, activation, vocab_layer_norm, vocab_projector.
+- DistilBERT: ``model.distilbert`` then vocab_transform, activation, vocab_layer_norm, vocab_projector;
+- ModernBERT: ``model.model`` then ``model.head`` and ``model.decoder``;
+- DeBERTa-v2/v3: ``model.deberta`` then ``model.cls`` (legacy) or ``model.lm_predictions``;
+- ELECTRA (the generator): ``model.electra`` then generator_predictions and generator_lm_head;
+- ALBERT: ``model.albert`` then ``model.predictions``; MPNet: ``model.mpnet`` then ``model.lm_head``.
 
 Any other AutoModelForMaskedLM runs whole (``kind == "full"``) and its logits are gathered, which is
 slower but equally correct. The split is chosen by exact class name, so a subclass that changes
@@ -22,16 +26,42 @@ When the last hidden state is asked for (``output_hidden``) the layer runs whole
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import transformers
 from torch import nn
 
-_KINDS: dict[str, str] = {
-    "BertForMaskedLM": "bert",
-    "RobertaForMaskedLM": "roberta",
-    "XLMRobertaForMaskedLM": "roberta",
-    "CamembertForMaskedLM": "roberta",
-    "DistilBertForMaskedLM": "distilbert",
+
+def _deberta_v2_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    if model.legacy:  # the config decides which of the two heads DebertaV2ForMaskedLM built
+        return model.cls(hidden)
+    return model.lm_predictions(hidden, model.deberta.embeddings.word_embeddings)
+
+
+# Exact class name -> (kind, the encoder's attribute). Each head below is what the class's own
+# forward applies to the encoder's last hidden state, so at the masked rows it gives the same logits.
+_SPLITS: dict[str, tuple[str, str]] = {
+    "BertForMaskedLM": ("bert", "bert"),
+    "RobertaForMaskedLM": ("roberta", "roberta"),
+    "XLMRobertaForMaskedLM": ("roberta", "roberta"),
+    "CamembertForMaskedLM": ("roberta", "roberta"),
+    "DistilBertForMaskedLM": ("distilbert", "distilbert"),
+    "ModernBertForMaskedLM": ("modernbert", "model"),
+    "DebertaV2ForMaskedLM": ("deberta-v2", "deberta"),
+    "ElectraForMaskedLM": ("electra", "electra"),  # the generator (ELECTRA's masked-LM half)
+    "AlbertForMaskedLM": ("albert", "albert"),
+    "MPNetForMaskedLM": ("mpnet", "mpnet"),
+}
+_HEADS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "bert": lambda m, h: m.cls(h),
+    "roberta": lambda m, h: m.lm_head(h),
+    "distilbert": lambda m, h: m.vocab_projector(m.vocab_layer_norm(m.activation(m.vocab_transform(h)))),
+    "modernbert": lambda m, h: m.decoder(m.head(h)),
+    "deberta-v2": _deberta_v2_head,
+    "electra": lambda m, h: m.generator_lm_head(m.generator_predictions(h)),
+    "albert": lambda m, h: m.predictions(h),
+    "mpnet": lambda m, h: m.lm_head(h),
 }
 
 
@@ -40,8 +70,13 @@ _LAYER_SPLIT_OK = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def head_kind(model: nn.Module) -> str:
-    """-> "bert" | "roberta" | "distilbert" | "full": how MaskedLMHead will run ``model``."""
-    return _KINDS.get(type(model).__name__, "full")
+    """-> a kind of ``_HEADS`` ("bert", "roberta", "modernbert", ...) or "full": how MaskedLMHead runs ``model``."""
+    return _SPLITS.get(type(model).__name__, ("full", ""))[0]
+
+
+def split_families() -> dict[str, str]:
+    """Model class -> head kind, for the README's table and the log."""
+    return {name: kind for name, (kind, _) in _SPLITS.items()}
 
 
 class MaskedLMHead(nn.Module):
@@ -70,22 +105,15 @@ class MaskedLMHead(nn.Module):
             hidden = out.hidden_states[-1] if output_hidden else None
             return out.logits[positions], hidden  # (N, V)
 
-        encoder = getattr(model, {"bert": "bert", "roberta": "roberta", "distilbert": "distilbert"}[self.kind])
+        encoder = getattr(model, _SPLITS[type(model).__name__][1])
         hidden = None
         if self.masked_last_layer and not output_hidden and not torch.compiler.is_compiling() and positions.any():
             picked = _encode_masked_rows(encoder, input_ids, attention_mask, positions)  # (N, H)
         else:
-            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask,
-                             return_dict=True).last_hidden_state  # (B, T, H)
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
             picked = hidden[positions]  # (N, H)
-        if self.kind == "bert":
-            logits = model.cls(picked)
-        elif self.kind == "roberta":
-            logits = model.lm_head(picked)
-        else:
-            h = model.vocab_layer_norm(model.activation(model.vocab_transform(picked)))
-            logits = model.vocab_projector(h)
-        return logits, (hidden if output_hidden else None)  # (N, V)
+        logits = _HEADS[self.kind](model, picked)  # (N, V)
+        return logits, (hidden if output_hidden else None)
 
 
 def _plain_encoder(model: nn.Module) -> bool:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from incr_cli import readers
+from incr_cli.coverage import Coverage, check_coverage
 from incr_cli.errors import InputError, IntegrityError, UsageError
 from incr_cli.faults import fault_point
 from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
@@ -255,6 +256,13 @@ def tokenize_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
                      split_special_tokens=True, verbose=False)["input_ids"]
 
 
+def tokenize_with_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """``tokenize_batch`` plus each token's (start, end) character span in its text."""
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                    return_offsets_mapping=True, split_special_tokens=True, verbose=False)
+    return enc["input_ids"], enc["offset_mapping"]
+
+
 # ----------------------------------------------------------------------------- result
 
 
@@ -272,6 +280,7 @@ class IngestResult:
     duplicates_in: dict[str, int] = field(default_factory=dict)  # earlier increment -> duplicates found there
     bytes_read: int = 0
     seconds: float = 0.0
+    unknown: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the increment
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -372,8 +381,9 @@ def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
 
 
 def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWriter, heldout: PackedWriter,
-                   *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
-    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs."""
+                   *, total: int, tally: Tally, reporter: Reporter, coverage: Coverage) -> tuple[int, int]:
+    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
+    ``coverage`` counts the unknown tokens and uncovered characters as it goes."""
     n_train = n_heldout = 0
     started = time.perf_counter()
     with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
@@ -384,7 +394,8 @@ def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWrit
             if not texts:
                 break
             digests = hash_file.read(16 * len(texts))
-            ids = tokenize_batch(tokenizer, texts)
+            ids, offsets = tokenize_with_offsets(tokenizer, texts)
+            coverage.add(texts, ids, offsets)
             to_train, to_heldout = [], []
             for i, doc in enumerate(ids):
                 if not doc:  # e.g. only characters the tokenizer's normaliser drops
@@ -458,12 +469,14 @@ def _nothing_new_message(p1: _Pass1) -> str:
 
 def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt: str = "auto",
            text_field: str = "text", recipe: Recipe, reporter: Reporter | None = None,
-           tokenizer: Any = None) -> IngestResult:
+           tokenizer: Any = None, allow_unknown: bool = False) -> IngestResult:
     """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``. The caller holds the lock.
 
     ``tokenizer`` defaults to the tokenizer of the workspace's LATEST version. Returns an
     ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is written then).
-    Raises ``InputError`` when no path gave any readable text, ``UsageError`` for a bad name or format.
+    Raises ``InputError`` when no path gave any readable text or the tokenizer cannot represent it
+    (see ``coverage``; ``allow_unknown`` lifts the data.unknown_max limit), ``UsageError`` for a bad
+    name or format.
     """
     from incr_cli import models  # loads transformers: only when an ingest actually runs
 
@@ -497,7 +510,8 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
         p1 = _Pass1()
         try:
             manifest = _write_increment(ws, conn, increment, files, p1, fmt=fmt, text_field=text_field,
-                                        recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter)
+                                        recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter,
+                                        allow_unknown=allow_unknown)
         except _NothingNew:
             return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
                                 documents=_documents(p1, tally), skipped=_skipped_summary(tally),
@@ -511,7 +525,8 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                f"{seqs['train'] + seqs['heldout']:,} sequences, {toks['train'] + toks['heldout']:,} tokens")
     return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
                         skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
-                        bytes_read=p1.bytes_read, seconds=time.perf_counter() - started)
+                        bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
+                        unknown=manifest["unknown"])
 
 
 def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
@@ -541,7 +556,7 @@ def _already_ingested(conn: sqlite3.Connection, files: list[tuple[SourceFile, st
 
 def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, files: list[tuple[SourceFile, str]],
                      p1: _Pass1, *, fmt: str, text_field: str, recipe: Recipe, tokenizer: Any, tally: Tally,
-                     reporter: Reporter) -> dict[str, Any]:
+                     reporter: Reporter, allow_unknown: bool) -> dict[str, Any]:
     """Both passes inside a staged folder and one index transaction; return the sealed manifest.
 
     Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing.
@@ -565,14 +580,17 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
             kw = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": pad_id, "dtype": dtype}
             train = PackedWriter(tmp / "train.bin", seq_len, **kw)
             heldout = PackedWriter(tmp / "heldout.bin", seq_len, **kw)
+            coverage = Coverage(tokenizer.unk_token_id)
             try:
                 n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, train, heldout, total=p1.kept,
-                                                    tally=tally, reporter=reporter)
+                                                    tally=tally, reporter=reporter, coverage=coverage)
             finally:
                 train.close()
                 heldout.close()
             if n_train + n_heldout == 0:
                 raise _NothingNew()
+            check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
+                           refuse_above=recipe.data.unknown_max, allow_unknown=allow_unknown, reporter=reporter)
             spool.with_suffix(".txt").unlink()
             spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
             conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
@@ -586,6 +604,7 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
                 sequences={"train": train.rows, "heldout": heldout.rows},
                 tokens={"train": train.tokens, "heldout": heldout.tokens},
                 doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
+                unknown=coverage.to_dict(),
             ))
             conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
             fault_point("ingest.before_rename")

@@ -5,7 +5,8 @@ Pure tensor functions, no per-token Python loops, on whatever device the ids liv
 same masks, so runs and evaluations are reproducible.
 
 How positions are chosen, per row:
-- the maskable positions are the non-special tokens (``special_ids`` are never masked);
+- the maskable positions are the non-special tokens (``special_ids`` are never masked; callers
+  put the unknown token among them, see ``evaluate.tokenizer_inputs``);
 - the row's budget ``k`` is ``cfg.per_sequence`` capped by its maskable count, or else
   ``probability * maskable`` with stochastic rounding (unbiased) and at least 1, so no row with a
   maskable token contributes an empty loss;

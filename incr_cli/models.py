@@ -171,7 +171,7 @@ def _scratch(source: str, recipe: Recipe) -> LoadedBase:
     tokenizer = scratch_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=max(512, recipe.model.max_seq_len),
                         pad_token_id=tokenizer.pad_token_id, **SCRATCH_PRESETS[preset])
-    config._attn_implementation = recipe.model.attn_implementation
+    config._attn_implementation = "eager" if recipe.model.attn_implementation == "eager" else "sdpa"  # BERT has both
     # A private RNG stream: the weights depend on the preset only, and the caller's RNG is untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
@@ -210,17 +210,62 @@ def _weights_choice(folder: Path, allow_pickle: bool, reporter: Reporter, where:
     return False
 
 
-def _from_pretrained(ref: str, recipe: Recipe, use_safetensors: bool | None, **kwargs: Any) -> tuple[Any, dict]:
+# ----------------------------------------------------------------------------- attention kernels
+
+# Tried in this order; the first a model class accepts is used. Flash attention is left out: it
+# needs a CUDA-only extra package and fp16/bf16 weights, and incr loads fp32.
+ATTN_ORDER = ("sdpa", "eager")
+
+
+def attn_candidates(wanted: str) -> tuple[str, ...]:
+    """The kernels to try for ``model.attn_implementation``: auto and sdpa fall back to eager."""
+    return (wanted,) if wanted == "eager" else ATTN_ORDER
+
+
+def _unsupported_attn(exc: BaseException) -> bool:
+    """transformers' refusal of an attention kernel (a ValueError naming it), not some other error."""
+    text = str(exc).lower()
+    return isinstance(exc, ValueError) and ("attention implementation" in text or "attn_implementation" in text)
+
+
+def with_attn_fallback(load: Any, wanted: str, what: str, reporter: Reporter | None = None) -> Any:
+    """``load(kernel)`` with each kernel of ``attn_candidates(wanted)`` until one is accepted.
+
+    Logs one line (when given a reporter) if it had to fall back; the kernel used is recorded in the
+    version manifest either way.
+    """
+    candidates = attn_candidates(wanted)
+    for i, kernel in enumerate(candidates):
+        try:
+            result = load(kernel)
+        except Exception as exc:  # noqa: BLE001 - anything but the kernel refusal is re-raised
+            if not _unsupported_attn(exc) or i == len(candidates) - 1:
+                raise
+            continue
+        if i and reporter is not None:
+            reporter.log(f"{what} does not support {candidates[0]} attention; using {kernel}")
+        return result
+    raise AssertionError("unreachable: attn_candidates is never empty")
+
+
+def attn_used(model: Any) -> str | None:
+    """The attention kernel a loaded model runs with (recorded in version manifests)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def _from_pretrained(ref: str, recipe: Recipe, use_safetensors: bool | None, reporter: Reporter | None = None,
+                     **kwargs: Any) -> tuple[Any, dict]:
     from transformers import AutoModelForMaskedLM
 
-    # Weights missing from the checkpoint (MiniLM ships without an MLM head) are initialised here.
-    with quiet_transformers(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        model, info = AutoModelForMaskedLM.from_pretrained(
-            ref, output_loading_info=True, use_safetensors=use_safetensors,
-            attn_implementation=recipe.model.attn_implementation,
-            trust_remote_code=recipe.model.trust_remote_code, **kwargs)
-    return model, info
+    def load(kernel: str) -> tuple[Any, dict]:
+        # Weights missing from the checkpoint (MiniLM ships without an MLM head) are initialised here.
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(INIT_SEED)
+            return AutoModelForMaskedLM.from_pretrained(
+                ref, output_loading_info=True, use_safetensors=use_safetensors, attn_implementation=kernel,
+                trust_remote_code=recipe.model.trust_remote_code, **kwargs)
+
+    return with_attn_fallback(load, recipe.model.attn_implementation, ref, reporter)
 
 
 def _head_initialised(model: Any, info: dict, reporter: Reporter, where: str) -> tuple[bool, list[str]]:
@@ -244,7 +289,7 @@ def _local_dir(folder: Path, recipe: Recipe, allow_pickle: bool, reporter: Repor
         raise UsageError(f"{where}: no config.json; this is not a model directory in Hugging Face layout")
     use_safetensors = _weights_choice(folder, allow_pickle, reporter, where)
     try:
-        model, info = _from_pretrained(str(folder), recipe, use_safetensors, local_files_only=True)
+        model, info = _from_pretrained(str(folder), recipe, use_safetensors, reporter, local_files_only=True)
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                       trust_remote_code=recipe.model.trust_remote_code)
@@ -267,7 +312,7 @@ def _hub(model_id: str, recipe: Recipe, allow_pickle: bool, reporter: Reporter) 
     # so an offline machine fails in seconds instead of minutes of retries.
     for offline in (True, False) if _hub_reachable() else (True,):
         try:
-            model, info = _from_pretrained(model_id, recipe, use_safetensors, local_files_only=offline)
+            model, info = _from_pretrained(model_id, recipe, use_safetensors, reporter, local_files_only=offline)
             with quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(model_id, local_files_only=offline,
                                                           trust_remote_code=recipe.model.trust_remote_code)
@@ -328,6 +373,7 @@ def save_version(ws: Workspace, version: str, model: Any, tokenizer: Any, manife
     head = base_manifest("version", version=version)
     body = {k: v for k, v in manifest.items() if k not in head and k != "files"}
     body.setdefault("software", software_versions())
+    body.setdefault("attn_implementation", attn_used(model))
     with ws.staged_folder(ws.version_dir(version)) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
@@ -375,14 +421,18 @@ def load_version(ws: Workspace, version: str, *, recipe: Recipe | None = None, d
     if weights is None:
         raise IntegrityError(f"{version}: file model.safetensors is missing; restore it or remove {folder}")
     _check_safetensors(folder, version, weights)
-    attn = recipe.model.attn_implementation if recipe else "sdpa"
+    attn = recipe.model.attn_implementation if recipe else "auto"
     # Remote code only when the recipe asks, as at init; the manifest records that recipe.
     trust = recipe.model.trust_remote_code if recipe else bool(
         manifest.get("recipe", {}).get("model", {}).get("trust_remote_code", False))
-    try:
+
+    def load(kernel: str) -> Any:
         with quiet_transformers():
-            model = AutoModelForMaskedLM.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
-                                                         attn_implementation=attn, trust_remote_code=trust)
+            return AutoModelForMaskedLM.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
+                                                        attn_implementation=kernel, trust_remote_code=trust)
+
+    try:
+        model = with_attn_fallback(load, attn, version)
     except Exception as exc:  # corrupt config or weights: never a traceback
         raise IntegrityError(f"{version}: cannot load the model from {folder} ({_first_line(exc)}); "
                              f"run `incr verify {ws.root} --all`") from None

@@ -60,7 +60,7 @@ def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None =
 class ModelConfig:
     max_seq_len: int = knob(128, "Length of the packed token sequences (ingest and training).", lo=8, hi=8192)
     trust_remote_code: bool = knob(False, "Allow a hub model's own Python code to run. Off unless you trust the source.")
-    attn_implementation: str = knob("sdpa", "Attention kernel passed to transformers.", choices=["sdpa", "eager"])
+    attn_implementation: str = knob("auto", "Attention kernel: auto (the fastest the model supports), sdpa (falls back to eager where unsupported) or eager.", choices=["auto", "sdpa", "eager"])
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class DataConfig:
     min_doc_chars: int = knob(1, "Documents shorter than this (after cleaning) are skipped.", lo=1)
     max_doc_chars: int = knob(200_000, "Documents longer than this are cut to this many characters (counted in the manifest).", lo=16)
     sample: Optional[int] = knob(None, "Train on k randomly drawn new sequences instead of all of them (seeded).", lo=1)
+    unknown_warn: float = knob(0.01, "Ingest warns when more than this share of an increment's tokens are unknown ([UNK]) or its characters map to no token.", lo=0.0, hi=1.0)
+    unknown_max: float = knob(0.2, "Ingest refuses (exit 2) above this share of unknown tokens or dropped characters, unless --allow-unknown.", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)

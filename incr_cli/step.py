@@ -31,7 +31,7 @@ from torch import nn
 from incr_cli import device as devices
 from incr_cli import distributed
 from incr_cli.data import BatchSampler, IncrementShards
-from incr_cli.errors import TrainingFailed, UsageError
+from incr_cli.errors import InputError, TrainingFailed, UsageError
 from incr_cli.faults import fault_value
 from incr_cli.flops import Meter, device_peak, model_shape
 from incr_cli.heads import MaskedLMHead
@@ -239,6 +239,10 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     window = run.ctx.all_reduce_sum(counts.sum(0))
     host = torch.cat([counts[:, 0], window]).tolist()  # the step's one host read
     per_micro_new, (n_new, n_replay, n_tokens) = host[:-3], host[-3:]
+    if n_new + n_replay == 0:  # every rank sees the same all-reduced count, so all stop here
+        names = ", ".join(s.id for s in run.sampler.new_pool.shards)
+        raise InputError(f"{names}: step {state.step} drew no maskable token (all special or unknown [UNK]); "
+                         "nothing was promoted: ingest text the tokenizer covers")
     norm = Normalisers(max(n_new, 1.0), max(n_replay, 1.0), max(n_new + n_replay, 1.0), max(n_tokens, 1.0))
 
     need_teacher = any(term.needs_teacher for term in run.terms)

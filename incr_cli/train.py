@@ -74,6 +74,16 @@ def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], n
     return all(c["passed"] for c in checks), checks, forgetting
 
 
+def _require_scores(after: dict[str, dict[str, Any]], new: list[str]) -> None:
+    """A new increment with held-out rows but no scored token (all [UNK] or special) leaves the gate
+    nothing to compare: refuse it rather than promote a version nobody can judge."""
+    # accuracy is None only when no token was scored
+    unscored = [inc for inc in new if inc in after and after[inc].get("accuracy") is None]
+    if unscored:
+        raise InputError(f"{unscored[0]}: no held-out token could be scored (all are special or unknown [UNK]), so "
+                         "the gate has nothing to compare and nothing was promoted; ingest text the tokenizer covers")
+
+
 def _finite(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
@@ -204,6 +214,9 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                  f"{trainable:,} trainable parameters, {device} {precision}"
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
+    if run.head.kind == "full":
+        reporter.log(f"{type(run.model).__name__}: no masked-only head split for this class; the vocabulary "
+                     "projection runs at every position (slower, equally correct)")
     # The student still holds the parent's weights: the EWC anchor and the "before" scores.
     run.terms += strategies.ewc_terms(ws, recipe, plan, run.model, shards, tok_inputs, device=device,
                                       precision=precision, reporter=reporter)
@@ -321,6 +334,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     from incr_cli import models
 
     after = evaluate_lineage(run, shards, plan_increments(plan), recipe, tok_inputs)
+    _require_scores(after, plan.pending)
     before = state.eval_before or {}
     passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
     version = ws.next_version()
@@ -346,6 +360,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "loss": {k: _finite(v) for k, v in losses.items()},
         "eval": {"before": before, "after": after}, "forgetting": forgetting,
         "resumed_from_step": resumed_from,
+        "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},
     }
     manifest = {"version": version, "parent": plan.parent, "source": parent_manifest.get("source"),
                 "head_initialised": parent_manifest.get("head_initialised", False),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers_arch import FAMILIES, model_for
 from transformers import (
-    AlbertConfig,
-    AlbertForMaskedLM,
     BertConfig,
     BertForMaskedLM,
+    DebertaV2Config,
+    DebertaV2ForMaskedLM,
     DistilBertConfig,
     DistilBertForMaskedLM,
     RobertaConfig,
@@ -25,6 +26,19 @@ SPECIAL = torch.tensor([0, 1, 2, 3, 4])  # pad, unk/bos, cls, sep/eos, mask
 SIZES = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=2)
 
 
+class _Vocab:
+    """What helpers_arch.model_for reads of a tokenizer: 99 ids, 0 = pad, 2 = cls, 3 = sep."""
+
+    pad_token_id, cls_token_id, sep_token_id = 0, 2, 3
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+class CustomBertForMaskedLM(BertForMaskedLM):
+    """A subclass may change forward: it never gets a split, so it stands for every unknown class."""
+
+
 def build(kind: str):
     torch.manual_seed(0)
     if kind == "bert":
@@ -35,7 +49,12 @@ def build(kind: str):
     if kind == "distilbert":
         return DistilBertForMaskedLM(DistilBertConfig(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2,
                                                       n_heads=2, pad_token_id=0))
-    return AlbertForMaskedLM(AlbertConfig(hidden_size=32, intermediate_size=64, embedding_size=16, **SIZES))
+    if kind == "deberta-v2-new-head":  # legacy=False: the lm_predictions head tied to the embeddings
+        model = model_for("deberta-v2", _Vocab())
+        return DebertaV2ForMaskedLM(DebertaV2Config(**{**model.config.to_dict(), "legacy": False}))
+    if kind in FAMILIES:
+        return model_for(kind, _Vocab())
+    return CustomBertForMaskedLM(BertConfig(hidden_size=32, intermediate_size=64, **SIZES))
 
 
 def batch(seed=0):
@@ -48,17 +67,17 @@ def batch(seed=0):
     return out, ids != 0
 
 
-KINDS = ["bert", "roberta", "distilbert", "full"]
+KINDS = ["bert", "roberta", "distilbert", "modernbert", "deberta-v2", "electra", "albert", "mpnet", "full"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "deberta-v2-new-head"])
 def test_masked_only_head_matches_the_full_head(kind):
     model = build(kind).train()  # dropout on would break equality: disable it for the comparison
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     head = MaskedLMHead(model)
-    assert head.kind == kind and head.model is model
+    assert head.kind == kind.replace("-new-head", "") and head.model is model
     masked, attention = batch()
 
     logits, hidden = head(masked.input_ids, attention, masked.positions, output_hidden=True)

@@ -36,6 +36,9 @@ def ingest(
                          "paragraphs (blank-line separated) or jsonl.")] = "auto",
     text_field: Annotated[str, typer.Option("--text-field", help="JSON Lines: the field holding the text.")] = "text",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
+    allow_unknown: Annotated[bool, typer.Option(
+        "--allow-unknown", help="Ingest even when more than data.unknown_max of the tokens are unknown ([UNK]) "
+                                "or of the characters map to no token.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Clean, deduplicate, split (held-out by document hash), tokenize and pack PATH... into data/dNNNN-NAME/.
@@ -51,7 +54,8 @@ def ingest(
     paths, overrides = split_overrides(paths)
     resolved = load_recipe(recipe or ws.recipe_path, overrides)
     with ws.lock("ingest"):
-        result = run_ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out)
+        result = run_ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out,
+                            allow_unknown=allow_unknown)
     if json_out:
         out.emit_json({"workspace": str(ws.root), **result.to_dict()})
         return
@@ -70,13 +74,19 @@ def ingest(
     if result.increment:
         seqs, toks = result.sequences, result.tokens
         rows += [["sequences", f"{seqs['train']:,} train, {seqs['heldout']:,} held out"],
-                 ["tokens", f"{toks['train']:,} train, {toks['heldout']:,} held out"]]
+                 ["tokens", f"{toks['train']:,} train, {toks['heldout']:,} held out"],
+                 ["unknown", _unknown_row(result.unknown)]]
     rate = result.bytes_read / 1e6 / result.seconds if result.seconds else 0.0
     rows.append(["time", f"{result.seconds:.1f} s ({rate:.1f} MB/s)"])
     out.table(result.increment or "nothing written", ["", ""], rows)
     out.log(result.message)
     if result.increment:
         out.log(f"next: incr train-increment {ws.root}")
+
+
+def _unknown_row(unknown: dict) -> str:
+    return (f"{unknown.get('unknown_share', 0):.2%} of tokens [UNK], "
+            f"{unknown.get('dropped_share', 0):.2%} of characters dropped")
 
 
 def _where(counts: dict[str, int]) -> str:

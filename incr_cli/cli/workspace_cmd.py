@@ -57,10 +57,11 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
             for v in report["versions"]]
     out.table("versions (* = LATEST)", ["version", "parent", "status", "trained on", "new", "size", "created"], rows)
     incs = [[d["id"], "pending" if d["pending"] else "trained", d["sequences"].get("train", "?"),
-             d["sequences"].get("heldout", "?"), d["tokens"].get("train", "?"), d["created"] or "?"]
+             d["sequences"].get("heldout", "?"), d["tokens"].get("train", "?"), _share(d["unknown"]), d["created"] or "?"]
             for d in report["increments"]]
     if incs:
-        out.table("increments", ["increment", "state", "train seqs", "held-out seqs", "train tokens", "created"], incs)
+        out.table("increments", ["increment", "state", "train seqs", "held-out seqs", "train tokens", "unknown",
+                                 "created"], incs)
     pending = report["pending"]
     out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
     for state in report["resume_states"]:
@@ -71,6 +72,13 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     if report["staging_leftovers"]:
         out.warn(f"{len(report['staging_leftovers'])} temporary folders left by interrupted writers in "
                  f"{workspace}/staging (removed by the next writing command)")
+
+
+def _share(unknown: dict | None) -> str:
+    """An increment's unknown share for the status table: the larger of [UNK] tokens and dropped characters."""
+    if not unknown:
+        return "?"  # an increment ingested before incr measured it
+    return f"{max(unknown.get('unknown_share', 0.0), unknown.get('dropped_share', 0.0)):.1%}"
 
 
 def verify(
@@ -123,11 +131,11 @@ def workspace_status(ws: Workspace) -> dict:
     increments = []
     for inc in ws.increments():
         entry = {"id": inc, "pending": inc in pending, "sequences": {}, "tokens": {}, "created": None,
-                 "size_bytes": folder_bytes(ws.increment_dir(inc)), "problem": None}
+                 "size_bytes": folder_bytes(ws.increment_dir(inc)), "unknown": None, "problem": None}
         try:
             manifest = ws.increment_manifest(inc)
             entry.update(sequences=dict(manifest.get("sequences") or {}), tokens=dict(manifest.get("tokens") or {}),
-                         created=manifest.get("created"))
+                         created=manifest.get("created"), unknown=manifest.get("unknown"))
         except IncrError as exc:
             entry["problem"] = str(exc)
         increments.append(entry)
