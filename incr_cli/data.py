@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from incr_cli.errors import InputError, IntegrityError
+from incr_cli.segment import WORDS_SUFFIX
 from incr_cli.workspace import Workspace, read_manifest, safe_relpath
 
 # Separate streams of the sampler's seeded generators (any fixed, distinct numbers).
@@ -33,25 +34,29 @@ class IncrementShards:
     heldout: np.ndarray
     manifest: dict[str, Any] = field(repr=False)
     pad_id: int
+    # (n, seq_len) uint8, 1 where a token continues the word before it (segment.py), when ingest segmented
+    train_words: np.ndarray | None = None
+    heldout_words: np.ndarray | None = None
 
     @property
     def seq_len(self) -> int:
         return int(self.manifest["seq_len"])
 
 
-def _open_split(folder, name: str, manifest: dict[str, Any]) -> np.ndarray:
-    """``folder/<name>.bin`` as a read-only (n, seq_len) array; n comes from the manifest."""
+def _open_split(folder, name: str, manifest: dict[str, Any], words: bool = False) -> np.ndarray:
+    """``folder/<name>.bin`` (``<name>.words.bin`` with ``words``) as a read-only (n, seq_len) array;
+    n comes from the manifest."""
     seq_len = int(manifest["seq_len"])
     rows = int(manifest["sequences"][name])
-    dtype = np.dtype(manifest["dtype"])
-    path = safe_relpath(folder, f"{name}.bin")
+    dtype = np.dtype("uint8" if words else manifest["dtype"])
+    path = safe_relpath(folder, f"{name}{WORDS_SUFFIX}" if words else f"{name}.bin")
     expected = rows * seq_len * dtype.itemsize
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise IntegrityError(f"{folder.name}: file {name}.bin is missing; remove {folder} and ingest again") from None
+        raise IntegrityError(f"{folder.name}: file {path.name} is missing; remove {folder} and ingest again") from None
     if size != expected:
-        raise IntegrityError(f"{folder.name}: {name}.bin has {size} bytes, {rows} x {seq_len} {dtype} sequences "
+        raise IntegrityError(f"{folder.name}: {path.name} has {size} bytes, {rows} x {seq_len} {dtype} sequences "
                              f"need {expected}; remove {folder} and ingest again")
     if rows == 0:  # mmap cannot map an empty file
         return np.zeros((0, seq_len), dtype=dtype)
@@ -69,10 +74,12 @@ def open_increment(ws: Workspace, increment_id: str, *, verify: bool = True) -> 
         train = _open_split(folder, "train", manifest)
         heldout = _open_split(folder, "heldout", manifest)
         pad_id = int(manifest["pad_id"])
+        segmented = bool(manifest.get("words"))
+        words = [_open_split(folder, name, manifest, words=True) if segmented else None for name in ("train", "heldout")]
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"{folder / 'manifest.json'}: missing or bad field {exc}; remove {folder} "
                              "and ingest again") from None
-    return IncrementShards(increment_id, train, heldout, manifest, pad_id)
+    return IncrementShards(increment_id, train, heldout, manifest, pad_id, *words)
 
 
 class _Pool:
@@ -83,17 +90,22 @@ class _Pool:
         sizes = np.array([len(s.train) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # (I + 1,)
         self.total = int(self.starts[-1])
+        self.segmented = any(s.train_words is not None for s in self.shards)
 
-    def gather(self, index: np.ndarray, seq_len: int) -> np.ndarray:
-        """index (n,) int64 in [0, total) -> (n, seq_len) int64 rows, in the order given."""
-        out = np.empty((len(index), seq_len), dtype=np.int64)
+    def gather(self, index: np.ndarray, seq_len: int, words: bool = False) -> np.ndarray:
+        """index (n,) int64 in [0, total) -> (n, seq_len) int64 rows, in the order given; with ``words``
+        the rows' word-continuation bits instead (bool; all False for an increment without them)."""
+        out = np.zeros((len(index), seq_len), dtype=bool if words else np.int64)
         which = np.searchsorted(self.starts, index, side="right") - 1  # (n,) increment of each row
         for i in np.unique(which):  # touches only the increments this batch draws from
+            source = self.shards[i].train_words if words else self.shards[i].train
+            if source is None:
+                continue
             sel = which == i
             local = index[sel] - self.starts[i]
             order = np.argsort(local, kind="stable")  # sorted reads are kinder to memmap
-            rows = np.empty((len(local), seq_len), dtype=np.int64)
-            rows[order] = self.shards[i].train[local[order]]
+            rows = np.empty((len(local), seq_len), dtype=out.dtype)
+            rows[order] = source[local[order]]
             out[sel] = rows
         return out
 
@@ -104,6 +116,7 @@ class Batch:
 
     new_ids: np.ndarray
     replay_ids: np.ndarray
+    continues: np.ndarray | None = None  # (n_new + n_replay, T) bool word-continuation bits, when segmented
 
     @property
     def input_ids(self) -> np.ndarray:
@@ -180,7 +193,11 @@ class BatchSampler:
         self.batch_index += 1
         new = self.new_indices(b)[self.rank * self.n_new:(self.rank + 1) * self.n_new]
         replay = self.replay_indices(b)[self.rank * self.n_replay:(self.rank + 1) * self.n_replay]
-        return Batch(self.new_pool.gather(new, self.seq_len), self.replay_pool.gather(replay, self.seq_len))
+        batch = Batch(self.new_pool.gather(new, self.seq_len), self.replay_pool.gather(replay, self.seq_len))
+        if self.new_pool.segmented or self.replay_pool.segmented:
+            batch.continues = np.concatenate([self.new_pool.gather(new, self.seq_len, words=True),
+                                              self.replay_pool.gather(replay, self.seq_len, words=True)])
+        return batch
 
 
 def split_batch_size(batch_size: int, ratio: float, has_replay: bool) -> tuple[int, int]:

@@ -58,8 +58,10 @@ def mask_seed(seed: int, key: str, chunk: int) -> int:
 
 
 def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torch.Tensor, mask_token_id: int,
-               vocab_size: int, word_starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               vocab_size: int, word_starts: torch.Tensor | None = None,
+               continues: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (N, T) long on CPU -> (masked input ids (N, T), positions (N, T) bool), on CPU.
+    ``continues`` (N, T) bool: the word-continuation bits of a segmented increment (see mask_batch).
 
     Chunk c (rows c*MASK_CHUNK ...) is masked with a generator seeded by mask_seed(eval.seed, key, c),
     so a row's mask depends only on the settings, the key and its index: not on the device, the
@@ -70,7 +72,8 @@ def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torc
         gen = torch.Generator().manual_seed(mask_seed(recipe.eval.seed, key, c))
         batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=special_ids,
                            mask_token_id=mask_token_id, vocab_size=vocab_size, generator=gen,
-                           word_starts=word_starts)
+                           word_starts=word_starts,
+                           continues=None if continues is None else continues[start:start + MASK_CHUNK])
         masked[start:start + MASK_CHUNK] = batch.input_ids
         positions[start:start + MASK_CHUNK] = batch.positions
     return masked, positions
@@ -79,13 +82,14 @@ def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torc
 def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe,
                     special_ids: Sequence[int] | torch.Tensor, mask_token_id: int, vocab_size: int,
                     device: torch.device | str, precision: str, pad_id: int | None = None,
-                    word_starts: torch.Tensor | None = None) -> dict[str, Any]:
+                    word_starts: torch.Tensor | None = None, continues: np.ndarray | None = None) -> dict[str, Any]:
     """Held-out MLM scores of ``head`` on the first ``recipe.eval.max_sequences`` rows of ids (N, T).
 
     -> {loss: summed cross-entropy / masked tokens, perplexity: exp(loss), accuracy: top-1 share,
     top5: top-5 share, tokens: masked tokens}; the float entries are None when nothing was masked
     (no rows). ``pad_id`` defaults to the model config's; ``word_starts`` (V,) is needed for
-    whole-word masking. The head's training flag is restored afterwards.
+    whole-word masking, ``continues`` (N, T) are a segmented increment's word-continuation bits.
+    The head's training flag is restored afterwards.
     """
     rows = np.asarray(ids[: recipe.eval.max_sequences])
     if rows.ndim != 2:
@@ -93,8 +97,12 @@ def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, r
     device = torch.device(device)
     input_ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)
     specials = torch.as_tensor(special_ids, dtype=torch.long)
+    bits = None
+    if continues is not None and word_starts is not None:
+        bits = torch.from_numpy(np.asarray(continues[: recipe.eval.max_sequences]).astype(bool))
     masked, positions = eval_masks(input_ids, key=increment_id, recipe=recipe, special_ids=specials,
-                                   mask_token_id=mask_token_id, vocab_size=vocab_size, word_starts=word_starts)
+                                   mask_token_id=mask_token_id, vocab_size=vocab_size, word_starts=word_starts,
+                                   continues=bits)
     pad = pad_id if pad_id is not None else getattr(head.model.config, "pad_token_id", None)
     attention = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
@@ -153,11 +161,17 @@ def read_heldout(ws: Workspace, increment_id: str, *, check: bool = True) -> np.
     return shards.heldout
 
 
+def heldout_words(ws: Workspace, increment_id: str) -> np.ndarray | None:
+    """The held-out word-continuation bits of a segmented increment (size checked), else None."""
+    return open_increment(ws, increment_id, verify=False).heldout_words
+
+
 def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe: Recipe, tokenizer: Any,
                     device: torch.device | str, precision: str) -> dict[str, Any]:
     """score_sequences on an increment's held-out split (its checksum checked first)."""
     return score_sequences(head, read_heldout(ws, increment_id), increment_id=increment_id, recipe=recipe,
-                           device=device, precision=precision, **tokenizer_inputs(tokenizer, recipe))
+                           device=device, precision=precision, continues=heldout_words(ws, increment_id),
+                           **tokenizer_inputs(tokenizer, recipe))
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -395,7 +409,7 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
 
         configure_threads(recipe.runtime.num_threads)
         total = sum(len(cells) for cells in todo.values())
-        heldout: dict[str, np.ndarray] = {}  # read (and checksummed) once per increment
+        heldout: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # read (and checksummed) once per increment
         with reporter.progress("scoring", total=total, unit="cells") as bar:
             for version, cells in todo.items():
                 model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
@@ -405,12 +419,12 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
                     if col.kind == "increment":
                         _check_tokenizer(ws, col.id, version, models.tokenizer_sha256(tokenizer))
                         if col.id not in heldout:
-                            heldout[col.id] = read_heldout(ws, col.id)
-                        ids = heldout[col.id]
+                            heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
+                        ids, words = heldout[col.id]
                     else:
-                        ids = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len)
+                        ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
                     result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
-                                             precision=precision, **inputs)
+                                             precision=precision, continues=words, **inputs)
                     scores[version][col.id] = result
                     if key:
                         cache.put(key, result, {"version": version, "column": col.id, "settings": settings})

@@ -46,6 +46,7 @@ from incr_cli.faults import fault_point
 from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
+from incr_cli.segment import WORDS_SUFFIX, ChineseWords, has_cjk
 from incr_cli.workspace import Workspace, base_manifest, seal_folder
 
 DOC_HASHES = "doc_hashes.bin"  # 16-byte hash of every kept document, in order: the index can be rebuilt from it
@@ -281,6 +282,7 @@ class IngestResult:
     bytes_read: int = 0
     seconds: float = 0.0
     unknown: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the increment
+    segmenter: str | None = None  # what gave the Chinese word boundaries (segment.py), if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -380,8 +382,35 @@ def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
     return shown + kb * 1024
 
 
-def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWriter, heldout: PackedWriter,
-                   *, total: int, tally: Tally, reporter: Reporter, coverage: Coverage) -> tuple[int, int]:
+class _Splits:
+    """The train and held-out writers of an increment, and with a segmenter their word-boundary twins
+    (``train.words.bin``, ``heldout.words.bin``: the same row layout, uint8, 1 = continues a word)."""
+
+    def __init__(self, folder: Path, seq_len: int, segmenter: ChineseWords | None, **kw: Any):
+        self.segmenter = segmenter
+        self.train = PackedWriter(folder / "train.bin", seq_len, **kw)
+        self.heldout = PackedWriter(folder / "heldout.bin", seq_len, **kw)
+        self.words = None
+        if segmenter is not None:
+            bits = {"cls_id": 0, "sep_id": 0, "pad_id": 0, "dtype": "uint8"}
+            self.words = (PackedWriter(folder / f"train{WORDS_SUFFIX}", seq_len, **bits),
+                          PackedWriter(folder / f"heldout{WORDS_SUFFIX}", seq_len, **bits))
+
+    def add(self, docs: list[tuple[bool, list[int], str, list[tuple[int, int]]]]) -> None:
+        """docs: (held out?, token ids, text, offsets) of each document, in order."""
+        for k, (writer, held) in enumerate(((self.train, False), (self.heldout, True))):
+            chosen = [d for d in docs if d[0] == held]
+            writer.add([ids for _, ids, _, _ in chosen])
+            if self.words is not None:
+                self.words[k].add([self.segmenter.continues(text, spans) for _, _, text, spans in chosen])
+
+    def close(self) -> None:
+        for writer in (self.train, self.heldout, *(self.words or ())):
+            writer.close()
+
+
+def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, splits: _Splits, *, total: int, tally: Tally,
+                   reporter: Reporter, coverage: Coverage) -> tuple[int, int]:
     """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
     ``coverage`` counts the unknown tokens and uncovered characters as it goes."""
     n_train = n_heldout = 0
@@ -396,22 +425,31 @@ def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, train: PackedWrit
             digests = hash_file.read(16 * len(texts))
             ids, offsets = tokenize_with_offsets(tokenizer, texts)
             coverage.add(texts, ids, offsets)
-            to_train, to_heldout = [], []
+            docs = []
             for i, doc in enumerate(ids):
                 if not doc:  # e.g. only characters the tokenizer's normaliser drops
                     tally.reject("no_tokens")
-                elif hash_unit(digests[16 * i: 16 * i + 16]) < cutoff:
-                    to_heldout.append(doc)
                 else:
-                    to_train.append(doc)
-            train.add(to_train)
-            heldout.add(to_heldout)
-            n_train += len(to_train)
-            n_heldout += len(to_heldout)
+                    docs.append((hash_unit(digests[16 * i: 16 * i + 16]) < cutoff, doc, texts[i], offsets[i]))
+            splits.add(docs)
+            held = sum(d[0] for d in docs)
+            n_train += len(docs) - held
+            n_heldout += held
             fault_point("ingest.batch")
-            rate = (train.tokens + heldout.tokens) / max(time.perf_counter() - started, 1e-9)
+            rate = (splits.train.tokens + splits.heldout.tokens) / max(time.perf_counter() - started, 1e-9)
             bar.advance(len(texts), f"{rate:,.0f} tokens/s")
     return n_train, n_heldout
+
+
+def _segmenter(recipe: Recipe, spool: Path) -> ChineseWords | None:
+    """jieba when ``masking.whole_word`` is on and the spooled text holds Chinese, else None."""
+    if not recipe.masking.whole_word:
+        return None
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file:
+        while block := text_file.read(1 << 20):
+            if has_cjk(block):
+                return ChineseWords()
+    return None
 
 
 def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
@@ -526,7 +564,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
                         skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
                         bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
-                        unknown=manifest["unknown"])
+                        unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"))
 
 
 def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
@@ -577,16 +615,15 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
                 raise _NothingNew()
             units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
             cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
-            kw = {"cls_id": cls_id, "sep_id": sep_id, "pad_id": pad_id, "dtype": dtype}
-            train = PackedWriter(tmp / "train.bin", seq_len, **kw)
-            heldout = PackedWriter(tmp / "heldout.bin", seq_len, **kw)
+            segmenter = _segmenter(recipe, spool)
+            splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
             coverage = Coverage(tokenizer.unk_token_id)
             try:
-                n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, train, heldout, total=p1.kept,
+                n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, splits, total=p1.kept,
                                                     tally=tally, reporter=reporter, coverage=coverage)
             finally:
-                train.close()
-                heldout.close()
+                splits.close()
+            train, heldout = splits.train, splits.heldout
             if n_train + n_heldout == 0:
                 raise _NothingNew()
             check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
@@ -605,6 +642,7 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
                 tokens={"train": train.tokens, "heldout": heldout.tokens},
                 doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
                 unknown=coverage.to_dict(),
+                words={"segmenter": segmenter.name, "suffix": WORDS_SUFFIX} if segmenter else None,
             ))
             conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
             fault_point("ingest.before_rename")

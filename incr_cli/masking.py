@@ -16,6 +16,8 @@ How positions are chosen, per row:
   ``per_sequence`` a row gets at most ``k`` positions (or one word longer than ``k`` when no word
   fits); with ``probability`` the word that crosses ``k`` is taken with probability
   (room left) / (its length), so the expected share of masked tokens is still ``probability``.
+Word boundaries come from the vocabulary's markers, refined by ``continues`` where ingest segmented
+Chinese text (a word of several characters is then one unit).
 Of the chosen positions, ``mask_token_ratio`` become the mask token, ``random_token_ratio`` a random
 non-special token, and the rest keep their token (BERT's 80/10/10).
 """
@@ -73,12 +75,14 @@ def word_start_table(tokenizer) -> torch.Tensor:
 
 def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torch.Tensor,
                mask_token_id: int, vocab_size: int, generator: torch.Generator,
-               word_starts: torch.Tensor | None = None) -> MaskedBatch:
+               word_starts: torch.Tensor | None = None, continues: torch.Tensor | None = None) -> MaskedBatch:
     """Choose and replace the positions to predict.
 
     input_ids (B, T) integer; special_ids (S,) integer (never masked, never drawn as random
     replacements); word_starts (V,) bool from ``word_start_table``, required when
-    ``cfg.whole_word``; generator on ``input_ids.device``. -> MaskedBatch (see the module docstring).
+    ``cfg.whole_word``; continues (B, T) bool, optional: True where a token continues the word of the
+    token before it although the vocabulary says it starts one (Chinese words from a segmenter, see
+    segment.py); generator on ``input_ids.device``. -> MaskedBatch (see the module docstring).
     """
     ids = input_ids.long()
     device = ids.device
@@ -103,7 +107,8 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
     if cfg.whole_word:
         if word_starts is None:
             raise ValueError("mask_batch: masking.whole_word needs word_starts (use word_start_table(tokenizer))")
-        word_id, unit_length, unit_maskable = _words(ids, special, word_starts.to(device))
+        word_id, unit_length, unit_maskable = _words(ids, special, word_starts.to(device),
+                                                     None if continues is None else continues.to(device))
     else:
         word_id = torch.arange(length, device=device).expand(batch, length)
         unit_length = torch.ones((batch, length), dtype=torch.long, device=device)
@@ -137,7 +142,7 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
     return MaskedBatch(input_ids=masked, positions=positions, targets=ids[positions])
 
 
-def _words(ids: torch.Tensor, special: torch.Tensor, word_starts: torch.Tensor
+def _words(ids: torch.Tensor, special: torch.Tensor, word_starts: torch.Tensor, continues: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group tokens into words. ids, special (B, T) -> word_id (B, T) in [0, T), the word of each
     token; length (B, T) tokens per word id; maskable (B, T) per word id.
@@ -149,6 +154,8 @@ def _words(ids: torch.Tensor, special: torch.Tensor, word_starts: torch.Tensor
     batch, length = ids.shape
     in_table = ids < word_starts.numel()
     starts = torch.where(in_table, word_starts[ids.clamp(max=word_starts.numel() - 1)], True)
+    if continues is not None:
+        starts = starts & ~continues
     after_special = torch.zeros_like(special)
     after_special[:, 1:] = special[:, :-1]
     starts = starts | special | after_special

@@ -80,7 +80,7 @@ class MaskingConfig:
     per_sequence: Optional[int] = knob(None, "Mask exactly this many tokens per sequence instead (like max_predictions_per_seq).", lo=1)
     mask_token_ratio: float = knob(0.8, "Of the chosen positions, share replaced by [MASK].", lo=0.0, hi=1.0)
     random_token_ratio: float = knob(0.1, "Of the chosen positions, share replaced by a random token (the rest keep theirs).", lo=0.0, hi=1.0)
-    whole_word: bool = knob(False, "Mask all sub-word pieces of a chosen word together.")
+    whole_word: bool = knob(False, "Mask all sub-word pieces of a chosen word together; Chinese words come from jieba at ingest (extra `zh`).")
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,15 @@ def _zeros(run: Run, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.zeros((), dtype=torch.float32, device=run.device) for n in names}
 
 
+def _require_targets(run: Run, state: TrainState, targets: float) -> None:
+    """A step window without a single target teaches nothing: stop (every rank sees the same all-reduced
+    count, so all stop here) rather than train on, or promote, text the tokenizer cannot represent."""
+    if targets == 0:
+        names = ", ".join(s.id for s in run.sampler.new_pool.shards)
+        raise InputError(f"{names}: step {state.step} drew no maskable token (all special or unknown [UNK]); "
+                         "nothing was promoted: ingest text the tokenizer covers")
+
+
 def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None:
     """One optimizer step over ``train.grad_accum`` micro-batches; updates ``state``.
 
@@ -232,17 +241,15 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
         generator.manual_seed(_mask_seed(t.seed, run.ctx.rank, state.step, m))
         masked = mask_batch(ids, run.masking, special_ids=run.special_ids, mask_token_id=run.mask_token_id,
-                            vocab_size=run.vocab_size, generator=generator, word_starts=run.word_starts)
+                            vocab_size=run.vocab_size, generator=generator, word_starts=run.word_starts,
+                            continues=None if batch.continues is None else torch.from_numpy(batch.continues).to(dev))
         micros.append((masked, ids != run.pad_id, len(batch.new_ids)))
     counts = torch.stack([torch.stack([p.positions[:n].sum(), p.positions[n:].sum(), a.sum()])
                           for p, a, n in micros]).float()  # (M, 3)
     window = run.ctx.all_reduce_sum(counts.sum(0))
     host = torch.cat([counts[:, 0], window]).tolist()  # the step's one host read
     per_micro_new, (n_new, n_replay, n_tokens) = host[:-3], host[-3:]
-    if n_new + n_replay == 0:  # every rank sees the same all-reduced count, so all stop here
-        names = ", ".join(s.id for s in run.sampler.new_pool.shards)
-        raise InputError(f"{names}: step {state.step} drew no maskable token (all special or unknown [UNK]); "
-                         "nothing was promoted: ingest text the tokenizer covers")
+    _require_targets(run, state, n_new + n_replay)
     norm = Normalisers(max(n_new, 1.0), max(n_replay, 1.0), max(n_new + n_replay, 1.0), max(n_tokens, 1.0))
 
     need_teacher = any(term.needs_teacher for term in run.terms)

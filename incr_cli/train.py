@@ -44,7 +44,7 @@ def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: l
         if len(shards[inc].heldout) == 0:
             continue
         s = score_sequences(run.head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
-                            precision=run.precision, **tok_inputs)
+                            precision=run.precision, continues=shards[inc].heldout_words, **tok_inputs)
         scores[inc] = {k: _finite(s[k]) for k in ("loss", "perplexity", "accuracy")}
     return scores
 
@@ -214,9 +214,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                  f"{trainable:,} trainable parameters, {device} {precision}"
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
-    if run.head.kind == "full":
-        reporter.log(f"{type(run.model).__name__}: no masked-only head split for this class; the vocabulary "
-                     "projection runs at every position (slower, equally correct)")
+    _log_full_head(run, reporter)
     # The student still holds the parent's weights: the EWC anchor and the "before" scores.
     run.terms += strategies.ewc_terms(ws, recipe, plan, run.model, shards, tok_inputs, device=device,
                                       precision=precision, reporter=reporter)
@@ -313,6 +311,12 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         exc.result = result  # type: ignore[attr-defined]
         raise exc
     return result
+
+
+def _log_full_head(run: Run, reporter: Reporter) -> None:
+    if run.head.kind == "full":
+        reporter.log(f"{type(run.model).__name__}: no masked-only head split for this class; the vocabulary "
+                     "projection runs at every position (slower, equally correct)")
 
 
 def _raise_if_bad(state: TrainState) -> None:

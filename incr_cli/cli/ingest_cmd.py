@@ -76,6 +76,8 @@ def ingest(
         rows += [["sequences", f"{seqs['train']:,} train, {seqs['heldout']:,} held out"],
                  ["tokens", f"{toks['train']:,} train, {toks['heldout']:,} held out"],
                  ["unknown", _unknown_row(result.unknown)]]
+        if result.segmenter:
+            rows.append(["Chinese words", f"segmented by {result.segmenter} (masking.whole_word)"])
     rate = result.bytes_read / 1e6 / result.seconds if result.seconds else 0.0
     rows.append(["time", f"{result.seconds:.1f} s ({rate:.1f} MB/s)"])
     out.table(result.increment or "nothing written", ["", ""], rows)
