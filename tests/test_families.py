@@ -69,6 +69,7 @@ def test_family_trains_two_increments_evaluates_and_fills_masks(tmp_path, family
     assert len(predictions) == 3 and all("token_str" in p for p in predictions)
 
 
+@pytest.mark.slow
 def test_a_non_bert_family_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """RoBERTa (byte-level BPE tokenizer, its own head split): SIGTERM at step 2, rerun resumes, same weights."""
     ws, _ = _line(tmp_path, "roberta")
