@@ -24,7 +24,7 @@ from incr_cli.workspace import Workspace
 from tests.helpers_train import REPO, _ingest, assert_same_weights, excerpt, reset_faults, weights
 
 # Small enough for a few seconds per family on 2 cores; the recipe's distill.alpha and replay.ratio stay on.
-OVERRIDES = ["model.max_seq_len=32", "train.steps=3", "train.batch_size=4", "eval.max_sequences=8",
+OVERRIDES = ["model.max_seq_len=32", "train.steps=2", "train.batch_size=4", "eval.max_sequences=8",
              "runtime.save_every=1"]
 runner = CliRunner()
 
