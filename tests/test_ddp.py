@@ -32,3 +32,6 @@ def test_two_gloo_processes_train_one_version(tmp_path, tmp_path_factory):
     # The ranks' weights were compared before writing (a mismatch fails the run), and only one
     # version was written although two processes trained.
     assert "different weights" not in proc.stderr
+    # grad_norm: every rank holds the same all-reduced gradients, so the sum over ranks is divided back
+    log = [json.loads(line) for line in (ws.version_dir("v0002") / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 < line["grad_norm"] < 100 and line["mfu"] > 0 for line in log)

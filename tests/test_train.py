@@ -87,10 +87,14 @@ PLAIN = {"train": {"batch_size": 4, "lr": 1e-3, "weight_decay": 0.0, "warmup_rat
 @pytest.mark.parametrize("grad_accum", [1, 3])
 def test_plain_setting_is_exactly_plain_mlm_fine_tuning(tmp_path, recorded_masks, grad_accum):
     """alpha=0, ratio=0: the loop's loss and update equal a hand-written HF MLM step (full head,
-    labels=-100 elsewhere, mean over the window's masked tokens, clipping, AdamW)."""
+    labels=-100 elsewhere, mean over the window's masked tokens, clipping, AdamW); the log line's
+    grad_norm is the reference's norm before clipping (clipping off with grad_accum 3)."""
     recipe = copy.deepcopy(PLAIN)
     recipe["train"]["grad_accum"] = grad_accum
+    max_norm = 1.0 if grad_accum == 1 else 0.0
+    recipe["train"]["max_grad_norm"] = max_norm
     run, reference, _ = loop_run(tmp_path, recipe)
+    norms = []
     assert [t.name for t in run.terms] == ["mlm_new"] and run.teacher is None
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
     reference.train()
@@ -113,11 +117,12 @@ def test_plain_setting_is_exactly_plain_mlm_fine_tuning(tmp_path, recorded_masks
                            labels=torch.where(masked.positions, ids, -100)).loss
             assert loss == pytest.approx(hf.item(), rel=1e-5)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        norms.append(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm or float("inf")).item())
         optimizer.step()
         optimizer.zero_grad()
     for (name, p), q in zip(run.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    assert step_mod.log_line(run, state, 1.0)["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-4)
 
 
 def test_replay_and_distill_terms_follow_the_formula(tmp_path, recorded_masks):
