@@ -172,12 +172,17 @@ class Meter:
         return self.flops(rows, seq, masked) / seconds / (self.peak_flops_per_s * self.devices)
 
 
+# The encoders whose layers are what the formula counts (BERT's layer: q, k, v, o, two feed-forward
+# matrices; MLM head transform + decoder). Others differ in what they compute (gated feed-forward,
+# relative-position attention, factorised embeddings): their MFU is left unknown, not guessed.
+FORMULA_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
+
+
 def model_shape(config) -> ModelShape | None:
-    """The shape of a BERT-style config; None for configs that name things otherwise (DistilBERT)."""
-    try:
-        return ModelShape.from_config(config)
-    except AttributeError:
+    """The shape of a config of ``FORMULA_MODEL_TYPES``; None for any other model."""
+    if getattr(config, "model_type", None) not in FORMULA_MODEL_TYPES:
         return None
+    return ModelShape.from_config(config)
 
 
 def device_peak(device, precision: str) -> tuple[float | None, str]:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from incr_cli import tracking
 from incr_cli.cli.app import app
-from incr_cli.flops import Meter, ModelShape, step_flops
+from incr_cli.flops import Meter, ModelShape, model_shape, step_flops
 from incr_cli.recipe import TrackingConfig, load_recipe
 from incr_cli.reporting import Quiet
 from incr_cli.schedule import lr_factor, warmup_steps
@@ -81,6 +81,14 @@ def test_mfu_is_model_flops_per_second_over_the_peak():
     assert meter.mfu(16, 64, 150, seconds=2.0) == pytest.approx(flops / 2.0 / 2e9)
     unknown = Meter(shape, False, False, True, None, "unknown")
     assert unknown.mfu(16, 64, 150, 2.0) is None
+
+
+def test_mfu_is_only_counted_for_models_the_formula_describes():
+    from transformers import BertConfig, DistilBertConfig, ModernBertConfig
+
+    bert = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    assert model_shape(bert) == ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100)
+    assert model_shape(DistilBertConfig()) is None and model_shape(ModernBertConfig()) is None
 
 
 def test_log_lines_carry_grad_norm_before_clipping_lr_and_mfu(one_pending):
