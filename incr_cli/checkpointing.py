@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from incr_cli.diskspace import disk_writes, tensor_bytes
 from incr_cli.errors import IntegrityError
 from incr_cli.faults import fault_point
 from incr_cli.workspace import RESUME_POINTER, Workspace, atomic_write_text, fsync_dir, fsync_tree
@@ -97,6 +98,19 @@ class ResumeStore:
              meta: dict[str, Any]) -> Path:
         """Write the state after ``step`` steps. All ranks call it; rank 0 writes the shared files."""
         folder = self.root / f"state-{step:08d}"
+        needs = tensor_bytes(model, trainer) if self.rank == 0 else None
+        try:
+            with disk_writes("resumable state", self.root, needs=needs):
+                self._write(folder, model, trainer, rng, meta)
+        except Exception:
+            if self.rank == 0 and self.current() != folder:  # never pointed to: free its space
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.barrier()
+        return folder
+
+    def _write(self, folder: Path, model: torch.nn.Module, trainer: dict[str, Any], rng: dict[str, Any],
+               meta: dict[str, Any]) -> None:
         if self.rank == 0:
             if folder.exists():  # left by a save that was killed before its pointer moved
                 shutil.rmtree(folder)
@@ -111,13 +125,13 @@ class ResumeStore:
         self.barrier()
         if self.rank == 0:
             fsync_tree(folder)
+            fsync_dir(self.root)  # the folder's entry is on disk before the pointer names it
+            fsync_dir(self.root.parent)  # and this run's folder (new at its first save)
             atomic_write_text(self.root / RESUME_POINTER, folder.name + "\n")
             for old in self.root.glob("state-*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
             fsync_dir(self.root)
-        self.barrier()
-        return folder
 
     def load(self, model: torch.nn.Module, device: torch.device) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """Load the weights into ``model``; -> (trainer state, this rank's RNG state), or None."""

@@ -8,6 +8,8 @@ code reads the same either way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from incr_cli import device as devices
+from incr_cli.errors import RankLost
 
 
 def env_rank() -> int:
@@ -33,6 +36,7 @@ class DistContext:
     world_size: int
     device: torch.device
     owns_group: bool = False  # True when this context initialised the process group
+    timeout_s: float = 1800.0  # how long a collective waits for the other ranks
 
     @property
     def enabled(self) -> bool:
@@ -44,12 +48,14 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.enabled:
-            dist.barrier()
+            with self.collective("a barrier"):
+                dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place on every rank; returns the tensor (unchanged on one process)."""
         if self.enabled:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with self.collective("a sum across ranks"):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def broadcast_object(self, obj: Any) -> Any:
@@ -57,7 +63,8 @@ class DistContext:
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with self.collective("the broadcast of rank 0's result"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def all_equal(self, value: float) -> bool:
@@ -65,18 +72,49 @@ class DistContext:
         if not self.enabled:
             return True
         t = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with self.collective("the comparison of the ranks' weights"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t[0].item() == value and -t[1].item() == value)
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """A collective (or a DDP backward) whose peer died (connection closed) or never came (the
+        timeout): RankLost, one line on every surviving rank, instead of a backend traceback or a
+        wait without end. Other errors pass through."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if not self.enabled or not _is_rank_failure(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+            why = (f"no answer within runtime.collective_timeout={self.timeout_s:g}s" if timed_out
+                   else "the connection to another rank broke")
+            raise RankLost(f"rank {self.rank} of {self.world_size}: {why} during {what} ({first}); a rank died, "
+                           "hung or was stopped; nothing was promoted: rerun the same command to resume from "
+                           "the last saved state") from exc
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def setup(device_spec: str) -> DistContext:
+_RANK_FAILURE_TEXTS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",
+                       "timeout", "socket")
+
+
+def _is_rank_failure(exc: RuntimeError) -> bool:
+    """A backend error (peer gone, timeout), not a bug in the step that happened to run collectively."""
+    return isinstance(exc, dist.DistError) or any(t in str(exc).lower() for t in _RANK_FAILURE_TEXTS)
+
+
+def setup(device_spec: str, timeout_s: float = 1800.0) -> DistContext:
     """Resolve the device and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU).
 
     Each rank uses ``cuda:LOCAL_RANK`` when the recipe's device is CUDA (or auto with CUDA present).
+    A collective that waits longer than ``timeout_s`` for the other ranks (one hung or was stopped)
+    fails with ``RankLost``; it must exceed the longest rank-0-only stretch (the parent's evaluation,
+    the version write), which the other ranks spend waiting.
     """
     world_size = env_world_size()
     device = devices.resolve_device(device_spec)
@@ -88,5 +126,5 @@ def setup(device_spec: str) -> DistContext:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=30))
-    return DistContext(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+                                timeout=timedelta(seconds=timeout_s))
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, owns_group=owns, timeout_s=timeout_s)

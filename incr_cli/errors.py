@@ -20,6 +20,7 @@ class IncrError(Exception):
     """Base class: a problem the user can fix. ``exit_code`` is what the CLI returns."""
 
     exit_code = EXIT_USAGE
+    every_rank = False  # under torchrun only rank 0 prints the error line, unless this is True
 
 
 class UsageError(IncrError):
@@ -58,6 +59,30 @@ class TrainingFailed(IncrError):
     """Training could not finish (non-finite loss, out of memory); nothing was promoted."""
 
     exit_code = EXIT_FAILURE
+
+
+class DiskFull(IncrError):
+    """A write ran out of space (or quota). Nothing half-written is kept; the same command reruns
+    once space is back. Raised by ``diskspace.disk_writes`` at each write site."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, what: str, where: object, needs: int | None = None):
+        self.what, self.where, self.needs = what, str(where), needs
+        need = f", needs ~{megabytes(needs)} MB" if needs else ""
+        super().__init__(f"no space left on device: {what}, {where}{need}; free space and rerun the same command")
+
+
+class RankLost(TrainingFailed):
+    """A collective failed or timed out under torchrun: another rank died, hung or was stopped.
+    Every rank that survives says so (not only rank 0, which may be the one that died)."""
+
+    every_rank = True
+
+
+def megabytes(n: int) -> str:
+    """``n`` bytes as MB for a message: one decimal below 10 MB (tiny models), whole MB above."""
+    return f"{n / 1e6:.1f}" if n < 10e6 else f"{n / 1e6:,.0f}"
 
 
 class Interrupted(IncrError):

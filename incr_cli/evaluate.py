@@ -32,6 +32,7 @@ import torch
 from incr_cli import FORMAT_VERSION, __version__
 from incr_cli.data import open_increment
 from incr_cli.device import autocast, inference, resolve_device, resolve_precision
+from incr_cli.diskspace import disk_writes
 from incr_cli.errors import IntegrityError, UsageError
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import mlm_loss_sum, topk_correct
@@ -227,8 +228,9 @@ class ScoreCache:
     def put(self, key: str, scores: dict[str, Any], about: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
+        with disk_writes("eval cache", self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -469,12 +471,12 @@ def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> P
     while path.exists():
         n += 1
         path = ws.eval_dir / f"{stamp}-{n}.json"
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, what="eval result")
     if out is not None:
         out = Path(out)
         if out.parent and not out.parent.is_dir():
             raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
-        atomic_write_text(out, text)
+        atomic_write_text(out, text, what=f"eval result --out {out.name}")
     return path
 
 

@@ -41,7 +41,8 @@ import numpy as np
 
 from incr_cli import readers
 from incr_cli.coverage import Coverage, check_coverage
-from incr_cli.errors import InputError, IntegrityError, UsageError
+from incr_cli.diskspace import disk_writes, is_disk_full
+from incr_cli.errors import DiskFull, InputError, IntegrityError, UsageError
 from incr_cli.faults import fault_point
 from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.recipe import Recipe
@@ -118,6 +119,8 @@ def open_index(ws: Workspace) -> sqlite3.Connection:
         )
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if is_disk_full(exc, ws.data):
+            raise DiskFull("the dedup index", ws.index_path) from exc
         raise IntegrityError(f"{ws.index_path}: the dedup index cannot be read ({exc}); move it away and rerun: "
                              f"it is rebuilt from the increments' {DOC_HASHES}") from None
     return conn
@@ -530,6 +533,14 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
         tokenizer = models.load_tokenizer(ws, ws.latest())
 
     ws.clean_staging()
+    with disk_writes(f"increment {increment}", ws.data):
+        return _ingest_into(ws, increment, paths, recipe, tokenizer, reporter, started, fmt=fmt,
+                            text_field=text_field, allow_unknown=allow_unknown)
+
+
+def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe, tokenizer: Any,
+                 reporter: Reporter, started: float, *, fmt: str, text_field: str,
+                 allow_unknown: bool) -> IngestResult:
     conn = open_index(ws)
     try:
         gone, added = recover_index(ws, conn)

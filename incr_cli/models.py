@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from incr_cli import __version__
+from incr_cli.diskspace import disk_writes, tensor_bytes
 from incr_cli.errors import IntegrityError, UsageError
 from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe, recipe_to_dict, recipe_to_yaml
@@ -374,7 +375,9 @@ def save_version(ws: Workspace, version: str, model: Any, tokenizer: Any, manife
     body = {k: v for k, v in manifest.items() if k not in head and k != "files"}
     body.setdefault("software", software_versions())
     body.setdefault("attn_implementation", attn_used(model))
-    with ws.staged_folder(ws.version_dir(version)) as tmp:
+    needs = tensor_bytes(model) + sum(map(len, (extra_files or {}).values()))
+    with disk_writes(f"version {version}", ws.checkpoints, needs=needs), \
+            ws.staged_folder(ws.version_dir(version)) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp)  # safetensors: the only format transformers 5 writes
             tokenizer.save_pretrained(tmp)

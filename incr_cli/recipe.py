@@ -139,6 +139,7 @@ class RuntimeConfig:
     compile: bool = knob(False, "Wrap the student in torch.compile.")
     save_every: int = knob(200, "Steps between resumable-state saves (0 = only on interruption).", lo=0)
     num_threads: Optional[int] = knob(None, "CPU threads for torch (default: all cores, no oversubscription).", lo=1)
+    collective_timeout: float = knob(1800.0, "Seconds a torchrun rank waits for the others at a collective before it gives up with a clear error (a rank died, hung or was stopped); longer than rank 0's evaluation and version write.", lo=1.0)
 
 
 @dataclass(frozen=True)

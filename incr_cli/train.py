@@ -111,7 +111,7 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
     SIGINT/SIGTERM after saving resumable state.
     """
     reporter = reporter or Quiet()
-    ctx = distributed.setup(recipe.runtime.device)
+    ctx = distributed.setup(recipe.runtime.device, recipe.runtime.collective_timeout)
     try:
         plan = plan_increment(ws, recipe, parent, world_size=ctx.world_size)
         if dry_run:
@@ -254,7 +254,8 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         clock, seconds_at_log = time.perf_counter(), state.train_seconds
         while state.step < plan.steps:
             try:
-                train_step(run, state, check_loss=per_step_check)
+                with ctx.collective("a training step"):  # DDP's gradient sum: a rank that died shows here
+                    train_step(run, state, check_loss=per_step_check)
             except torch.cuda.OutOfMemoryError as exc:
                 raise TrainingFailed(f"out of memory at step {state.step + 1} on {device}: lower train.batch_size "
                                      "(raise train.grad_accum to keep the effective batch) or model.max_seq_len; "

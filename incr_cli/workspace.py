@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from incr_cli import FORMAT_VERSION, __version__
-from incr_cli.errors import IntegrityError, UsageError, WorkspaceLocked
+from incr_cli.diskspace import disk_writes
+from incr_cli.errors import DiskFull, IntegrityError, UsageError, WorkspaceLocked
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 INCREMENT_RE = re.compile(r"^d(\d{4,})-([A-Za-z0-9][A-Za-z0-9._-]*)$")
@@ -64,22 +65,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` so that readers see the old or the new content, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:
+    """Write ``path`` so that readers see the old or the new content, never a mix: a temporary file
+    in the same folder, fsynced, renamed over ``path``, then the folder fsynced. A full disk is a
+    ``DiskFull`` naming ``what`` (default: the file's name) and leaves ``path`` as it was."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with disk_writes(what or path.name, path.parent):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), what)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -186,9 +190,14 @@ class WorkspaceLock:
             raise WorkspaceLocked(f"workspace {self.path.parent} is locked by {who}; wait for it to finish") from None
         self.took_over = self.read_holder()  # a record left by a process that died holding the lock
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": now_iso()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
+        try:
+            with disk_writes("the workspace lock", self.path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(info).encode(), 0)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # and with it the flock
+            raise
         self._fd = fd
         return self
 
@@ -283,11 +292,14 @@ class Workspace:
         try:
             yield tmp
             fsync_tree(tmp)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            if not final.parent.is_dir():
+                final.parent.mkdir(parents=True)
+                fsync_dir(final.parent.parent)  # the new folder's own entry
             if final.exists():
                 raise IntegrityError(f"{final}: already exists; versions and increments are never overwritten")
             os.rename(tmp, final)
-            fsync_dir(final.parent)
+            fsync_dir(final.parent)  # the new entry...
+            fsync_dir(tmp.parent)  # ...and the one that left staging/
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -497,6 +509,6 @@ class _VerifyCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, DiskFull):  # a cache: a full disk only costs hashing again
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.data))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.workspace import Workspace
-from tests.helpers_train import REPO, reset_faults
+from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
 
 INCR = [sys.executable, "-m", "incr_cli"]
 _runner = CliRunner()
@@ -95,3 +95,98 @@ def assert_only_complete_versions(ws: Workspace) -> dict:
 def leftovers(ws: Workspace) -> list[Path]:
     """Temporary folders and resumable state left in staging/."""
     return [*ws.staging.glob("tmp-*"), *ws.staging.glob("resume/*/*")]
+
+
+# ----------------------------------------------------------------------------- one run, interrupted or not
+
+# v0001 trained on d0001-austen, d0002-fortunes pending: replay + distillation, state saved at steps 2
+# and 4. One thread: the same numbers in every process, and no OpenMP spinning on a busy CI machine.
+# Neither eval.* nor runtime.num_threads nor runtime.save_every is part of the run key (they do not
+# change the weights).
+FAST = ["eval.max_sequences=8", "runtime.num_threads=1"]
+ARGS = ["train.steps=6", "runtime.save_every=2", *FAST]
+# Long enough that a signal sent once the first state is saved lands inside the loop.
+LONG = ["train.steps=40", "runtime.save_every=2", *FAST]
+_REFERENCES: dict[tuple[str, ...], dict] = {}
+
+
+def uninterrupted(tmp_path_factory, args: list[str]) -> dict:
+    """v0002 of one uninterrupted in-process run of ``args`` on the two_increments template: its
+    tensors and run key (computed once per test session)."""
+    if tuple(args) not in _REFERENCES:
+        ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ref") / "ws")
+        result = cli("train-increment", ref.root, *args)
+        assert result.exit_code == 0, result.output
+        _REFERENCES[tuple(args)] = {"weights": weights(ref, "v0002"), "run_key": ref.version_manifest("v0002")["run_key"]}
+    return _REFERENCES[tuple(args)]
+
+
+def rerun_equals(ws: Workspace, reference: dict, args: list[str] = ARGS, *, resumed_from: int | None):
+    """Run the same command again: it completes, resumes where said, and writes the reference's v0002."""
+    result = cli("train-increment", ws.root, *args, "--json")
+    assert result.exit_code == 0, result.output
+    if resumed_from is not None:
+        assert f"resuming from step {resumed_from} of " in result.stderr, result.stderr
+    else:
+        assert "resuming" not in result.stderr
+    assert json.loads(result.stdout)["resumed_from_step"] == resumed_from
+    assert ws.versions() == ["v0000", "v0001", "v0002"] and ws.latest() == "v0002"
+    assert_same_weights(weights(ws, "v0002"), reference["weights"])
+    assert ws.version_manifest("v0002")["run_key"] == reference["run_key"]
+    assert not leftovers(ws)
+    assert_only_complete_versions(ws)
+    return result
+
+
+# ----------------------------------------------------------------------------- a real small filesystem
+
+
+PAGE = 4096
+
+
+class SmallDisk:
+    """A tmpfs mounted by the test (a real filesystem that really fills up), with a filler file that
+    leaves an exact number of bytes free and is removed when "space is back"."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.filler = root / ".filler"
+
+    def free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def leave(self, free_bytes: int) -> None:
+        """Fill the disk so that only ``free_bytes`` (rounded down to a page) stay free."""
+        self.release()
+        size = self.free() - free_bytes // PAGE * PAGE
+        assert size > 0, f"the disk has only {self.free()} bytes free, fewer than {free_bytes}"
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Space is back."""
+        self.filler.unlink(missing_ok=True)
+
+
+def mount_small_disk(folder: Path, size_mb: int):
+    """A tmpfs of ``size_mb`` MiB at ``folder`` -> (SmallDisk, unmount); pytest.skip where the
+    machine does not allow it (not root, no mount)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("a real small filesystem needs root to mount a tmpfs")
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    return SmallDisk(folder), lambda: subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def page_bytes(*paths: Path) -> int:
+    """What ``paths`` occupy on a tmpfs: whole pages."""
+    return sum(-(-p.stat().st_size // PAGE) * PAGE for p in paths)

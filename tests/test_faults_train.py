@@ -4,7 +4,6 @@ the same command run again ends in the version an uninterrupted run writes (equa
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,24 +17,20 @@ import torch
 from incr_cli.checkpointing import ResumeStore
 from incr_cli.workspace import Workspace
 from tests.helpers_reliability import (
+    ARGS,
+    LONG,
     assert_one_error_line,
     assert_only_complete_versions,
     cli,
     incr_process,
     leftovers,
     lock_holder_pid,
+    rerun_equals,
     run_incr,
+    uninterrupted,
     wait_for,
 )
 from tests.helpers_train import SAMPLES, assert_same_weights, copy_workspace, template, weights
-
-# v0001 trained on d0001-austen, d0002-fortunes pending: replay + distillation, state saved at steps 2
-# and 4. One thread: the same numbers in every process, and no OpenMP spinning on a busy CI machine.
-# Neither eval.* nor runtime.num_threads is part of the run key (they do not change the weights).
-FAST = ["eval.max_sequences=8", "runtime.num_threads=1"]
-ARGS = ["train.steps=6", "runtime.save_every=2", *FAST]
-# Long enough that a signal sent once the first state is saved lands inside the loop.
-LONG = ["train.steps=40", "runtime.save_every=2", *FAST]
 
 
 @pytest.fixture
@@ -43,39 +38,15 @@ def ws(tmp_path, tmp_path_factory) -> Workspace:
     return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
 
 
-def _uninterrupted(tmp_path_factory, args: list[str]) -> dict:
-    ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ref") / "ws")
-    result = cli("train-increment", ref.root, *args)
-    assert result.exit_code == 0, result.output
-    return {"weights": weights(ref, "v0002"), "run_key": ref.version_manifest("v0002")["run_key"]}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """v0002 of one uninterrupted run of ARGS: its tensors and run key."""
-    return _uninterrupted(tmp_path_factory, ARGS)
+    return uninterrupted(tmp_path_factory, ARGS)
 
 
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory) -> dict:
-    return _uninterrupted(tmp_path_factory, LONG)
-
-
-def rerun_equals(ws: Workspace, reference: dict, args: list[str] = ARGS, *, resumed_from: int | None):
-    """Run the same command again: it completes, resumes where said, and writes the reference's v0002."""
-    result = cli("train-increment", ws.root, *args, "--json")
-    assert result.exit_code == 0, result.output
-    if resumed_from is not None:
-        assert f"resuming from step {resumed_from} of " in result.stderr, result.stderr
-    else:
-        assert "resuming" not in result.stderr
-    assert json.loads(result.stdout)["resumed_from_step"] == resumed_from
-    assert ws.versions() == ["v0000", "v0001", "v0002"] and ws.latest() == "v0002"
-    assert_same_weights(weights(ws, "v0002"), reference["weights"])
-    assert ws.version_manifest("v0002")["run_key"] == reference["run_key"]
-    assert not leftovers(ws)
-    assert_only_complete_versions(ws)
-    return result
+    return uninterrupted(tmp_path_factory, LONG)
 
 
 # ----------------------------------------------------------------------------- kill -9

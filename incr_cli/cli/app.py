@@ -11,8 +11,8 @@ from incr_cli.cli import eval_cmd, ingest_cmd, predict_cmd, recipe_cmd, train_cm
 from incr_cli.cli.output import STATE
 
 EXIT_CODES_HELP = """
-Exit codes: 0 ok; 1 unexpected failure, non-finite loss or out of memory (one-line summary,
-traceback with --debug); 2 bad usage, recipe, input or a corrupt file (the message names it);
+Exit codes: 0 ok; 1 unexpected failure, non-finite loss, out of memory, no space left on device
+or a lost torchrun rank (one-line summary, traceback with --debug); 2 bad usage, recipe, input or a corrupt file (the message names it);
 3 the new version failed the gate (written, not promoted); 75 workspace locked by another
 process; 130/143 interrupted by SIGINT/SIGTERM (resumable state saved).
 """

@@ -7,7 +7,6 @@ the traceback shown only under ``--debug``.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -31,6 +30,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from incr_cli import diskspace
 from incr_cli.errors import EXIT_FAILURE, EXIT_SIGINT, IncrError
 
 # Shared options (Annotated types, reused by every command that takes them).
@@ -67,7 +67,7 @@ def guarded(fn: F) -> F:
         except IncrError as exc:
             if STATE.debug:
                 traceback.print_exc()
-            _error_line(str(exc))
+            _error_line(str(exc), every_rank=exc.every_rank)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _error_line("interrupted")
@@ -75,9 +75,9 @@ def guarded(fn: F) -> F:
         except Exception as exc:  # a bug or an environment failure: one line, traceback on --debug
             if STATE.debug:
                 traceback.print_exc()
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                _error_line(f"no space left on device: {exc.filename or exc}; free space and rerun the same "
-                            "command (nothing half-written was kept; training resumes from its saved state)")
+            disk_full = diskspace.unattributed(exc)  # a write site that does not name itself
+            if disk_full is not None:
+                _error_line(str(disk_full))
             elif _is_oom(exc):
                 _error_line(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                             "lower train.batch_size (raise train.grad_accum to keep the effective batch) "
@@ -90,8 +90,9 @@ def guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _error_line(message: str) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all ranks
+def _error_line(message: str, every_rank: bool = False) -> None:
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and not every_rank:  # under torchrun, rank 0 speaks for all ranks
         return
     lines = message.splitlines() or [""]
     sys.stderr.write(f"error: {lines[0]}\n")

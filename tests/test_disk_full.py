@@ -1,0 +1,236 @@
+"""A real full disk at every place that writes: the workspace on a small tmpfs that this test mounts
+(root only; skipped with the reason elsewhere), filled to leave an exact number of bytes free.
+
+Each failure must be one line ``no space left on device: <what>, <where>[, needs ~N MB]; free
+space and rerun the same command``, exit 1, nothing half-written (no version, no increment, no torn
+resumable state, LATEST unchanged, `verify --all` clean), and the same command must succeed once
+space is back, ending where an uninterrupted run ends. Where the free-space check before a large
+write would refuse first, the tests turn it off (``diskspace.check_free``) so that the library's own
+error (torch.save's RuntimeError, safetensors' SafetensorError, sqlite's OperationalError, OSError)
+is what gets recognised; one test keeps the check and expects its message.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from incr_cli import diskspace, models
+from incr_cli import ingest as ingest_module
+from incr_cli.checkpointing import ResumeStore
+from incr_cli.workspace import Workspace
+from tests.helpers_reliability import (
+    ARGS,
+    FAST,
+    PAGE,
+    assert_one_error_line,
+    assert_only_complete_versions,
+    cli,
+    mount_small_disk,
+    page_bytes,
+    rerun_equals,
+    uninterrupted,
+)
+from tests.helpers_train import copy_workspace, excerpt, template
+
+NO_PERIODIC_STATE = ["train.steps=6", "runtime.save_every=0", *FAST]  # the same run key as ARGS
+
+
+@pytest.fixture
+def disk(tmp_path):
+    small, unmount = mount_small_disk(tmp_path / "fs", size_mb=24)
+    yield small
+    unmount()  # also after a failure: a finalizer, never left mounted
+
+
+@pytest.fixture
+def ws(disk, tmp_path_factory) -> Workspace:
+    """The two_increments workspace (v0001, d0002-fortunes pending) on the small disk."""
+    return copy_workspace(template(tmp_path_factory, "two_increments"), disk.root / "ws")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    return uninterrupted(tmp_path_factory, ARGS)
+
+
+@pytest.fixture
+def no_precheck(monkeypatch):
+    """Let the write start, so that the library meets the full disk itself."""
+    monkeypatch.setattr(diskspace, "check_free", lambda what, where, needs: None)
+
+
+def failed_on_full_disk(result, what: str, where, *raised: str) -> str:
+    """Exit 1, one error line naming ``what`` and ``where``; the --debug traceback shows that the
+    library's own error (``raised``: its type or words, the call that wrote) is what was recognised."""
+    assert result.exit_code == 1, result.output
+    line = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1, result.stderr
+    assert line[0].startswith(f"error: no space left on device: {what}"), line[0]
+    assert f", {where}" in line[0] and line[0].endswith("; free space and rerun the same command"), line[0]
+    for words in raised:
+        assert words in result.stderr, (words, result.stderr)  # the traceback (--debug) of the original error
+    return line[0]
+
+
+def fills_up_at(monkeypatch, disk, owner, name: str, free: int) -> None:
+    """The disk fills up (``free`` bytes left) just as ``owner.name`` starts writing: the moment is
+    exact whatever the run wrote before (lock, hash cache, earlier files)."""
+    real = getattr(owner, name)
+
+    def hooked(*args, **kwargs):
+        disk.leave(free)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, hooked)
+
+
+def weights_bytes(ws: Workspace) -> int:
+    return page_bytes(ws.version_dir("v0001") / "model.safetensors")
+
+
+def unchanged(ws: Workspace) -> None:
+    assert ws.versions() == ["v0000", "v0001"] and ws.latest() == "v0001"
+    assert not list(ws.staging.glob("tmp-*"))
+    assert_only_complete_versions(ws)
+
+
+# ----------------------------------------------------------------------------- train-increment
+
+
+STATE_CASES = {
+    # bytes left as the first state save starts -> what its writer raises. meta.json takes a page.
+    "rng file (torch.save)": (lambda ws: 2 * PAGE, ("RuntimeError", "unexpected pos", "_save_file(rng")),
+    "weights (safetensors)": (lambda ws: 8 * PAGE, ("SafetensorError", "os error 28", "save_model(")),
+    "optimizer state (torch.save)": (lambda ws: weights_bytes(ws) + 8 * PAGE,
+                                     ("RuntimeError", "unexpected pos", "_save_file(trainer")),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_CASES))
+def test_resumable_state_on_a_full_disk(ws, disk, reference, no_precheck, monkeypatch, case):
+    leave, raised = STATE_CASES[case]
+    fills_up_at(monkeypatch, disk, ResumeStore, "save", leave(ws))
+    result = cli("--debug", "train-increment", ws.root, *ARGS)
+    failed_on_full_disk(result, "resumable state", ws.resume_dir, *raised)
+    assert not list(ws.resume_dir.glob("*/state-*")), "a torn state was kept"
+    unchanged(ws)
+    monkeypatch.undo()
+    disk.release()
+    rerun_equals(ws, reference, resumed_from=None)
+
+
+def test_the_free_space_check_refuses_a_state_that_cannot_fit(ws, disk, reference, monkeypatch):
+    fills_up_at(monkeypatch, disk, ResumeStore, "save", 8 * PAGE)
+    result = cli("train-increment", ws.root, *ARGS)
+    assert result.exit_code == 1, result.output
+    line = assert_one_error_line(result.stderr, "no space left on device: resumable state, ", ", needs ~",
+                                 " MB; free space and rerun the same command")
+    needs = float(line.split("needs ~")[1].split(" MB")[0])
+    assert needs * 1e6 >= 3 * weights_bytes(ws) * 0.9  # weights + Adam's two moments
+    assert not list(ws.resume_dir.glob("*/state-*"))
+    unchanged(ws)
+    monkeypatch.undo()
+    disk.release()
+    rerun_equals(ws, reference, resumed_from=None)
+
+
+VERSION_CASES = {
+    # bytes left as the version write starts (no periodic state) -> the writer that runs out first
+    "weights (safetensors)": (lambda ws: 8 * PAGE, ("SafetensorError", "os error 28", "model.save_pretrained(")),
+    # config.json and tokenizer_config.json fit, tokenizer.json (16 pages) does not
+    "tokenizer (OSError)": (lambda ws: weights_bytes(ws) + 3 * PAGE, ("No space left on device",
+                                                                      "tokenizer.save_pretrained(")),
+    "manifest (OSError)": (lambda ws: page_bytes(*[p for p in ws.version_dir("v0001").iterdir()
+                                                   if p.name != "manifest.json"]),
+                           ("OSError: [Errno 28]", "seal_folder(")),
+}
+
+
+@pytest.mark.parametrize("case", list(VERSION_CASES))
+def test_version_on_a_full_disk(ws, disk, reference, no_precheck, monkeypatch, case):
+    leave, raised = VERSION_CASES[case]
+    fills_up_at(monkeypatch, disk, models, "save_version", leave(ws))
+    result = cli("--debug", "train-increment", ws.root, *NO_PERIODIC_STATE)
+    failed_on_full_disk(result, "version v0002", ws.checkpoints, *raised)
+    unchanged(ws)
+    monkeypatch.undo()
+    disk.release()
+    rerun_equals(ws, reference, NO_PERIODIC_STATE, resumed_from=None)
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+@pytest.fixture(scope="module")
+def fortunes_reference(tmp_path_factory) -> dict:
+    """The uninterrupted ingest of the same excerpt into the same workspace, on an ordinary disk."""
+    ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ingest-ref") / "ws")
+    text = excerpt("pydocs.txt", slice(0, 300), tmp_path_factory.mktemp("texts"))
+    assert cli("ingest", ref.root, text, "--name", "pydocs").exit_code == 0
+    return {"text": text, "shards": _shards(ref, "d0003-pydocs"), "index": _index_rows(ref)}
+
+
+def _shards(ws: Workspace, inc: str) -> dict[str, bytes]:
+    return {name: (ws.increment_dir(inc) / name).read_bytes() for name in ("train.bin", "heldout.bin", "doc_hashes.bin")}
+
+
+def _index_rows(ws: Workspace) -> list:
+    import sqlite3
+
+    with sqlite3.connect(ws.index_path) as conn:
+        return sorted(conn.execute("SELECT hex(hash), increment FROM documents").fetchall())
+
+
+INGEST_CASES = {
+    # where the disk fills up -> what runs out: the spool and shards, or sqlite rebuilding a lost index
+    "shards (OSError)": ("_write_increment", False, ("OSError: [Errno 28]",)),
+    "dedup index rebuilt (sqlite)": ("recover_index", True, ("OperationalError", "database or disk is full")),
+}
+
+
+@pytest.mark.parametrize("case", list(INGEST_CASES))
+def test_ingest_on_a_full_disk(ws, disk, fortunes_reference, monkeypatch, case):
+    where, drop_index, raised = INGEST_CASES[case]
+    if drop_index:  # a lost index is rebuilt from the increments' doc_hashes.bin: sqlite writes first
+        for suffix in ("", "-wal", "-shm"):
+            ws.index_path.with_name(ws.index_path.name + suffix).unlink(missing_ok=True)
+    before = ws.increments()
+    fills_up_at(monkeypatch, disk, ingest_module, where, 0)
+    result = cli("--debug", "ingest", ws.root, fortunes_reference["text"], "--name", "pydocs")
+    failed_on_full_disk(result, "increment d0003-pydocs", ws.data, *raised)
+    assert ws.increments() == before and not list(ws.staging.glob("tmp-*"))
+    assert_only_complete_versions(ws)
+    monkeypatch.undo()
+    disk.release()
+    rerun = cli("ingest", ws.root, fortunes_reference["text"], "--name", "pydocs")
+    assert rerun.exit_code == 0, rerun.output
+    assert ws.increments() == [*before, "d0003-pydocs"]
+    assert _shards(ws, "d0003-pydocs") == fortunes_reference["shards"]  # byte for byte
+    assert _index_rows(ws) == fortunes_reference["index"]
+    assert_only_complete_versions(ws)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_cache_and_result_on_a_full_disk(ws, disk):
+    eval_args = ["eval", ws.root, "--versions", "v0000,v0001", "eval.max_sequences=8", "--json"]
+    disk.leave(0)
+    result = cli("--debug", *eval_args)
+    failed_on_full_disk(result, "eval cache", ws.eval_dir / "cache", "OSError")
+    assert not list(ws.eval_dir.glob("*.json"))
+    disk.release()
+    first = cli(*eval_args)  # fills the cache and writes a result
+    assert first.exit_code == 0, first.output
+    results = sorted(ws.eval_dir.glob("*.json"))
+    disk.leave(0)
+    result = cli("--debug", *eval_args)  # every cell cached: only the result is written
+    failed_on_full_disk(result, "eval result", ws.eval_dir, "OSError")
+    assert sorted(ws.eval_dir.glob("*.json")) == results and not list(ws.eval_dir.glob(".*.tmp"))
+    disk.release()
+    again = cli(*eval_args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["matrix"] == json.loads(first.stdout)["matrix"]
+    assert len(list(ws.eval_dir.glob("*.json"))) == len(results) + 1
