@@ -30,7 +30,7 @@ from tests.helpers_reliability import (
 )
 from tests.helpers_train import assert_same_weights, copy_workspace, excerpt, template, weights
 
-KILLS = int(os.environ.get("INCR_CAMPAIGN_KILLS", "4"))  # per command: train-increment, then ingest
+KILLS = int(os.environ.get("INCR_CAMPAIGN_KILLS", "3"))  # per command: train-increment, then ingest
 SEED = int(os.environ.get("INCR_CAMPAIGN_SEED") or random.SystemRandom().randrange(1 << 31))
 REPLAY = f"INCR_CAMPAIGN_KILLS={KILLS} INCR_CAMPAIGN_SEED={SEED}"
 

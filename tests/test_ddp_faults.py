@@ -116,7 +116,7 @@ def test_kill_9_of_one_rank_ends_the_other_and_the_rerun_equals_uninterrupted(ws
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_hung_rank_times_the_other_out_with_a_clear_line(ws, ddp_reference):
+def test_a_hung_rank_times_the_other_out_with_a_clear_line(ws):
     """SIGSTOP: the rank is alive but never answers. Without the timeout rank 0 would wait 30 min."""
     proc = torchrun(ws, "runtime.collective_timeout=20")
     in_the_loop(ws, proc)
@@ -135,8 +135,7 @@ def test_a_hung_rank_times_the_other_out_with_a_clear_line(ws, ddp_reference):
     line = [x for x in stderr.splitlines() if x.startswith("error: rank 0 of 2: ")]
     assert line and "runtime.collective_timeout=20s" in line[0], stderr[-3000:]
     assert "nothing was promoted" in line[0] and "rerun the same command" in line[0]
-    step = nothing_promoted_state_kept(ws)
-    rerun_equals_ddp(ws, ddp_reference, resumed_from=step)
+    nothing_promoted_state_kept(ws)  # the rerun is the one of the killed rank above
 
 
 @pytest.mark.slow

@@ -90,10 +90,15 @@ def weights_bytes(ws: Workspace) -> int:
     return page_bytes(ws.version_dir("v0001") / "model.safetensors")
 
 
-def unchanged(ws: Workspace) -> None:
+def unchanged_then_space_back(ws: Workspace, disk, monkeypatch, reference: dict, args: list[str] = ARGS) -> None:
+    """Nothing half-written, LATEST unchanged, verify clean; once space is back (and the disk no
+    longer fills up) the same command ends equal to an uninterrupted run."""
     assert ws.versions() == ["v0000", "v0001"] and ws.latest() == "v0001"
-    assert not list(ws.staging.glob("tmp-*"))
+    assert not list(ws.staging.glob("tmp-*")) and not list(ws.resume_dir.glob("*/state-*"))
     assert_only_complete_versions(ws)
+    monkeypatch.undo()
+    disk.release()
+    rerun_equals(ws, reference, args, resumed_from=None)
 
 
 # ----------------------------------------------------------------------------- train-increment
@@ -108,19 +113,17 @@ STATE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(STATE_CASES))
 def test_resumable_state_on_a_full_disk(ws, disk, reference, no_precheck, monkeypatch, case):
     leave, raised = STATE_CASES[case]
     fills_up_at(monkeypatch, disk, ResumeStore, "save", leave(ws))
     result = cli("--debug", "train-increment", ws.root, *ARGS)
     failed_on_full_disk(result, "resumable state", ws.resume_dir, *raised)
-    assert not list(ws.resume_dir.glob("*/state-*")), "a torn state was kept"
-    unchanged(ws)
-    monkeypatch.undo()
-    disk.release()
-    rerun_equals(ws, reference, resumed_from=None)
+    unchanged_then_space_back(ws, disk, monkeypatch, reference)  # the torn state folder was removed
 
 
+@pytest.mark.slow
 def test_the_free_space_check_refuses_a_state_that_cannot_fit(ws, disk, reference, monkeypatch):
     fills_up_at(monkeypatch, disk, ResumeStore, "save", 8 * PAGE)
     result = cli("train-increment", ws.root, *ARGS)
@@ -129,11 +132,7 @@ def test_the_free_space_check_refuses_a_state_that_cannot_fit(ws, disk, referenc
                                  " MB; free space and rerun the same command")
     needs = float(line.split("needs ~")[1].split(" MB")[0])
     assert needs * 1e6 >= 3 * weights_bytes(ws) * 0.9  # weights + Adam's two moments
-    assert not list(ws.resume_dir.glob("*/state-*"))
-    unchanged(ws)
-    monkeypatch.undo()
-    disk.release()
-    rerun_equals(ws, reference, resumed_from=None)
+    unchanged_then_space_back(ws, disk, monkeypatch, reference)
 
 
 VERSION_CASES = {
@@ -148,16 +147,14 @@ VERSION_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(VERSION_CASES))
 def test_version_on_a_full_disk(ws, disk, reference, no_precheck, monkeypatch, case):
     leave, raised = VERSION_CASES[case]
     fills_up_at(monkeypatch, disk, models, "save_version", leave(ws))
     result = cli("--debug", "train-increment", ws.root, *NO_PERIODIC_STATE)
     failed_on_full_disk(result, "version v0002", ws.checkpoints, *raised)
-    unchanged(ws)
-    monkeypatch.undo()
-    disk.release()
-    rerun_equals(ws, reference, NO_PERIODIC_STATE, resumed_from=None)
+    unchanged_then_space_back(ws, disk, monkeypatch, reference, NO_PERIODIC_STATE)
 
 
 # ----------------------------------------------------------------------------- ingest
