@@ -501,8 +501,8 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
             fault_point("init.latest")
             ws.set_latest("v0000")
     except BaseException:
-        if created:  # a failed first init leaves no directory behind (at most the lock file was in it)
-            leftovers = [p for p in ws.root.iterdir() if p.name not in (LOCK_FILE, "staging")]
+        if created:  # a failed first init leaves no directory behind (at most its own lock and recipe)
+            leftovers = [p for p in ws.root.iterdir() if p.name not in (LOCK_FILE, "staging", "recipe.yaml")]
             if not leftovers:
                 shutil.rmtree(ws.root, ignore_errors=True)
         raise

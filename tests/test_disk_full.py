@@ -231,3 +231,21 @@ def test_eval_cache_and_result_on_a_full_disk(ws, disk):
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["matrix"] == json.loads(first.stdout)["matrix"]
     assert len(list(ws.eval_dir.glob("*.json"))) == len(results) + 1
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def test_init_on_a_full_disk_refuses_before_writing_and_leaves_no_workspace(disk, tiny_recipe_path, monkeypatch):
+    """v0000 cannot fit: the free-space check refuses before the write and names what it needs."""
+    root = disk.root / "ws"
+    fills_up_at(monkeypatch, disk, models, "save_version", 8 * PAGE)
+    result = cli("init", root, "--base", "scratch:tiny", "--recipe", tiny_recipe_path)
+    line = failed_on_full_disk(result, "version v0000", root / "checkpoints")
+    assert ", needs ~" in line
+    assert not root.exists()  # init removes the workspace it created
+    monkeypatch.undo()
+    disk.release()
+    again = cli("init", root, "--base", "scratch:tiny", "--recipe", tiny_recipe_path)
+    assert again.exit_code == 0, again.output
+    assert Workspace.open(root).versions() == ["v0000"]
