@@ -69,7 +69,7 @@ class DiskFull(IncrError):
 
     def __init__(self, what: str, where: object, needs: int | None = None):
         self.what, self.where, self.needs = what, str(where), needs
-        need = f", needs ~{megabytes(needs)} MB" if needs else ""
+        need = f", needs ~{megabytes(needs)} MB" if needs and needs >= 50_000 else ""  # not for a few kB
         super().__init__(f"no space left on device: {what}, {where}{need}; free space and rerun the same command")
 
 

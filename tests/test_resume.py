@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from incr_cli.checkpointing import ResumeStore, capture_rng, restore_rng
 from incr_cli.cli.app import app
+from incr_cli.errors import DiskFull
 from incr_cli.plan import plan_increment, run_key
 from incr_cli.recipe import load_recipe
 from incr_cli.workspace import Workspace
@@ -79,8 +80,8 @@ def test_a_save_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch):
     store = ResumeStore(ws, "k")
     store.save(2, model, {"step": 2}, capture_rng(torch.device("cpu")), {})
     reset_faults()
-    monkeypatch.setenv("INCR_FAULT", "train.state_save:raise")
-    with pytest.raises(OSError):
+    monkeypatch.setenv("INCR_FAULT", "train.state_save:raise")  # ENOSPC: a full disk, named as one
+    with pytest.raises(DiskFull, match="no space left on device: resumable state"):
         store.save(4, model, {"step": 4}, capture_rng(torch.device("cpu")), {})
     assert store.current().name == "state-00000002"
     assert store.load(torch.nn.Linear(3, 3), torch.device("cpu"))[0]["step"] == 2
