@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from incr_cli import FORMAT_VERSION, __version__
-from incr_cli.data import open_increment
+from incr_cli.data import check_tokenizer, open_increment
 from incr_cli.device import autocast, inference, resolve_device, resolve_precision
 from incr_cli.diskspace import disk_writes
 from incr_cli.errors import IntegrityError, UsageError
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import mlm_loss_sum, topk_correct
-from incr_cli.masking import mask_batch, word_start_table
+from incr_cli.masking import mask_batch, stable_seed, word_start_table
 from incr_cli.metrics import ContinualSummary, summarize
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
@@ -52,25 +52,19 @@ _NOT_WEIGHTS = ("fisher.safetensors",)
 # ----------------------------------------------------------------------------- scoring
 
 
-def mask_seed(seed: int, key: str, chunk: int) -> int:
-    """A stable 63-bit seed from (eval seed, column key, chunk index); Python's hash() is salted."""
-    digest = hashlib.sha256(f"{seed}\0{key}\0{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torch.Tensor, mask_token_id: int,
                vocab_size: int, word_starts: torch.Tensor | None = None,
                continues: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (N, T) long on CPU -> (masked input ids (N, T), positions (N, T) bool), on CPU.
     ``continues`` (N, T) bool: the word-continuation bits of a segmented increment (see mask_batch).
 
-    Chunk c (rows c*MASK_CHUNK ...) is masked with a generator seeded by mask_seed(eval.seed, key, c),
+    Chunk c (rows c*MASK_CHUNK ...) is masked with a generator seeded by stable_seed(eval.seed, key, c),
     so a row's mask depends only on the settings, the key and its index: not on the device, the
     batch size or the version being scored.
     """
     masked, positions = torch.empty_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
     for c, start in enumerate(range(0, ids.shape[0], MASK_CHUNK)):
-        gen = torch.Generator().manual_seed(mask_seed(recipe.eval.seed, key, c))
+        gen = torch.Generator().manual_seed(stable_seed(recipe.eval.seed, key, c))
         batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=special_ids,
                            mask_token_id=mask_token_id, vocab_size=vocab_size, generator=gen,
                            word_starts=word_starts,
@@ -293,6 +287,8 @@ class EvalResult:
 
 
 def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (nan, inf) replaced by None, through dicts, lists and tuples:
+    what strict JSON can hold."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -334,21 +330,11 @@ def select_increments(ws: Workspace, spec: str | None) -> list[str]:
     return sorted(set(chosen), key=order.index)
 
 
-def lineage_of(ws: Workspace, version: str) -> list[str]:
-    """``version`` and its ancestors (by manifest ``parent``), oldest first."""
-    chain: list[str] = []
-    current: str | None = version
-    while current and current not in chain and ws.version_dir(current).is_dir():
-        chain.append(current)
-        current = ws.version_manifest(current).get("parent")
-    return chain[::-1]
-
-
 def lineage_summaries(ws: Workspace, final: str, columns: list[str], scores: dict[str, dict[str, dict[str, Any]]]
                       ) -> tuple[list[str], dict[str, str], dict[str, ContinualSummary]]:
     """Summaries over ``final``'s lineage (rows not scored are NaN)
     -> (lineage, {increment: version that learned it}, {metric: summary})."""
-    lineage = lineage_of(ws, final)
+    lineage = ws.lineage(final)
     learned_by = {inc: v for v in lineage for inc in version_info(ws, v).new}
     learned_at = [lineage.index(learned_by[c]) if c in learned_by else -1 for c in columns]
     out = {}
@@ -419,7 +405,9 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
                 inputs = tokenizer_inputs(tokenizer, recipe)
                 for col, key in cells:
                     if col.kind == "increment":
-                        _check_tokenizer(ws, col.id, version, models.tokenizer_sha256(tokenizer))
+                        check_tokenizer(col.id, ws.increment_manifest(col.id), models.tokenizer_sha256(tokenizer),
+                                        version, "its scores would be meaningless: leave it out with --data or "
+                                        "that version with --versions")
                         if col.id not in heldout:
                             heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
                         ids, words = heldout[col.id]
@@ -451,13 +439,6 @@ def _heldout_sha(ws: Workspace, increment_id: str) -> str:
         raise IntegrityError(f"{ws.increment_dir(increment_id) / 'manifest.json'}: lists no heldout.bin; "
                              "remove the folder and ingest again")
     return str(record["sha256"])
-
-
-def _check_tokenizer(ws: Workspace, increment_id: str, version: str, tokenizer_sha: str) -> None:
-    recorded = ws.increment_manifest(increment_id).get("tokenizer_sha256")
-    if recorded and recorded != tokenizer_sha:
-        raise UsageError(f"{increment_id} was tokenized with a different tokenizer than {version}'s; "
-                         "its scores would be meaningless: leave it out with --data or that version with --versions")
 
 
 def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> Path:

@@ -48,7 +48,7 @@ from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.segment import WORDS_SUFFIX, ChineseWords, has_cjk
-from incr_cli.workspace import Workspace, base_manifest, seal_folder
+from incr_cli.workspace import Workspace, base_manifest, seal_folder, sha256_file
 
 DOC_HASHES = "doc_hashes.bin"  # 16-byte hash of every kept document, in order: the index can be rebuilt from it
 BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
@@ -583,7 +583,7 @@ def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]
     files = []
     for src in readers.expand_paths(paths, tally):
         try:
-            files.append((src, readers.sha256_of(src.real)))
+            files.append((src, sha256_file(src.real, opener=readers.open_binary)))
         except OSError as exc:
             tally.skip_file(src.path, readers.stat_reason(exc))
     if not files:

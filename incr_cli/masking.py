@@ -24,6 +24,7 @@ non-special token, and the rest keep their token (BERT's 80/10/10).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,16 @@ import torch
 from incr_cli.recipe import MaskingConfig
 
 WORDPIECE_CONTINUATION = "##"
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit generator seed from ``parts`` (their ``str`` joined by NUL, hashed with sha256).
+
+    The same parts give the same seed on every run and machine (Python's ``hash()`` is salted);
+    every seeded mask stream (training, eval, the EWC Fisher) draws its seeds from here.
+    """
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 BPE_WORD_STARTS = ("Ġ", "▁")  # byte-level BPE (RoBERTa, GPT-2) and SentencePiece
 
 

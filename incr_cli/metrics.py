@@ -68,7 +68,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def _finite(*values: float) -> bool:
+def _all_finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
@@ -88,19 +88,19 @@ def summarize(R: np.ndarray, learned_at: Sequence[int], *, higher_is_better: boo
     final = n_rows - 1
 
     seen_final = [float(R[final, j]) for j in range(n_cols)
-                  if learned[j] >= 0 and _finite(R[final, j])] if n_rows else []
+                  if learned[j] >= 0 and _all_finite(R[final, j])] if n_rows else []
     forgetting: list[float | None] = [None] * n_cols
     backward: list[float | None] = [None] * n_cols
     forward: list[float | None] = [None] * n_cols
     for j, row in enumerate(learned):
-        if 0 <= row < final and _finite(R[final, j]):
-            earlier = [float(R[i, j]) for i in range(row, final) if _finite(R[i, j])]
+        if 0 <= row < final and _all_finite(R[final, j]):
+            earlier = [float(R[i, j]) for i in range(row, final) if _all_finite(R[i, j])]
             if earlier:
                 best = max(earlier) if higher_is_better else min(earlier)
                 forgetting[j] = s * (best - float(R[final, j]))
-            if _finite(R[row, j]):
+            if _all_finite(R[row, j]):
                 backward[j] = s * (float(R[final, j]) - float(R[row, j]))
-        if row >= 2 and _finite(R[row - 1, j], R[0, j]):
+        if row >= 2 and _all_finite(R[row - 1, j], R[0, j]):
             forward[j] = s * (float(R[row - 1, j]) - float(R[0, j]))
     return ContinualSummary(
         final_average=_mean(seen_final),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -169,14 +168,6 @@ def resolve_format(path: str, fmt: str) -> str:
         return fmt
     name = path.lower().removesuffix(".gz")
     return "jsonl" if name.endswith((".jsonl", ".json")) else "lines"
-
-
-def sha256_of(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open_binary(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def open_binary(path: str) -> io.BufferedReader:

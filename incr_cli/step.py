@@ -18,7 +18,6 @@ the run before the optimizer applies it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import re
 from contextlib import nullcontext
@@ -36,7 +35,7 @@ from incr_cli.faults import fault_value
 from incr_cli.flops import Meter, device_peak, model_shape
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
-from incr_cli.masking import mask_batch
+from incr_cli.masking import mask_batch, stable_seed
 from incr_cli.plan import IncrementPlan
 from incr_cli.recipe import Recipe, TrainConfig
 from incr_cli.reporting import Reporter
@@ -206,11 +205,6 @@ class TrainState:
         return cls(**d)
 
 
-def _mask_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    digest = hashlib.sha256(f"train-mask\0{seed}\0{rank}\0{step}\0{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _zeros(run: Run, names: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.zeros((), dtype=torch.float32, device=run.device) for n in names}
 
@@ -239,7 +233,7 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         state.local_tokens_since_log += int((ids_np != run.pad_id).sum())
         ids = torch.from_numpy(ids_np)
         ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
-        generator.manual_seed(_mask_seed(t.seed, run.ctx.rank, state.step, m))
+        generator.manual_seed(stable_seed("train-mask", t.seed, run.ctx.rank, state.step, m))
         masked = mask_batch(ids, run.masking, special_ids=run.special_ids, mask_token_id=run.mask_token_id,
                             vocab_size=run.vocab_size, generator=generator, word_starts=run.word_starts,
                             continues=None if batch.continues is None else torch.from_numpy(batch.continues).to(dev))

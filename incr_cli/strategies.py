@@ -26,7 +26,6 @@ one gradient per batch as common implementations do), dropout off, masks and bat
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,7 +38,7 @@ from incr_cli.data import BatchSampler, IncrementShards
 from incr_cli.errors import IntegrityError
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import ewc_penalty, mlm_loss_sum
-from incr_cli.masking import mask_batch
+from incr_cli.masking import mask_batch, stable_seed
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import Workspace
@@ -69,13 +68,11 @@ def training_data(ws: Workspace, recipe: Recipe, parent: str) -> tuple[list[str]
 
 def root_version(ws: Workspace, version: str) -> str:
     """The first version of ``version``'s lineage (the one without a parent: normally v0000)."""
-    seen = [version]
-    while parent := ws.version_manifest(seen[-1]).get("parent"):
-        if parent in seen:
-            raise IntegrityError(f"{ws.version_dir(version) / 'manifest.json'}: the parent chain loops back to "
-                                 f"{parent}; restore the manifests")
-        seen.append(parent)
-    return seen[-1]
+    root = ws.lineage(version)[0]
+    if gone := ws.version_manifest(root).get("parent"):
+        raise IntegrityError(f"{ws.version_dir(gone)}: missing, so {version}'s lineage has no root to retrain "
+                             "from; restore it or train this line with another strategy")
+    return root
 
 
 def reset_weights(model: nn.Module, ws: Workspace, version: str, recipe: Recipe, device: torch.device) -> None:
@@ -98,11 +95,6 @@ def reset_weights(model: nn.Module, ws: Workspace, version: str, recipe: Recipe,
 
 
 # ----------------------------------------------------------------------------- the Fisher
-
-
-def _fisher_seed(seed: int, batch: int) -> int:
-    digest = hashlib.sha256(f"ewc-fisher\0{seed}\0{batch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Recipe, tok_inputs: dict[str, Any], *,
@@ -131,7 +123,7 @@ def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Rec
             p.grad = None
         for b in range(batches):
             ids = torch.from_numpy(sampler.next_batch().input_ids).to(device)  # (B, T)
-            generator.manual_seed(_fisher_seed(recipe.train.seed, b))
+            generator.manual_seed(stable_seed("ewc-fisher", recipe.train.seed, b))
             masked = mask_batch(ids, recipe.masking, special_ids=tok_inputs["special_ids"].to(device),
                                 mask_token_id=tok_inputs["mask_token_id"], vocab_size=tok_inputs["vocab_size"],
                                 generator=generator, word_starts=_on(tok_inputs.get("word_starts"), device))

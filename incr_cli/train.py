@@ -10,7 +10,6 @@ rows) and in the loss terms (``step.build_loss_terms`` plus ``strategies.ewc_ter
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -22,8 +21,9 @@ import torch
 from incr_cli import device as devices
 from incr_cli import distributed, strategies, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
-from incr_cli.data import IncrementShards, open_increment
+from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
+from incr_cli.evaluate import finite_json, score_sequences, tokenizer_inputs
 from incr_cli.faults import fault_point
 from incr_cli.plan import IncrementPlan, plan_increment, plan_increments, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
@@ -37,15 +37,13 @@ from incr_cli.workspace import Workspace
 def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: list[str], recipe: Recipe,
                      tok_inputs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Held-out loss, perplexity and accuracy of the student now, per increment (with held-out rows)."""
-    from incr_cli.evaluate import score_sequences
-
     scores = {}
     for inc in increments:
         if len(shards[inc].heldout) == 0:
             continue
         s = score_sequences(run.head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
                             precision=run.precision, continues=shards[inc].heldout_words, **tok_inputs)
-        scores[inc] = {k: _finite(s[k]) for k in ("loss", "perplexity", "accuracy")}
+        scores[inc] = {k: finite_json(s[k]) for k in ("loss", "perplexity", "accuracy")}
     return scores
 
 
@@ -54,7 +52,7 @@ def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], n
     """-> (passed, checks, forgetting). Forgetting = relative perplexity change on each earlier increment."""
     def change(inc: str) -> float | None:
         b, a = before.get(inc, {}).get("perplexity"), after.get(inc, {}).get("perplexity")
-        return None if a is None or b is None or b <= 0 else _finite(a / b - 1.0)
+        return None if a is None or b is None or b <= 0 else finite_json(a / b - 1.0)
 
     forgetting = {inc: change(inc) for inc in replay if inc in before and inc in after}
     checks = []
@@ -82,10 +80,6 @@ def _require_scores(after: dict[str, dict[str, Any]], new: list[str]) -> None:
     if unscored:
         raise InputError(f"{unscored[0]}: no held-out token could be scored (all are special or unknown [UNK]), so "
                          "the gate has nothing to compare and nothing was promoted; ingest text the tokenizer covers")
-
-
-def _finite(x: Any) -> Any:
-    return x if not isinstance(x, float) or math.isfinite(x) else None
 
 
 # ----------------------------------------------------------------------------- the increment
@@ -184,18 +178,9 @@ def _threads_per_rank(recipe: Recipe) -> int | None:
     return max(1, cores // local)  # ranks on one machine share its cores
 
 
-def _check_tokenizer(shards: dict[str, IncrementShards], tokenizer_sha: str, parent: str) -> None:
-    for inc, s in shards.items():
-        recorded = s.manifest.get("tokenizer_sha256")
-        if recorded and recorded != tokenizer_sha:
-            raise InputError(f"{inc} was tokenized with a different tokenizer than {parent}'s; it cannot be trained "
-                             "into this line: ingest it into a workspace of its own")
-
-
 def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
            reporter: Reporter, tracker: tracking.Tracker) -> TrainResult:
     from incr_cli import models
-    from incr_cli.evaluate import tokenizer_inputs
 
     started = time.perf_counter()
     device = ctx.device
@@ -205,7 +190,9 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         torch.cuda.reset_peak_memory_stats(device)
     model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
     shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
-    _check_tokenizer(shards, models.tokenizer_sha256(tokenizer), plan.parent)
+    for inc, s in shards.items():
+        check_tokenizer(inc, s.manifest, models.tokenizer_sha256(tokenizer), plan.parent,
+                        "it cannot be trained into this line: ingest it into a workspace of its own")
     tok_inputs = tokenizer_inputs(tokenizer, recipe)
     torch.manual_seed(recipe.train.seed * 7919 + ctx.rank)  # dropout stream; masks use their own seeds
     run, trainable = build_run(model, tok_inputs, [shards[d] for d in plan.new], [shards[d] for d in plan.replay],
@@ -362,7 +349,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
                      "source": run.meter.peak_source if run.meter else "unknown"},
         "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
         "trainable_parameters": trainable, "total_parameters": total_params,
-        "loss": {k: _finite(v) for k, v in losses.items()},
+        "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": before, "after": after}, "forgetting": forgetting,
         "resumed_from_step": resumed_from,
         "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},

@@ -29,10 +29,10 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from incr_cli import FORMAT_VERSION, __version__
 from incr_cli.diskspace import disk_writes
@@ -90,12 +90,18 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path | str, chunk: int = 1 << 20, opener: Callable[[str], BinaryIO] | None = None) -> str:
+    """sha256 of a file's bytes, hex. ``opener`` (default ``open(path, "rb")``) opens it: ingest passes
+    ``readers.open_binary``, its seam for simulating unreadable files."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (opener or _open_binary)(str(path)) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _open_binary(path: str) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
 def file_records(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
@@ -390,6 +396,20 @@ class Workspace:
 
     def version_manifest(self, version: str) -> dict[str, Any]:
         return read_manifest(self.version_dir(version))
+
+    def lineage(self, version: str) -> list[str]:
+        """``version`` and its ancestors (each manifest's ``parent``), oldest first.
+
+        Stops at a parent whose folder is gone (the chain still present); a chain that loops back is
+        an IntegrityError, since no version can be its own ancestor.
+        """
+        chain = [version]
+        while (parent := self.version_manifest(chain[-1]).get("parent")) and self.version_dir(parent).is_dir():
+            if parent in chain:
+                raise IntegrityError(f"{self.version_dir(version) / MANIFEST}: the parent chain loops back to "
+                                     f"{parent}; restore the manifests")
+            chain.append(parent)
+        return chain[::-1]
 
     def trained_on(self, version: str) -> list[str]:
         """Increments a version has been trained on (its whole lineage)."""

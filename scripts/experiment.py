@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _experiment_report as report  # noqa: E402
 
-from incr_cli.evaluate import evaluate, finite_json, lineage_of  # noqa: E402
+from incr_cli.evaluate import evaluate, finite_json  # noqa: E402
 from incr_cli.ingest import ingest  # noqa: E402
 from incr_cli.metrics import summarize  # noqa: E402
 from incr_cli.models import init_workspace  # noqa: E402
@@ -161,7 +161,7 @@ def run_strategy(name: str, shared: Path, work: Path, third: tuple[str, Path], r
 
 def score(ws: Workspace, recipe: Recipe, cache: Path, log: Log) -> dict[str, Any]:
     """Every version of LATEST's lineage on every domain, through a cache shared by the copies."""
-    versions = lineage_of(ws, ws.latest())
+    versions = ws.lineage(ws.latest())
     increments = ws.increments()
     if cache.is_dir():
         shutil.copytree(cache, ws.eval_dir / "cache", dirs_exist_ok=True)

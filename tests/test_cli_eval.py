@@ -9,7 +9,7 @@ import helpers_eval
 from helpers_eval import add_version, lines, tree_state
 from typer.testing import CliRunner
 
-from incr_cli import report
+from incr_cli import eval_report
 from incr_cli.cli.app import app
 from incr_cli.evaluate import evaluate
 
@@ -100,9 +100,9 @@ def test_matrix_table_labels_rejected_versions_and_new_cells(three, eval_recipe)
     ws, (d1, d2) = three
     add_version(ws, "v0003", "v0002", [], seed=3, recipe=eval_recipe, status="rejected")
     result = evaluate(ws, ["v0001", "v0002", "v0003"], [d1, d2], eval_recipe)
-    title, columns, rows = report.matrix_table(result, "perplexity")
+    title, columns, rows = eval_report.matrix_table(result, "perplexity")
     assert columns == ["version", d1, d2]
     assert rows[0][1].startswith("[bold]") and rows[0][1].endswith("*[/bold]")  # v0001 trained d1 itself
     assert rows[1][1].endswith("*") and not rows[1][1].startswith("[bold]")  # v0002 inherited d1
     assert rows[2][0] == "v0003 (rejected)" and rows[1][0] == "v0002 (LATEST)"
-    assert report.fmt("accuracy", 0.1234) == "12.3%" and report.fmt("perplexity", None) == "-"
+    assert eval_report.fmt("accuracy", 0.1234) == "12.3%" and eval_report.fmt("perplexity", None) == "-"

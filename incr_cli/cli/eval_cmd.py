@@ -46,7 +46,7 @@ def eval_cmd(
     and every run is kept as WORKSPACE/eval/<UTC time>.json. Eval takes no lock and never writes
     into version or data folders.
     """
-    from incr_cli import report
+    from incr_cli import eval_report
     from incr_cli.evaluate import evaluate, save_result, select_increments, select_versions
 
     out = Output(json_out)
@@ -57,18 +57,18 @@ def eval_cmd(
         if path is not None and not path.parent.is_dir():
             raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
     if plot_file is not None:
-        report.require_matplotlib()
+        eval_report.require_matplotlib()
     chosen = select_versions(ws, versions)
     increments = [] if data is None and text else select_increments(ws, data)
     result = evaluate(ws, chosen, increments, resolved, texts=text or [], device=device, reporter=out,
                       use_cache=not no_cache)
     kept = save_result(ws, result, out_file)
     if plot_file is not None:
-        report.plot(result, plot_file)
+        eval_report.plot(result, plot_file)
     if json_out:
         out.emit_json(result.to_json())
         return
-    report.render(result, out)
+    eval_report.render(result, out)
     cells = result.cache_hits + result.cache_misses
     out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; results in {kept}"
             + (f"; plot in {plot_file}" if plot_file is not None else ""))

@@ -10,8 +10,8 @@ import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
 from incr_cli.errors import GateRejected
+from incr_cli.eval_report import fmt
 from incr_cli.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
-from incr_cli.report import fmt
 from incr_cli.reporting import Quiet
 from incr_cli.workspace import Workspace
 
