@@ -167,6 +167,26 @@ def test_next_names_and_pending(tiny_workspace):
     assert ws.pending("v0000") == [] and ws.trained_on("v0000") == []
 
 
+def _version_folder(ws: Workspace, version: str, parent: str | None) -> None:
+    folder = ws.version_dir(version)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": 1, "version": version, "parent": parent}))
+
+
+def test_lineage_runs_oldest_first_stops_at_a_removed_parent_and_refuses_a_loop(tmp_path):
+    ws = Workspace(tmp_path)
+    _version_folder(ws, "v0000", None)
+    _version_folder(ws, "v0001", "v0000")
+    _version_folder(ws, "v0002", "v0001")
+    assert ws.lineage("v0002") == ["v0000", "v0001", "v0002"]
+    _version_folder(ws, "v0004", "v0003")  # v0003 removed: the chain still present
+    assert ws.lineage("v0004") == ["v0004"]
+    _version_folder(ws, "v0005", "v0006")
+    _version_folder(ws, "v0006", "v0005")
+    with pytest.raises(IntegrityError, match="the parent chain loops back to v0005"):
+        ws.lineage("v0005")
+
+
 def test_missing_latest_points_at_the_intact_versions_not_at_init(tiny_workspace):
     from incr_cli.errors import IntegrityError
 
