@@ -103,6 +103,25 @@ def forgetting_table(result: EvalResult) -> tuple[str, list[str], list[list[str]
                               "BWT (ppl)", "FWT (ppl)"], rows)
 
 
+def drift_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]] | None:
+    """(title, columns, rows): each version's embedding drift from its parent, as training recorded it."""
+    def num(x: Any) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    rows = []
+    for version, d in result.drift.items():
+        per = [(v["mean_cosine"], inc) for inc, v in d["increments"].items() if v.get("mean_cosine") is not None]
+        low = min(per) if per else None
+        rows.append([version, d["parent"], num(d["all"]["mean_cosine"]), num(d["all"]["neighbour_overlap"]),
+                     f"{low[0]:.3f} ({low[1]})" if low else "-", str(d["all"]["n"])])
+    if not rows:
+        return None
+    k = next(iter(result.drift.values()))["all"].get("k", 10)
+    return (f"embedding drift from the parent (held-out sequences, {next(iter(result.drift.values()))['pooling']} "
+            "pooling): cosine 1 = unchanged; re-index when it falls (see README)",
+            ["version", "parent", "mean cosine", f"neighbour overlap@{k}", "lowest increment", "sequences"], rows)
+
+
 def render(result: EvalResult, reporter: Reporter) -> None:
     """All tables of an eval, in reading order."""
     for metric in METRICS:
@@ -112,6 +131,9 @@ def render(result: EvalResult, reporter: Reporter) -> None:
         per = forgetting_table(result)
         if per is not None:
             reporter.table(*per)
+    drift = drift_table(result)
+    if drift is not None:
+        reporter.table(*drift)
 
 
 # ----------------------------------------------------------------------------- plot

@@ -264,6 +264,7 @@ class EvalResult:
     cache_hits: int = 0
     cache_misses: int = 0
     seconds: float = 0.0
+    drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> embedding drift from its parent
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def value(self, version: str, column: str, metric: str) -> float | None:
@@ -282,6 +283,7 @@ class EvalResult:
                "matrix": self.scores, "lineage": self.lineage, "latest": self.latest,
                "learned_by": self.learned_by,
                "summaries": {m: s.to_dict(incs) for m, s in self.summaries.items()},
+               "embedding_drift": self.drift,
                "cache": {"hits": self.cache_hits, "misses": self.cache_misses}, "seconds": round(self.seconds, 3)}
         return finite_json(doc)
 
@@ -430,7 +432,22 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
     lineage, learned_by, summaries = lineage_summaries(ws, final, list(increments), scores)
     return EvalResult(str(ws.root), infos, columns, scores, lineage, latest, learned_by, summaries,
                       {**settings, "device": str(dev), "batch_size": recipe.eval.batch_size},
-                      cache.hits, cache.misses, time.monotonic() - started)
+                      cache.hits, cache.misses, time.monotonic() - started, recorded_drift(ws, names))
+
+
+def recorded_drift(ws: Workspace, versions: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{version: the embedding drift from its parent that training recorded in metrics.json}, for the
+    versions that have one (a base has none; versions trained before incr measured it neither)."""
+    out = {}
+    for version in versions:
+        try:
+            metrics = json.loads((ws.version_dir(version) / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        drift = metrics.get("embedding_drift") if isinstance(metrics, dict) else None
+        if isinstance(drift, dict) and isinstance(drift.get("all"), dict):
+            out[version] = drift
+    return out
 
 
 def _heldout_sha(ws: Workspace, increment_id: str) -> str:
@@ -466,20 +483,12 @@ def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> P
 
 def _read_texts(paths: Sequence[str | Path], recipe: Recipe) -> list[tuple[str, str, list[str]]]:
     """Each --text FILE -> (label, path, documents), read and cleaned exactly as ingest does."""
-    from incr_cli import readers
-    from incr_cli.ingest import clean_text
+    from incr_cli.ingest import clean_documents
 
-    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
     out = []
     labels: set[str] = set()
     for spec in paths:
-        tally = readers.Tally()
-        docs = []
-        for src in readers.expand_paths([str(spec)], tally):
-            for raw, _cut in readers.read_documents(src, "auto", "text", max_chars, tally, readers.ReadState()):
-                text = clean_text(raw)[:max_chars].rstrip()
-                if len(text) >= min_chars:
-                    docs.append(text)
+        docs, tally = clean_documents(str(spec), fmt="auto", text_field="text", recipe=recipe)
         if not docs:
             reasons = ", ".join(f"{r}: {n}" for r, n in (tally.files + tally.docs).items()) or "no text"
             raise UsageError(f"--text {spec}: nothing to score ({reasons})")

@@ -71,6 +71,23 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def clean_documents(spec: str, *, fmt: str, text_field: str, recipe: Recipe) -> tuple[list[str], Tally]:
+    """The documents of one path (file, folder or glob), read and cleaned as ingest reads them, in
+    ingest's order (files sorted, documents in file order), without dedup or a held-out split.
+
+    Documents shorter than ``data.min_doc_chars`` after cleaning are dropped; longer than
+    ``data.max_doc_chars`` are cut. -> (documents, tally of skipped files and rejected documents)."""
+    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
+    tally = Tally()
+    docs = []
+    for src in readers.expand_paths([spec], tally):
+        for raw, _cut in readers.read_documents(src, fmt, text_field, max_chars, tally, ReadState()):
+            text = clean_text(raw)[:max_chars].rstrip()
+            if len(text) >= min_chars:
+                docs.append(text)
+    return docs, tally
+
+
 def doc_hash(text: str) -> bytes:
     """16-byte BLAKE2b of the cleaned text: the dedup key and the source of the held-out split."""
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()

@@ -122,6 +122,7 @@ class ReplayConfig:
 class GateConfig:
     max_forgetting: Optional[float] = knob(None, "Largest allowed relative perplexity increase on any earlier increment (0.1 = +10%).", lo=0.0)
     min_improvement: Optional[float] = knob(None, "Smallest required relative perplexity decrease on the new data (0.05 = -5%).", lo=-1.0, hi=1.0)
+    max_embedding_drift: Optional[float] = knob(None, "Largest allowed embedding drift (1 - mean cosine of a held-out sequence's parent and new embeddings) on any increment of the lineage (0.05 = cosine >= 0.95).", lo=0.0, hi=2.0)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,12 @@ class EvalConfig:
     max_sequences: int = knob(256, "Held-out sequences scored per increment (the first ones, so results are comparable).", lo=1)
     batch_size: int = knob(64, "Sequences per evaluation batch.", lo=1)
     seed: int = knob(1234, "Seed of the evaluation masks (combined with the increment id, never the version).", lo=0)
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    max_sequences: int = knob(128, "Held-out sequences per lineage increment embedded with the parent and the new version to measure embedding drift (the first ones; 0 = off).", lo=0)
+    pooling: str = knob("mean", "Pooling of those embeddings (as `incr embed --pooling`).", choices=["mean", "cls"])
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ class Recipe:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ewc: EwcConfig = field(default_factory=EwcConfig)
@@ -351,6 +359,8 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
     m = values["masking"]
     if m.get("mask_token_ratio", 0.8) + m.get("random_token_ratio", 0.1) > 1.0 + 1e-9:
         problems.append("masking.mask_token_ratio + masking.random_token_ratio: must add up to at most 1")
+    if values["gate"].get("max_embedding_drift") is not None and values["drift"].get("max_sequences", 1) == 0:
+        problems.append("gate.max_embedding_drift: needs drift.max_sequences > 0 (drift is not measured at 0)")
     if problems:
         raise RecipeError(source, problems)
     return Recipe(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})

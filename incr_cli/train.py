@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from incr_cli import device as devices
-from incr_cli import distributed, strategies, tracking
+from incr_cli import distributed, embed, strategies, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
@@ -329,6 +329,9 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     _require_scores(after, plan.pending)
     before = state.eval_before or {}
     passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
+    drift = embed.version_drift(ws, plan.parent, run.model, shards, recipe, device=run.device, precision=precision)
+    checks += embed.drift_checks(recipe, drift)
+    passed = all(c["passed"] for c in checks)
     version = ws.next_version()
     parent_manifest = ws.version_manifest(plan.parent)
     total_params = sum(p.numel() for p in run.model.parameters())
@@ -350,7 +353,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
         "trainable_parameters": trainable, "total_parameters": total_params,
         "loss": {k: finite_json(v) for k, v in losses.items()},
-        "eval": {"before": before, "after": after}, "forgetting": forgetting,
+        "eval": {"before": before, "after": after}, "forgetting": forgetting, "embedding_drift": drift,
         "resumed_from_step": resumed_from,
         "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},
     }

@@ -7,7 +7,16 @@ from typing import Annotated
 import typer
 
 from incr_cli import __version__
-from incr_cli.cli import eval_cmd, ingest_cmd, predict_cmd, recipe_cmd, train_cmd, workspace_cmd
+from incr_cli.cli import (
+    compress_cmd,
+    embed_cmd,
+    eval_cmd,
+    ingest_cmd,
+    predict_cmd,
+    recipe_cmd,
+    train_cmd,
+    workspace_cmd,
+)
 from incr_cli.cli.output import STATE
 
 EXIT_CODES_HELP = """
@@ -48,6 +57,8 @@ ingest_cmd.register(app)
 train_cmd.register(app)
 eval_cmd.register(app)
 predict_cmd.register(app)
+embed_cmd.register(app)
+compress_cmd.register(app)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 
