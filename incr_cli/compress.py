@@ -38,7 +38,6 @@ from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import Workspace, fsync_dir, fsync_tree
 
 _LAYER_RE = re.compile(r"(\.(?:layer|layers)\.)(\d+)(\.)")
-SPEED_ROUNDS = 3  # teacher and student timed in turns, best of each: less sensitive to other jobs' load
 
 
 # ----------------------------------------------------------------------------- the student
@@ -175,40 +174,6 @@ def distil(student: nn.Module, teacher: nn.Module, tokenizer: Any, shards: dict[
 # ----------------------------------------------------------------------------- measuring
 
 
-def held_out_scores(model: nn.Module, tokenizer: Any, ws: Workspace, increments: list[str], recipe: Recipe,
-                    device: torch.device, precision: str) -> dict[str, dict[str, Any]]:
-    """{increment: held-out loss, perplexity, accuracy} of ``model`` (the same masks as `incr eval`)."""
-    from incr_cli.evaluate import score_increment
-    from incr_cli.heads import MaskedLMHead
-
-    head = MaskedLMHead(model)
-    return {inc: {k: v for k, v in score_increment(head, ws, inc, recipe, tokenizer, device, precision).items()
-                  if k in ("loss", "perplexity", "accuracy", "top5", "tokens")} for inc in increments}
-
-
-def encoder_speed(models: dict[str, nn.Module], ids: torch.Tensor, pad_id: int, *, batch_size: int,
-                  device: torch.device) -> dict[str, float]:
-    """Inference tokens/s of each model's encoder (feature extraction, no vocabulary head) on ids (N, T).
-
-    One warm-up batch each; then the models take turns ``SPEED_ROUNDS`` times and each keeps its best
-    round, so a burst of load from other processes hurts both alike or neither."""
-    from incr_cli.embed import embed_ids
-
-    attention = ids != pad_id
-    tokens = int(attention.sum())
-    best = {name: 0.0 for name in models}
-    for model in models.values():
-        embed_ids(model, ids[:batch_size], attention[:batch_size], batch_size=batch_size, device=device)
-    for _ in range(SPEED_ROUNDS):
-        for name, model in models.items():
-            start = time.perf_counter()
-            embed_ids(model, ids, attention, batch_size=batch_size, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best[name] = max(best[name], tokens / (time.perf_counter() - start))
-    return best
-
-
 def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model*.safetensors"))
 
@@ -323,6 +288,9 @@ def _measure(ws: Workspace, teacher_version: str, teacher: nn.Module, student: n
     import tempfile
 
     increments = list(shards)
+    from incr_cli.embed import encoder_speed
+    from incr_cli.evaluate import held_out_scores
+
     scores = {"teacher": held_out_scores(teacher, tokenizer, ws, increments, recipe, device, precision),
               "student": held_out_scores(student, tokenizer, ws, increments, recipe, device, precision)}
     rows = [torch.from_numpy(shards[d].heldout[: recipe.eval.max_sequences].astype("int64")) for d in increments]

@@ -35,6 +35,7 @@ from incr_cli.workspace import Workspace, atomic_write_bytes
 
 POOLINGS = ("mean", "cls")
 NEIGHBOURS = 10  # k of the neighbour overlap
+SPEED_ROUNDS = 3  # models timed in turns, best round of each: less sensitive to other jobs' load
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -136,6 +137,27 @@ def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_l
         rows = np.empty_like(sorted_rows)
         rows[order] = sorted_rows
     return rows, sum(n > max_length for n in lengths)
+
+
+def encoder_speed(models: dict[str, nn.Module], ids: torch.Tensor, pad_id: int, *, batch_size: int,
+                  device: torch.device) -> dict[str, float]:
+    """Inference tokens/s of each model's encoder (feature extraction, no vocabulary head) on ids (N, T).
+
+    One warm-up batch each; then the models take turns ``SPEED_ROUNDS`` times and each keeps its best
+    round, so a burst of load from other processes hurts both alike or neither."""
+    attention = ids != pad_id
+    tokens = int(attention.sum())
+    best = {name: 0.0 for name in models}
+    for model in models.values():
+        embed_ids(model, ids[:batch_size], attention[:batch_size], batch_size=batch_size, device=device)
+    for _ in range(SPEED_ROUNDS):
+        for name, model in models.items():
+            start = time.perf_counter()
+            embed_ids(model, ids, attention, batch_size=batch_size, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = max(best[name], tokens / (time.perf_counter() - start))
+    return best
 
 
 # ----------------------------------------------------------------------------- drift of a new version

@@ -169,6 +169,14 @@ def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe
                            **tokenizer_inputs(tokenizer, recipe))
 
 
+def held_out_scores(model: torch.nn.Module, tokenizer: Any, ws: Workspace, increments: list[str], recipe: Recipe,
+                    device: torch.device, precision: str) -> dict[str, dict[str, Any]]:
+    """{increment: held-out loss, perplexity, accuracy} of ``model`` (the same masks as `incr eval`)."""
+    head = MaskedLMHead(model)
+    return {inc: {k: v for k, v in score_increment(head, ws, inc, recipe, tokenizer, device, precision).items()
+                  if k in ("loss", "perplexity", "accuracy", "top5", "tokens")} for inc in increments}
+
+
 # ----------------------------------------------------------------------------- the cache
 
 
