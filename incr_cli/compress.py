@@ -212,8 +212,9 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
     built beside it and renamed into place, so it appears whole or not at all."""
     from incr_cli.models import save_version
 
+    for stale in into.parent.glob(f".{into.name}.tmp-*"):  # left by a killed compress into the same name
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = into.parent / f".{into.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         new = Workspace(tmp)
@@ -287,10 +288,11 @@ def _measure(ws: Workspace, teacher_version: str, teacher: nn.Module, student: n
     """Parameters, weights on disk, encoder tokens/s and held-out scores of teacher and student."""
     import tempfile
 
-    increments = list(shards)
     from incr_cli.embed import encoder_speed
     from incr_cli.evaluate import held_out_scores
+    from incr_cli.models import quiet_transformers
 
+    increments = list(shards)
     scores = {"teacher": held_out_scores(teacher, tokenizer, ws, increments, recipe, device, precision),
               "student": held_out_scores(student, tokenizer, ws, increments, recipe, device, precision)}
     rows = [torch.from_numpy(shards[d].heldout[: recipe.eval.max_sequences].astype("int64")) for d in increments]
@@ -298,7 +300,7 @@ def _measure(ws: Workspace, teacher_version: str, teacher: nn.Module, student: n
     speed = {} if ids is None else encoder_speed({"teacher": teacher, "student": student}, ids,
                                                  int(shards[increments[0]].pad_id),
                                                  batch_size=recipe.eval.batch_size, device=device)
-    with tempfile.TemporaryDirectory(prefix="incr-size-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="incr-size-") as tmp, quiet_transformers():
         student.save_pretrained(tmp)
         student_bytes = weights_bytes(Path(tmp))
     k = _config_keys(student.config)

@@ -58,6 +58,8 @@ def test_family_trains_two_increments_evaluates_and_fills_masks(tmp_path, family
     manifest = ws.version_manifest("v0002")
     assert manifest["attn_implementation"] in ("sdpa", "eager")
     assert result.metrics["head"]["kind"] != "full"  # every family here has a masked-only head
+    drift = result.metrics["embedding_drift"]  # the feature extractor (incr embed's code) works on every family
+    assert drift["all"]["n"] > 0 and 0 < drift["all"]["mean_cosine"] <= 1
 
     scores = evaluate(ws, ws.versions(), increments, load_recipe(ws.recipe_path)).scores
     cells = [c for row in scores.values() for c in row.values()]

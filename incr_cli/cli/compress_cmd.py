@@ -52,7 +52,7 @@ def compress_cmd(
 
 
 def _rows(m: dict[str, Any]) -> list[list[str]]:
-    from incr_cli.report import fmt
+    from incr_cli.eval_report import fmt
 
     t, s = m["teacher"], m["student"]
 
