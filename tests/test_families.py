@@ -73,21 +73,21 @@ def test_family_trains_two_increments_evaluates_and_fills_masks(tmp_path, family
 
 @pytest.mark.slow
 def test_a_non_bert_family_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """RoBERTa (byte-level BPE tokenizer, its own head split): SIGTERM at step 2, rerun resumes, same weights."""
+    """RoBERTa (byte-level BPE tokenizer, its own head split): SIGTERM after step 1, rerun resumes, same weights."""
     ws, _ = _line(tmp_path, "roberta")
     reference = ws.copy_to(tmp_path / "reference")
     args = ["train-increment", str(ws.root)]
     reset_faults()
     done = runner.invoke(app, ["train-increment", str(reference.root)])
     assert done.exit_code == 0, done.output
-    monkeypatch.setenv("INCR_FAULT", "train.step@2:term")
+    monkeypatch.setenv("INCR_FAULT", "train.step@1:term")
     reset_faults()
     assert runner.invoke(app, args).exit_code == 143
     monkeypatch.delenv("INCR_FAULT")
     reset_faults()
     resumed = runner.invoke(app, [*args, "--json"])
     assert resumed.exit_code == 0, resumed.output
-    assert json.loads(resumed.stdout)["resumed_from_step"] == 2
+    assert json.loads(resumed.stdout)["resumed_from_step"] == 1
     assert_same_weights(weights(ws, "v0002"), weights(reference, "v0002"))
 
 
