@@ -222,7 +222,7 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
         _copy_data(ws, new)
         save_version(new, "v0000", student, tokenizer, manifest,
                      {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
-        new.set_latest("v0000")
+        new.move_latest("v0000", command="compress", reason=f"student distilled from {ws.root}")
         shutil.rmtree(new.staging, ignore_errors=True)  # its verify cache names the temporary paths
         fsync_tree(tmp)
         os.rename(tmp, into)

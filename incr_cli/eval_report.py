@@ -44,7 +44,8 @@ def _signed(metric: str, value: float | None) -> str:
 
 def row_label(result: EvalResult, version: str) -> str:
     info = next(i for i in result.versions if i.version == version)
-    tags = [t for t, on in (("LATEST", version == result.latest), (info.status, info.status == "rejected")) if on]
+    tags = [t for t, on in (("LATEST", version == result.latest), (info.status, info.status == "rejected"),
+                            ("pruned", info.pruned)) if on]
     return f"{version} ({', '.join(tags)})" if tags else version
 
 

@@ -245,6 +245,7 @@ class VersionInfo:
     status: str
     trained_on: list[str]
     new: list[str]
+    pruned: bool = False  # gc removed its weights: only recorded scores remain
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,8 @@ def finite_json(obj: Any) -> Any:
 def version_info(ws: Workspace, version: str) -> VersionInfo:
     m = ws.version_manifest(version)
     status = m.get("status") or ("promoted" if m.get("promoted") else "rejected")
-    return VersionInfo(version, m.get("parent"), str(status), list(m.get("trained_on") or []), list(m.get("new") or []))
+    return VersionInfo(version, m.get("parent"), str(status), list(m.get("trained_on") or []), list(m.get("new") or []),
+                       ws.pruned(version) is not None)
 
 
 def select_versions(ws: Workspace, spec: str | None) -> list[str]:
@@ -320,8 +322,9 @@ def select_versions(ws: Workspace, spec: str | None) -> list[str]:
     spec = (spec or "promoted").strip()
     if spec == "all":
         return ws.versions()
-    if spec == "promoted":
-        return [v for v in ws.versions() if version_info(ws, v).status in ("base", "promoted")]
+    if spec == "promoted":  # a rejected version made LATEST by `incr promote` counts as promoted
+        by_hand = {m.get("to") for m in ws.history() if m.get("command") == "promote"}
+        return [v for v in ws.versions() if version_info(ws, v).status in ("base", "promoted") or v in by_hand]
     if spec in ("latest", "LATEST"):
         return [ws.latest()]
     chosen = [ws.resolve_version(s) for s in spec.split(",") if s.strip()]
@@ -392,13 +395,17 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
         # Checked even when every cell is cached: a damaged version is named, never silently scored.
         # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
         weights = weights_checksum(ws.verify_version(info.version))
+        recorded = (ws.pruned(info.version) or {}).get("scores") or {} if info.pruned else {}
         row = scores.setdefault(info.version, {})
         for col in columns:
             # ad-hoc text is scored every time: it has no checksummed file to key the cache on
             key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
-            hit = cache.get(key)
+            hit = cache.get(key) if key not in recorded else dict(recorded[key])
+            cache.hits += key in recorded
             if hit is not None:
                 row[col.id] = hit
+            elif info.pruned:  # no weights to score with: the cell stays empty
+                row[col.id] = dict.fromkeys(SCORE_KEYS)
             else:
                 todo.setdefault(info.version, []).append((col, key))
 

@@ -31,6 +31,8 @@ from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import (
+    CURRENT_LINK,
+    HISTORY_FILE,
     LOCK_FILE,
     Workspace,
     atomic_write_text,
@@ -396,6 +398,7 @@ def _version_folder(ws: Workspace, version: str) -> Path:
     folder = ws.version_dir(version)
     if not folder.is_dir():
         raise UsageError(f"unknown version {version!r}; valid versions: {', '.join(ws.versions()) or 'none'}")
+    ws.require_weights(version)
     return folder
 
 
@@ -486,7 +489,7 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
             reporter.log(f"loading base {base}")
             loaded = resolve_base(base, recipe, allow_pickle=allow_pickle, reporter=reporter)
             if replaced:
-                for name in ("LATEST", "recipe.yaml"):
+                for name in ("LATEST", "recipe.yaml", HISTORY_FILE, CURRENT_LINK):
                     (ws.root / name).unlink(missing_ok=True)
                 for folder in (ws.checkpoints, ws.data, ws.staging, ws.eval_dir):
                     shutil.rmtree(folder, ignore_errors=True)
@@ -499,7 +502,7 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
                         "software": software_versions(), "device": "cpu"}
             sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest)
             fault_point("init.latest")
-            ws.set_latest("v0000")
+            ws.move_latest("v0000", command="init", reason=f"base {base}")
     except BaseException:
         if created:  # a failed first init leaves no directory behind (at most its own lock and recipe)
             leftovers = [p for p in ws.root.iterdir() if p.name not in (LOCK_FILE, "staging", "recipe.yaml")]

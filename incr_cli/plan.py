@@ -18,7 +18,7 @@ from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.workspace import Workspace
 
 # Recipe keys that do not change the trained weights: left out of the resume key.
-_NOT_IN_KEY = {"eval", "gate", "tracking"}  # what is measured or reported, not trained
+_NOT_IN_KEY = {"eval", "gate", "tracking", "retention"}  # what is measured, reported or kept, not trained
 _RUNTIME_IN_KEY = ("device", "precision")
 
 

@@ -173,6 +173,11 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    keep_last: Optional[int] = knob(None, "`incr gc` keeps the weights of this many newest versions and of the last this many LATEST versions (rollback targets); null = gc needs --keep-last.", lo=1)
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +192,7 @@ class Recipe:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     ewc: EwcConfig = field(default_factory=EwcConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 # What each strategy fixes. `replay+distill` uses the recipe's own alpha and ratio.

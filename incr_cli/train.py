@@ -147,7 +147,7 @@ def _finished_run(ws: Workspace, plan: IncrementPlan, key: str, ctx: distributed
             raise exc
         if ctx.is_main and ws.latest() == plan.parent:
             fault_point("train.latest_update")
-            ws.set_latest(version)
+            ws.move_latest(version, command="train-increment", reason="passed the gate (completed by a rerun)")
             reporter.log(f"{version} was written by an earlier run that stopped before LATEST moved; LATEST -> {version}")
         ctx.barrier()
         result.message = f"{version} already trained (same parent, data and recipe)"
@@ -377,7 +377,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         ResumeStore(ws, other["key"]).clear()
     if passed:
         fault_point("train.latest_update")
-        ws.set_latest(version)
+        ws.move_latest(version, command="train-increment", reason="passed the gate")
     return TrainResult(plan, version, passed, metrics, message=f"{version} {metrics['status']}",
                        resumed_from=resumed_from)
 

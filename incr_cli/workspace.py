@@ -4,6 +4,8 @@
 WORKSPACE/
   recipe.yaml            resolved recipe of this model line
   LATEST                 name of the newest promoted version, e.g. "v0002"
+  current                symlink to checkpoints/<LATEST>, replaced atomically (the serving path)
+  history.jsonl          audit trail: one JSON line per move of LATEST (init, training, promote, rollback)
   .incr.lock             holder of the write lock (pid, host, command); flock-guarded
   checkpoints/vNNNN/     save_pretrained layout + manifest.json (+ metrics.json, train_log.jsonl)
   data/dNNNN-NAME/       token shards + manifest.json;  data/index.sqlite: dedup index
@@ -13,7 +15,8 @@ WORKSPACE/
 
 Invariants: a version or increment folder appears whole (written under ``staging/``, fsynced,
 renamed) or not at all, and is never modified afterwards; ``LATEST`` is replaced atomically and
-always names a complete version; every writing command holds the lock, readers need none.
+always names a complete version and moves only through ``Workspace.move_latest``, which also points
+``current`` at it and appends the audit record; every writing command holds the lock, readers need none.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import datetime as _dt
 import errno
 import fcntl
+import getpass
 import hashlib
 import json
 import os
@@ -37,12 +41,17 @@ from typing import Any, BinaryIO
 from incr_cli import FORMAT_VERSION, __version__
 from incr_cli.diskspace import disk_writes
 from incr_cli.errors import DiskFull, IntegrityError, UsageError, WorkspaceLocked
+from incr_cli.faults import fault_point
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 INCREMENT_RE = re.compile(r"^d(\d{4,})-([A-Za-z0-9][A-Za-z0-9._-]*)$")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".incr.lock"
 RESUME_POINTER = "CURRENT"  # staging/resume/KEY/CURRENT names the last complete state-NNNNNNNN folder
+HISTORY_FILE = "history.jsonl"
+CURRENT_LINK = "current"
+MOVE_INTENT = "latest-move.json"  # staging/latest-move.json: the move of LATEST in progress
+PRUNED_FILE = "pruned.json"  # checkpoints/vNNNN/pruned.json: gc removed the files it lists
 
 
 def now_iso() -> str:
@@ -88,6 +97,49 @@ def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it. A line torn by a crash is closed off with a newline first,
+    so it never merges with the next record (readers skip it: see ``read_lines``)."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    created = not path.exists()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
+
+
+def read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """-> (the JSON objects of a JSON-lines file, oldest first; how many lines could not be parsed).
+
+    A missing file holds no records; an unparsable line (torn by a crash mid-append) is skipped.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records, bad = [], 0
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20, opener: Callable[[str], BinaryIO] | None = None) -> str:
@@ -318,7 +370,7 @@ class Workspace:
         """
         dest = Path(dest)
         top = os.path.realpath(self.root)
-        shutil.copytree(self.root, dest, ignore=lambda folder, names: [
+        shutil.copytree(self.root, dest, symlinks=True, ignore=lambda folder, names: [
             n for n in names if os.path.realpath(folder) == top and n in (LOCK_FILE, "staging")])
         return Workspace.open(dest)
 
@@ -380,8 +432,97 @@ class Workspace:
                                  f"write the newest good version (one of {', '.join(self.versions())}) into it")
         return name
 
-    def set_latest(self, version: str) -> None:
+    # LATEST, current and the audit trail
+    @property
+    def history_path(self) -> Path:
+        return self.root / HISTORY_FILE
+
+    @property
+    def current_path(self) -> Path:
+        return self.root / CURRENT_LINK
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every recorded move of LATEST, oldest first (a line torn by a crash is skipped)."""
+        return read_lines(self.history_path)[0]
+
+    def move_latest(self, version: str, *, command: str, reason: str | None = None) -> dict[str, Any] | None:
+        """The one way LATEST moves: write LATEST, point ``current`` at it, append the audit record.
+
+        The caller holds the lock and has checked ``version``. The move is announced in
+        ``staging/latest-move.json`` first, so a run killed halfway is completed (or dropped, when
+        LATEST had not moved yet) by the next mover. -> the record appended; None when LATEST
+        already named ``version`` (nothing recorded: a repeated move is a no-op).
+        """
+        self.finish_interrupted_move()
+        before = self.latest_name()
+        if before == version:
+            self._point_current(version)
+            return None
+        record = {"id": uuid.uuid4().hex, "time": now_iso(), "from": before, "to": version, "command": command,
+                  "user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "reason": reason,
+                  "exit_state": "completed"}
+        self.staging.mkdir(parents=True, exist_ok=True)
+        write_json(self.staging / MOVE_INTENT, record)
+        fault_point("latest.write")
         atomic_write_text(self.latest_path, version + "\n")
+        fault_point("latest.link")
+        self._point_current(version)
+        fault_point("latest.record")
+        append_line(self.history_path, record)
+        (self.staging / MOVE_INTENT).unlink(missing_ok=True)
+        return record
+
+    def finish_interrupted_move(self) -> dict[str, Any] | None:
+        """Complete the move of a command killed while moving LATEST (call holding the lock).
+
+        -> its record when LATEST had moved (``current`` and the record are written now, marked
+        "completed after an interruption"); None when nothing was in progress or LATEST had not moved.
+        """
+        intent = self.staging / MOVE_INTENT
+        try:
+            record = json.loads(intent.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            record = {}
+        done = None
+        if isinstance(record, dict) and record.get("to") and self.latest_name() == record["to"]:
+            self._point_current(record["to"])
+            if all(r.get("id") != record.get("id") for r in self.history()[-5:]):
+                done = {**record, "exit_state": "completed after an interruption"}
+                append_line(self.history_path, done)
+        intent.unlink(missing_ok=True)
+        return done
+
+    def current_target(self) -> str | None:
+        """The version ``current`` points at (None: missing or not a link into checkpoints/)."""
+        try:
+            target = Path(os.readlink(self.current_path))
+        except OSError:
+            return None
+        return target.name if target.parent == Path("checkpoints") and VERSION_RE.match(target.name) else None
+
+    def latest_name(self) -> str | None:
+        """LATEST's content, or None before init wrote it."""
+        try:
+            return self.latest_path.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _point_current(self, version: str) -> None:
+        """``current`` -> checkpoints/VERSION, swapped in with one rename (a reader sees the old or new link)."""
+        if self.current_target() == version:
+            return
+        if self.current_path.exists() and not self.current_path.is_symlink():
+            raise UsageError(f"{self.current_path}: exists and is not a symlink; move it away so incr can "
+                             "keep the serving link there")
+        tmp = self.root / f".{CURRENT_LINK}.{uuid.uuid4().hex[:8]}.tmp"
+        os.symlink(Path("checkpoints") / version, tmp)
+        try:
+            os.replace(tmp, self.current_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(self.root)
 
     def resolve_version(self, spec: str | None) -> str:
         """``None``/"latest" -> LATEST; "vNNNN" (or "N") -> that version; anything else is a UsageError."""
@@ -393,6 +534,27 @@ class Workspace:
         if spec not in self.versions():
             raise UsageError(f"unknown version {spec!r}; valid versions: {', '.join(self.versions()) or 'none'}")
         return spec
+
+    def pruned(self, version: str) -> dict[str, Any] | None:
+        """What gc recorded when it removed a version's weights (``pruned.json``); None if not pruned."""
+        path = self.version_dir(version) / PRUNED_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(f"{path}: cannot be parsed ({exc}); rerun `incr gc {self.root}`") from None
+        if not isinstance(record, dict):
+            raise IntegrityError(f"{path}: expected a JSON object; rerun `incr gc {self.root}`")
+        return record
+
+    def require_weights(self, version: str) -> None:
+        """A UsageError naming ``version`` when gc pruned it (its weights and tokenizer are gone)."""
+        record = self.pruned(version)
+        if record is not None:
+            kept = [v for v in self.versions() if self.pruned(v) is None]
+            raise UsageError(f"{version} was pruned by gc on {record.get('time', '?')}: its weights are gone (its "
+                             f"manifest, metrics and scores remain); choose a version with weights: {', '.join(kept)}")
 
     def version_manifest(self, version: str) -> dict[str, Any]:
         return read_manifest(self.version_dir(version))
@@ -462,8 +624,12 @@ class Workspace:
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             raise IntegrityError(f"{folder / MANIFEST}: lists no files; restore it or remove the folder")
+        pruned = self.pruned(folder.name) if folder.parent == self.checkpoints else None
+        removed = set(pruned.get("removed") or []) if pruned else set()
         cache = _VerifyCache(self.staging / "verify-cache.json") if use_cache else None
         for rel, rec in files.items():
+            if rel in removed:  # gc took it away on purpose; what remains must still match
+                continue
             path = safe_relpath(folder, rel)
             try:
                 st = path.stat()
@@ -488,6 +654,31 @@ class Workspace:
 
     def verify_increment(self, increment: str) -> dict[str, Any]:
         return self.verify_folder(self.increment_dir(increment))
+
+
+def rollback_chain(records: list[dict[str, Any]]) -> list[str]:
+    """The versions a rollback walks back through, oldest first, read from the audit trail.
+
+    Every move pushes its target; a rollback pops the version it leaves. The last entry is LATEST
+    as recorded; the one before it is where ``incr rollback`` goes.
+    """
+    chain: list[str] = []
+    for record in records:
+        to, before = record.get("to"), record.get("from")
+        if not chain and before:  # a trail begun on a workspace older than the trail
+            chain.append(before)
+        if record.get("command") == "rollback" and len(chain) >= 2 and chain[-2] == to:
+            chain.pop()
+        elif to:
+            chain.append(to)
+    return chain
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return str(os.getuid())
 
 
 def base_manifest(kind: str, **fields: Any) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def add_version(ws: Workspace, version: str, parent: str, new: list[str], *, see
                 "seeds": {"noise": seed}, "device": "cpu"}
     save_version(ws, version, model, tokenizer, manifest)
     if status == "promoted":
-        ws.set_latest(version)
+        ws.move_latest(version, command="test")
 
 
 def lines(name: str, n: int) -> list[str]:

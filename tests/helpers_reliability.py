@@ -78,14 +78,16 @@ def assert_one_error_line(stderr: str, *fragments: str) -> str:
 
 def assert_only_complete_versions(ws: Workspace) -> dict:
     """`incr status --json` lists only readable, sealed versions, LATEST is one of them (base or
-    promoted), and `incr verify --all` accepts every version and increment. -> the status report."""
+    promoted, or promoted by hand), `current` points at it, and `incr verify --all` accepts every version and increment. -> the status report."""
     status = cli("status", ws.root, "--json")
     assert status.exit_code == 0, status.output
     report = json.loads(status.stdout)
     by_name = {v["version"]: v for v in report["versions"]}
     for v in report["versions"]:
         assert v["problem"] is None and v["status"] in ("base", "promoted", "rejected"), v
-    assert by_name[report["latest"]]["status"] in ("base", "promoted")
+    latest = by_name[report["latest"]]
+    assert latest["status"] in ("base", "promoted") or latest["promoted_by_hand"], latest
+    assert report["current"] == report["latest"]  # the serving link follows LATEST
     verify = cli("verify", ws.root, "--all", "--json")
     assert verify.exit_code == 0, verify.output
     assert {c["id"] for c in json.loads(verify.stdout)["checked"]} >= set(by_name)

@@ -260,7 +260,7 @@ def test_joint_retrains_from_v0000_on_the_union(two_increments, tmp_path):
     scratch = copy_workspace(ws.root, tmp_path / "from-base")
     for version in scratch.versions()[1:]:
         shutil.rmtree(scratch.version_dir(version))
-    scratch.set_latest("v0000")
+    scratch.move_latest("v0000", command="test")
     reference, _ = run_increment(scratch, "strategy.name=naive")
     assert reference.plan.new == [first, second]
     assert_same_weights(weights(ws, result.version), weights(scratch, reference.version))

@@ -75,7 +75,7 @@ def test_staged_folder_refuses_to_overwrite(tmp_path):
 
 def test_latest_is_replaced_atomically(tiny_workspace):
     ws = tiny_workspace
-    ws.set_latest("v0000")
+    assert ws.move_latest("v0000", command="test") is None  # already LATEST: nothing moves, nothing recorded
     assert ws.latest_path.read_text() == "v0000\n" and ws.latest() == "v0000"
     assert not [p for p in ws.root.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
     ws.latest_path.write_text("v0007\n")

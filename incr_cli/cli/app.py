@@ -12,6 +12,7 @@ from incr_cli.cli import (
     embed_cmd,
     eval_cmd,
     ingest_cmd,
+    line_cmd,
     predict_cmd,
     recipe_cmd,
     train_cmd,
@@ -59,6 +60,7 @@ eval_cmd.register(app)
 predict_cmd.register(app)
 embed_cmd.register(app)
 compress_cmd.register(app)
+line_cmd.register(app)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 

@@ -12,6 +12,7 @@ from incr_cli.errors import IncrError, IntegrityError
 from incr_cli.recipe import load_recipe
 from incr_cli.workspace import Workspace, folder_bytes
 
+MOVE_COLUMNS = ["time", "from", "to", "command", "by", "reason", "state"]
 WorkspaceArg = Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)]
 
 
@@ -52,8 +53,8 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
         out.emit_json(report)
         return
     latest = report["latest"]
-    rows = [[v["version"] + (" *" if v["version"] == latest else ""), v["parent"] or "-", v["status"],
-             v["trained_on"], ", ".join(v["new"]) or "-", _human_bytes(v["size_bytes"]), v["created"] or "?"]
+    rows = [[v["version"] + (" *" if v["version"] == latest else ""), v["parent"] or "-", _status_word(v),
+             v["trained_on"], ", ".join(v["new"]) or "-", human_bytes(v["size_bytes"]), v["created"] or "?"]
             for v in report["versions"]]
     out.table("versions (* = LATEST)", ["version", "parent", "status", "trained on", "new", "size", "created"], rows)
     incs = [[d["id"], "pending" if d["pending"] else "trained", d["sequences"].get("train", "?"),
@@ -62,12 +63,18 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     if incs:
         out.table("increments", ["increment", "state", "train seqs", "held-out seqs", "train tokens", "unknown",
                                  "created"], incs)
+    if report["history"]:
+        out.table("last moves of LATEST (all: incr history)", MOVE_COLUMNS,
+                  move_rows(report["history"]))
     pending = report["pending"]
     out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
+    if report["current"] != latest:
+        out.warn(f"{workspace}/current points at {report['current'] or 'nothing'}, not LATEST ({latest}): a move "
+                 "was interrupted; the next promote, rollback, gc or train-increment completes it")
     for state in report["resume_states"]:
         at = "unreadable" if state["step"] is None else f"step {state['step']} of {state['steps']}"
         out.warn(f"an interrupted run from {state['parent'] or '?'} ({', '.join(state['new']) or '?'}, {at}) left "
-                 f"{_human_bytes(state['bytes'])} of resumable state in {state['path']}: rerun the same "
+                 f"{human_bytes(state['bytes'])} of resumable state in {state['path']}: rerun the same "
                  "train-increment to resume it; a version from that parent removes it")
     if report["staging_leftovers"]:
         out.warn(f"{len(report['staging_leftovers'])} temporary folders left by interrupted writers in "
@@ -112,18 +119,21 @@ def workspace_status(ws: Workspace) -> dict:
     status still shows the rest of the workspace.
     """
     latest = ws.latest()
+    moves = ws.history()
+    by_hand = {m.get("to") for m in moves if m.get("command") == "promote"}
     versions = []
     for version in ws.versions():
         folder = ws.version_dir(version)
         entry = {"version": version, "parent": None, "status": "unreadable", "promoted": False, "trained_on": 0,
                  "new": [], "size_bytes": folder_bytes(folder), "created": None, "head_initialised": None,
-                 "problem": None}
+                 "pruned": False, "promoted_by_hand": version in by_hand, "problem": None}
         try:
             manifest = ws.version_manifest(version)
             entry.update(parent=manifest.get("parent"), status=str(manifest.get("status", "?")),
                          promoted=bool(manifest.get("promoted", False)),
                          trained_on=len(manifest.get("trained_on") or []), new=list(manifest.get("new") or []),
-                         created=manifest.get("created"), head_initialised=manifest.get("head_initialised"))
+                         created=manifest.get("created"), head_initialised=manifest.get("head_initialised"),
+                         pruned=ws.pruned(version) is not None)
         except IncrError as exc:
             entry["problem"] = str(exc)
         versions.append(entry)
@@ -141,7 +151,8 @@ def workspace_status(ws: Workspace) -> dict:
         increments.append(entry)
     leftovers = sorted(p.name for p in ws.staging.glob("tmp-*")) if ws.staging.is_dir() else []
     return {"workspace": str(ws.root), "latest": latest, "versions": versions, "increments": increments,
-            "pending": pending, "staging_leftovers": leftovers, "resume_states": ws.resume_states()}
+            "pending": pending, "staging_leftovers": leftovers, "resume_states": ws.resume_states(),
+            "current": ws.current_target(), "history": moves[-5:]}
 
 
 def verify_workspace(ws: Workspace, *, all_versions: bool = False) -> dict:
@@ -166,7 +177,19 @@ def verify_workspace(ws: Workspace, *, all_versions: bool = False) -> dict:
     return {"workspace": str(ws.root), "ok": all(c["ok"] for c in checked), "checked": checked}
 
 
-def _human_bytes(n: int) -> str:
+def _status_word(v: dict) -> str:
+    words = [v["status"]] + (["promoted by hand"] if v["promoted_by_hand"] and v["status"] == "rejected" else [])
+    return ", ".join(words + (["pruned"] if v["pruned"] else []))
+
+
+def move_rows(moves: list[dict]) -> list[list[str]]:
+    """Table rows of audit records (status and `incr history`)."""
+    return [[m.get("time", "?"), m.get("from") or "-", m.get("to", "?"), m.get("command", "?"),
+             f"{m.get('user', '?')}@{m.get('host', '?')}", m.get("reason") or "-", m.get("exit_state", "?")]
+            for m in moves]
+
+
+def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":

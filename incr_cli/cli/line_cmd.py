@@ -1,0 +1,125 @@
+"""`incr promote | rollback | history | gc | export`: run a model line over time: who moved LATEST,
+when and why, what is kept on disk, and a version handed on as a Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from incr_cli import lifecycle
+from incr_cli.cli.output import JsonOpt, Output, guarded
+from incr_cli.cli.workspace_cmd import MOVE_COLUMNS, WorkspaceArg, human_bytes, move_rows
+from incr_cli.workspace import Workspace
+
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the audit trail, history.jsonl).",
+                                               show_default=False)]
+
+
+def promote(
+    workspace: WorkspaceArg,
+    version: Annotated[str, typer.Argument(help="The version to make LATEST (vNNNN or N).", show_default=False)],
+    reason: ReasonOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make VERSION LATEST (a rejected one after review, or an earlier one); its files are verified first."""
+    _report_move(Output(json_out), lifecycle.promote(Workspace.open(workspace), version, reason=reason), "promote")
+
+
+def rollback(workspace: WorkspaceArg, reason: ReasonOpt = None, json_out: JsonOpt = False) -> None:
+    """LATEST goes back to the version it named before the current one (repeat to go further back)."""
+    _report_move(Output(json_out), lifecycle.rollback(Workspace.open(workspace), reason=reason), "rollback")
+
+
+def _report_move(out: Output, move: Any, command: str) -> None:
+    if out.json_mode:
+        out.emit_json(move.to_json())
+        return
+    if move.completed is not None:
+        out.log(f"completed an interrupted {move.completed.get('command')}: LATEST "
+                f"{move.completed.get('from')} -> {move.completed.get('to')}")
+    if move.record is not None:
+        out.log(f"LATEST {move.previous} -> {move.latest} ({command}); current -> checkpoints/{move.latest}")
+    elif move.completed is None or move.completed.get("command") != "rollback":
+        out.log(f"LATEST is already {move.latest}; nothing moved")
+    pending = ", ".join(move.pending) if move.pending else "none"
+    out.log(f"pending increments (trained by the next train-increment): {pending}")
+
+
+def history(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
+    """Every move of LATEST: time, from, to, command, user@host, reason, exit state."""
+    out = Output(json_out)
+    report = lifecycle.history(Workspace.open(workspace))
+    if json_out:
+        out.emit_json(report)
+        return
+    out.table("moves of LATEST (history.jsonl)", MOVE_COLUMNS,
+              move_rows(report["moves"]))
+    out.log(f"LATEST: {report['latest']}; current -> {report['current'] or 'missing'}")
+    if report["damaged_lines"]:
+        out.warn(f"{report['damaged_lines']} line(s) of history.jsonl could not be read (a write torn by a crash); "
+                 "they are skipped")
+
+
+def gc(
+    workspace: WorkspaceArg,
+    keep_last: Annotated[int | None, typer.Option("--keep-last", help="Keep the weights of this many newest "
+                                                  "versions and rollback targets (default: retention.keep_last).",
+                                                  show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would go; remove nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove the weights of versions the retention policy does not keep, stale resumable states and leftovers.
+
+    Manifests, metrics and scores of every version stay (a pruned version is still listed), and data
+    increments are never removed.
+    """
+    from incr_cli.recipe import load_recipe
+    from incr_cli.retention import collect_garbage
+
+    out = Output(json_out)
+    ws = Workspace.open(workspace)
+    report = collect_garbage(ws, load_recipe(ws.recipe_path), keep_last, dry_run=dry_run)
+    if json_out:
+        out.emit_json(report.to_json())
+        return
+    out.table("versions that keep their weights", ["version", "why"],
+              [[v, ", ".join(why)] for v, why in report.kept.items()])
+    verb = "would free" if dry_run else "freed"
+    pruned = ", ".join(report.pruned) or "none"
+    out.log(f"{'would prune' if dry_run else 'pruned'}: {pruned}; {len(report.resume_states)} stale resumable "
+            f"state(s), {len(report.staging_leftovers)} staging leftover(s), {report.cache_entries} eval-cache "
+            f"entr{'y' if report.cache_entries == 1 else 'ies'}; {verb} {human_bytes(report.bytes_freed)} "
+            f"({report.bytes_freed} bytes)")
+
+
+def export(
+    workspace: WorkspaceArg,
+    out_dir: Annotated[Path, typer.Argument(help="New folder to write (never overwritten).", show_default=False)],
+    version: Annotated[str | None, typer.Option("--version", help="The version to export (default: LATEST).",
+                                                show_default=False)] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights as fp32, fp16 or bf16.")] = "fp32",
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a version as a self-contained Hugging Face folder (weights, config, tokenizer, model card)."""
+    from incr_cli.export import export_version
+
+    out = Output(json_out)
+    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype)
+    if json_out:
+        out.emit_json(result.to_json())
+        return
+    out.log(f"exported {result.version} ({result.dtype}, {human_bytes(result.bytes)}) to {result.out}: "
+            f"{', '.join(result.files)}")
+    out.log(f"load it with AutoModelForMaskedLM.from_pretrained({str(result.out)!r}) or "
+            f"pipeline('fill-mask', model={str(result.out)!r})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add promote, rollback and history to the app."""
+    app.command("promote")(guarded(promote))
+    app.command("rollback")(guarded(rollback))
+    app.command("history")(guarded(history))
+    app.command("gc")(guarded(gc))
+    app.command("export")(guarded(export))
