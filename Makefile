@@ -51,6 +51,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_history.py
 
 # The same on one CUDA GPU (BERT-base size, seq 128 and 512, bf16, MFU).
 bench-gpu: $(BENCH_STAMP)

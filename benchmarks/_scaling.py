@@ -7,8 +7,9 @@ it with the default strategy (distillation + replay from all k). Reported per k:
 
 - train loop seconds and s/step (``metrics.train_seconds``): must stay flat as k grows;
 - the replay sampler alone, ms per batch (``BatchSampler.next_batch`` over the k pools);
-- the whole increment (wall seconds), which also evaluates every lineage increment before and
-  after (the gate needs it), so it grows with k by design;
+- the whole increment (wall seconds), which also scores the gate's sample of the lineage after
+  training (bounded by ``eval.gate_sequences``; "before" comes from v0001's recorded scores);
+  ``bench_history.py`` measures that part alone, up to 100 earlier increments;
 - eval of one version row over all k + 1 increments (``incr_cli.evaluate.evaluate``, no cache),
   and that per cell.
 """

@@ -235,6 +235,62 @@ class ScoreCache:
             atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
 
 
+class ScoreBook:
+    """Scores as facts about (weights checksum, increment, eval settings), kept in the eval cache:
+    training writes the scores it computes, and its gate, ``incr eval`` and the model card read them,
+    so no score is computed twice (e.g. a version's "before" is its parent's "after")."""
+
+    def __init__(self, ws: Workspace, recipe: Recipe, precision: str):
+        self.ws = ws
+        self.settings = eval_settings(recipe, precision)
+        self.cache = ScoreCache(ws.eval_dir / "cache")
+        self._data: dict[str, str] = {}
+
+    def key(self, weights_sha: str, increment: str) -> str:
+        if increment not in self._data:
+            self._data[increment] = _heldout_sha(self.ws, increment)
+        return cache_key(weights_sha, increment, self._data[increment], self.settings)
+
+    def get(self, weights_sha: str, increment: str) -> dict[str, Any] | None:
+        return self.cache.get(self.key(weights_sha, increment))
+
+    def put(self, weights_sha: str, version: str, increment: str, scores: dict[str, Any]) -> None:
+        if all(k in scores for k in SCORE_KEYS):
+            self.cache.put(self.key(weights_sha, increment), {k: scores[k] for k in SCORE_KEYS},
+                           {"version": version, "column": increment, "settings": self.settings})
+
+
+def gate_sample(ws: Workspace, recipe: Recipe, pending: list[str], earlier: list[str]) -> list[str]:
+    """The increments the gate scores, in lineage order: all of them while their held-out rows fit
+    in ``eval.gate_sequences``; beyond it the pending ones, the newest earlier ones up to half the
+    budget, and older ones in a fixed order seeded by ``eval.seed`` up to the other half (at least
+    one of each).
+
+    The choice is nested from one version to the next (an older increment chosen now was chosen by
+    the parent too, or was new or recent then), so the parent's "after" scores always cover the
+    "before" scores a child needs.
+    """
+    budget = recipe.eval.gate_sequences
+    rows = {d: min(int((ws.increment_manifest(d).get("sequences") or {}).get("heldout", 0)),
+                   recipe.eval.max_sequences) for d in [*pending, *earlier]}
+    if budget is None or sum(rows.values()) <= budget:
+        return [*earlier, *pending]
+    half, recent, used = budget // 2, [], 0
+    for d in reversed(earlier):
+        if recent and used + rows[d] > half:
+            break
+        recent.append(d)
+        used += rows[d]
+    older, used = [], 0
+    for d in sorted((d for d in earlier if d not in recent), key=lambda d: stable_seed(recipe.eval.seed, d, -1)):
+        if older and used + rows[d] > half:
+            break
+        older.append(d)
+        used += rows[d]
+    chosen = set(recent) | set(older)
+    return [d for d in earlier if d in chosen] + list(pending)
+
+
 # ----------------------------------------------------------------------------- the matrix
 
 
@@ -400,12 +456,9 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
         for col in columns:
             # ad-hoc text is scored every time: it has no checksummed file to key the cache on
             key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
-            hit = cache.get(key) if key not in recorded else dict(recorded[key])
-            cache.hits += key in recorded
+            hit = _known_cell(cache, key, recorded, info.pruned)
             if hit is not None:
                 row[col.id] = hit
-            elif info.pruned:  # no weights to score with: the cell stays empty
-                row[col.id] = dict.fromkeys(SCORE_KEYS)
             else:
                 todo.setdefault(info.version, []).append((col, key))
 
@@ -463,6 +516,16 @@ def recorded_drift(ws: Workspace, versions: Sequence[str]) -> dict[str, dict[str
         if isinstance(drift, dict) and isinstance(drift.get("all"), dict):
             out[version] = drift
     return out
+
+
+def _known_cell(cache: ScoreCache, key: str | None, recorded: dict[str, Any], pruned: bool) -> dict[str, Any] | None:
+    """A cell's scores without scoring: from the cache, from a pruned version's ``pruned.json``, or
+    empty for a pruned version (no weights left to score with); None: it must be scored."""
+    if key in recorded:
+        cache.hits += 1
+        return dict(recorded[key])
+    hit = cache.get(key)
+    return dict.fromkeys(SCORE_KEYS) if hit is None and pruned else hit
 
 
 def _heldout_sha(ws: Workspace, increment_id: str) -> str:

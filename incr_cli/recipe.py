@@ -130,6 +130,7 @@ class EvalConfig:
     max_sequences: int = knob(256, "Held-out sequences scored per increment (the first ones, so results are comparable).", lo=1)
     batch_size: int = knob(64, "Sequences per evaluation batch.", lo=1)
     seed: int = knob(1234, "Seed of the evaluation masks (combined with the increment id, never the version).", lo=0)
+    gate_sequences: Optional[int] = knob(256, "Budget of held-out sequences train-increment scores for the gate: every increment while they fit, then the new ones, the newest earlier ones (half the budget, at least one) and a fixed seeded sample of older ones (the other half, at least one), recorded in metrics.json; null = all. `incr eval` scores everything.", lo=1)
 
 
 @dataclass(frozen=True)

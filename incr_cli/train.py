@@ -23,7 +23,7 @@ from incr_cli import distributed, embed, strategies, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
-from incr_cli.evaluate import finite_json, score_sequences, tokenizer_inputs
+from incr_cli.evaluate import SCORE_KEYS, finite_json, score_sequences, tokenizer_inputs
 from incr_cli.faults import fault_point
 from incr_cli.plan import IncrementPlan, plan_increment, plan_increments, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
@@ -36,15 +36,52 @@ from incr_cli.workspace import Workspace
 
 def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: list[str], recipe: Recipe,
                      tok_inputs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """Held-out loss, perplexity and accuracy of the student now, per increment (with held-out rows)."""
+    """Held-out scores of the student now (``evaluate.SCORE_KEYS``), per increment with held-out rows."""
     scores = {}
     for inc in increments:
         if len(shards[inc].heldout) == 0:
             continue
         s = score_sequences(run.head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
                             precision=run.precision, continues=shards[inc].heldout_words, **tok_inputs)
-        scores[inc] = {k: finite_json(s[k]) for k in ("loss", "perplexity", "accuracy")}
+        scores[inc] = {k: finite_json(s[k]) for k in SCORE_KEYS}
     return scores
+
+
+def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], plan: IncrementPlan,
+                  recipe: Recipe, tok_inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The parent's scores on the gate's increments (``evaluate.gate_sample``): read from the score
+    book where recorded (the parent's own "after", or an eval), scored now (and recorded) only where
+    not; each entry says which ("source": "recorded" or "scored")."""
+    from incr_cli.evaluate import ScoreBook, gate_sample, weights_checksum
+
+    book = ScoreBook(ws, recipe, run.precision)
+    parent_sha = weights_checksum(ws.version_manifest(plan.parent))
+    before, missing = {}, []
+    for inc in gate_sample(ws, recipe, plan.pending, plan.earlier):
+        hit = book.get(parent_sha, inc)
+        if hit is None:
+            missing.append(inc)
+        else:
+            before[inc] = {**hit, "source": "recorded"}
+    for inc, scores in evaluate_lineage(run, shards, missing, recipe, tok_inputs).items():
+        book.put(parent_sha, plan.parent, inc, scores)
+        before[inc] = {**scores, "source": "scored"}
+    return before
+
+
+def _gate_sample(recipe: Recipe, plan: IncrementPlan, shards: dict[str, IncrementShards], before: dict[str, Any],
+                 after: dict[str, Any]) -> dict[str, Any]:
+    """What the gate scored (metrics.json): the increments, the sequences, and where "before" came from."""
+    return {"budget": recipe.eval.gate_sequences, "scored": list(after),
+            "skipped": [d for d in plan_increments(plan) if d not in after],
+            "sequences": sum(min(len(shards[d].heldout), recipe.eval.max_sequences) for d in after),
+            "before_recorded": [d for d, s in before.items() if s.get("source") == "recorded"],
+            "before_scored": [d for d, s in before.items() if s.get("source") != "recorded"]}
+
+
+def _shown(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Scores as metrics.json keeps them: loss, perplexity, accuracy."""
+    return {inc: {k: s.get(k) for k in ("loss", "perplexity", "accuracy")} for inc, s in scores.items()}
 
 
 def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], new: list[str],
@@ -215,7 +252,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     resumed_from = None
     if store.current() is None:
         if ctx.is_main:
-            state.eval_before = evaluate_lineage(run, shards, plan_increments(plan), recipe, tok_inputs)
+            state.eval_before = before_scores(ws, run, shards, plan, recipe, tok_inputs)
         if plan.init_from:
             strategies.reset_weights(run.model, ws, plan.init_from, recipe, device)
     loaded = store.load(run.model, device)
@@ -324,10 +361,11 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
             losses: dict[str, float | None]) -> TrainResult:
     """Rank 0: evaluate, gate, write the version, move LATEST when promoted."""
     from incr_cli import models
+    from incr_cli.evaluate import ScoreBook, weights_checksum
 
-    after = evaluate_lineage(run, shards, plan_increments(plan), recipe, tok_inputs)
-    _require_scores(after, plan.pending)
     before = state.eval_before or {}
+    after = evaluate_lineage(run, shards, [d for d in plan_increments(plan) if d in before], recipe, tok_inputs)
+    _require_scores(after, plan.pending)
     passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
     drift = embed.version_drift(ws, plan.parent, run.model, shards, recipe, device=run.device, precision=precision)
     checks += embed.drift_checks(recipe, drift)
@@ -353,7 +391,8 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
         "trainable_parameters": trainable, "total_parameters": total_params,
         "loss": {k: finite_json(v) for k, v in losses.items()},
-        "eval": {"before": before, "after": after}, "forgetting": forgetting, "embedding_drift": drift,
+        "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": forgetting, "embedding_drift": drift,
+        "gate_sample": _gate_sample(recipe, plan, shards, before, after),
         "resumed_from_step": resumed_from,
         "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},
     }
@@ -371,7 +410,10 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
                                         precision=precision)}
     run.model.eval()
     fault_point("train.version_write")
-    models.save_version(ws, version, run.model, tokenizer, manifest, extra)
+    sealed = models.save_version(ws, version, run.model, tokenizer, manifest, extra)
+    book = ScoreBook(ws, recipe, precision)  # the next version's "before", and incr eval's cells
+    for inc, scores in after.items():
+        book.put(weights_checksum(sealed), version, inc, scores)
     store.clear()
     for other in _superseded_states(ws, plan, key):
         ResumeStore(ws, other["key"]).clear()

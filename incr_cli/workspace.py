@@ -181,6 +181,8 @@ def safe_relpath(folder: Path, rel: str) -> Path:
     if not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
         raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
     path = folder / rel
+    if "/" not in rel and not path.is_symlink():  # a plain file name in the folder: nothing to resolve
+        return path
     if not path.resolve().is_relative_to(folder.resolve()):
         raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
     return path
@@ -710,11 +712,11 @@ class _VerifyCache:
         return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def get(self, path: Path, st: os.stat_result) -> str | None:
-        rec = self.data.get(str(path.resolve()))
+        rec = self.data.get(os.path.abspath(path))  # the stat key below decides; no symlink walk per file
         return rec[1] if rec and rec[0] == self._key(st) else None
 
     def put(self, path: Path, st: os.stat_result, digest: str) -> None:
-        self.data[str(path.resolve())] = [self._key(st), digest]
+        self.data[os.path.abspath(path)] = [self._key(st), digest]
         self.dirty = True
 
     def save(self) -> None:

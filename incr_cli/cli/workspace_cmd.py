@@ -69,8 +69,8 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     pending = report["pending"]
     out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
     if report["current"] != latest:
-        out.warn(f"{workspace}/current points at {report['current'] or 'nothing'}, not LATEST ({latest}): a move "
-                 "was interrupted; the next promote, rollback, gc or train-increment completes it")
+        out.warn(f"{workspace}/current points at {report['current'] or 'nothing'}, not LATEST ({latest}): a move was "
+                 f"interrupted, or the workspace predates the link; `incr promote {workspace} {latest}` sets it")
     for state in report["resume_states"]:
         at = "unreadable" if state["step"] is None else f"step {state['step']} of {state['steps']}"
         out.warn(f"an interrupted run from {state['parent'] or '?'} ({', '.join(state['new']) or '?'}, {at}) left "

@@ -1,0 +1,141 @@
+"""History benchmark: the cost of one increment outside the training loop after 1, 10, 50 and 100
+earlier increments (default recipe settings, scratch:tiny, CPU).
+
+For each history length k a throwaway workspace gets k earlier increments (synthetic token rows
+written per ingest's on-disk contract: 64 train and 64 held-out sequences of 64 tokens each),
+trains them into v0001 (2 steps: they only need to be in the lineage, and v0001's run records its
+"after" scores), gets one new increment and runs ``train_increment`` on it (the measured run).
+
+Reported per k: the whole call, the training loop (``metrics.train_seconds``), the time outside
+the loop (the difference: load, open and verify increments, "before" scores, "after" scores for
+the gate, write the version), how many held-out cells were scored before and after training, and
+whether any (weights, increment) cell was scored twice. Each size runs ``--repeats`` times on
+fresh copies of the same workspace and reports the run with the least time outside the loop (a
+shared machine's load comes and goes; the minimum is the least disturbed). Target: outside-loop time at 100 at most
+1.5x that at 1, no cell scored twice.
+
+    .venv/bin/python benchmarks/bench_history.py [--sizes 1,10,50,100] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SEQ_LEN, TRAIN_ROWS, HELDOUT_ROWS = 64, 64, 64
+
+
+def _overrides(steps: int) -> list[str]:
+    return [f"train.steps={steps}", f"model.max_seq_len={SEQ_LEN}", "runtime.device=cpu", "runtime.precision=fp32",
+            "runtime.save_every=0", "runtime.num_threads=1"]
+
+
+def _write_increment(ws: Any, name: str, seed: int) -> str:
+    """An increment as ingest writes it (train.bin, heldout.bin, sealed manifest), from random ids."""
+    from incr_cli.workspace import base_manifest, seal_folder
+
+    rng = np.random.default_rng(seed)
+    train = rng.integers(10, 2900, size=(TRAIN_ROWS, SEQ_LEN)).astype(np.uint16)
+    heldout = rng.integers(10, 2900, size=(HELDOUT_ROWS, SEQ_LEN)).astype(np.uint16)
+    train[:, 0] = heldout[:, 0] = 2  # [CLS]
+    increment = ws.next_increment(name)
+    with ws.staged_folder(ws.increment_dir(increment)) as tmp:
+        train.tofile(tmp / "train.bin")
+        heldout.tofile(tmp / "heldout.bin")
+        seal_folder(tmp, base_manifest(
+            "increment", id=increment, name=name, seq_len=SEQ_LEN, dtype="uint16", pad_id=0, vocab_size=3000,
+            tokenizer_sha256=None, sources=[], documents={"kept": TRAIN_ROWS + HELDOUT_ROWS, "heldout": HELDOUT_ROWS},
+            sequences={"train": TRAIN_ROWS, "heldout": HELDOUT_ROWS},
+            tokens={"train": train.size, "heldout": heldout.size}))
+    return increment
+
+
+class _CountScores:
+    """Counts score_sequences calls per (weights fingerprint, increment) while installed."""
+
+    def __init__(self) -> None:
+        import incr_cli.evaluate as evaluate
+
+        self.module, self.original, self.calls = evaluate, evaluate.score_sequences, Counter()
+
+    def __enter__(self) -> _CountScores:
+        def counted(head: Any, ids: Any, **kw: Any) -> Any:
+            params = list(head.parameters())  # a cheap fingerprint of the weights being scored
+            fingerprint = round(float(sum(p.detach().double().sum() for p in params[:2] + params[-2:])), 9)
+            self.calls[(fingerprint, kw["increment_id"])] += 1
+            return self.original(head, ids, **kw)
+
+        self.module.score_sequences = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.score_sequences = self.original
+
+
+def measure(root: Path, k: int, steps: int, repeats: int) -> dict[str, Any]:
+    from incr_cli.models import init_workspace
+    from incr_cli.recipe import load_recipe
+    from incr_cli.train import train_increment
+    from incr_cli.workspace import Workspace
+
+    recipe = load_recipe(None, _overrides(steps))
+    init_workspace(root, "scratch:tiny", recipe)
+    ws = Workspace.open(root)
+    with ws.lock("bench"):
+        for i in range(k):
+            _write_increment(ws, f"old{i}", seed=i)
+        train_increment(ws, load_recipe(None, _overrides(2)))
+        _write_increment(ws, "new", seed=10_000)
+    runs = []
+    for i in range(repeats):  # the same run on fresh copies; the machine's load varies: keep the quickest
+        copy = ws.copy_to(root.parent / f"{root.name}-run{i}")
+        with copy.lock("bench"), _CountScores() as counter:
+            started = time.perf_counter()
+            result = train_increment(copy, recipe)
+            total = time.perf_counter() - started
+        runs.append((total - result.metrics["train_seconds"], total, result, counter))
+    outside, total, result, counter = min(runs, key=lambda r: r[0])
+    m = result.metrics or {}
+    sample = m.get("gate_sample") or {}
+    return {"k": k, "total_s": total, "train_s": m["train_seconds"], "outside_s": outside,
+            "before_scored": len(sample.get("before_scored", [])), "before_recorded": len(sample.get("before_recorded", [])),
+            "after_scored": len(sample.get("scored", [])), "sequences": sample.get("sequences"),
+            "scored_twice": sum(n - 1 for n in counter.calls.values() if n > 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1,10,50,100")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per size; the quickest is reported.")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="incr-bench-history-") as tmp:
+        measure(Path(tmp) / "warmup", 1, args.steps, 1)  # imports and first-call costs, not counted
+        for k in sizes:
+            rows.append(measure(Path(tmp) / f"k{k}", k, args.steps, args.repeats))
+            r = rows[-1]
+            print(f"k={k:>3}: total {r['total_s']:.2f}s, train loop {r['train_s']:.2f}s, outside {r['outside_s']:.2f}s; "
+                  f"before: {r['before_scored']} scored, {r['before_recorded']} recorded; after: {r['after_scored']} "
+                  f"increments ({r['sequences']} sequences); scored twice: {r['scored_twice']}", flush=True)
+    base = rows[0]["outside_s"]
+    print("\n| earlier increments | whole increment (s) | training loop (s) | outside the loop (s) | vs first | "
+          "cells scored before / reused | increments scored after (sequences) | scored twice |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['k']} | {r['total_s']:.2f} | {r['train_s']:.2f} | {r['outside_s']:.2f} | "
+              f"{r['outside_s'] / base:.2f}x | {r['before_scored']} / {r['before_recorded']} | "
+              f"{r['after_scored']} ({r['sequences']}) | {r['scored_twice']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
