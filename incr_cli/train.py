@@ -69,6 +69,16 @@ def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], p
     return before
 
 
+def _record_after(ws: Workspace, recipe: Recipe, precision: str, version: str, manifest: dict[str, Any],
+                  after: dict[str, dict[str, Any]]) -> None:
+    """The new version's scores into the score book: the next version's "before", and incr eval's cells."""
+    from incr_cli.evaluate import ScoreBook, weights_checksum
+
+    book, weights = ScoreBook(ws, recipe, precision), weights_checksum(manifest)
+    for inc, scores in after.items():
+        book.put(weights, version, inc, scores)
+
+
 def _gate_sample(recipe: Recipe, plan: IncrementPlan, shards: dict[str, IncrementShards], before: dict[str, Any],
                  after: dict[str, Any]) -> dict[str, Any]:
     """What the gate scored (metrics.json): the increments, the sequences, and where "before" came from."""
@@ -361,7 +371,6 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
             losses: dict[str, float | None]) -> TrainResult:
     """Rank 0: evaluate, gate, write the version, move LATEST when promoted."""
     from incr_cli import models
-    from incr_cli.evaluate import ScoreBook, weights_checksum
 
     before = state.eval_before or {}
     after = evaluate_lineage(run, shards, [d for d in plan_increments(plan) if d in before], recipe, tok_inputs)
@@ -411,9 +420,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
     run.model.eval()
     fault_point("train.version_write")
     sealed = models.save_version(ws, version, run.model, tokenizer, manifest, extra)
-    book = ScoreBook(ws, recipe, precision)  # the next version's "before", and incr eval's cells
-    for inc, scores in after.items():
-        book.put(weights_checksum(sealed), version, inc, scores)
+    _record_after(ws, recipe, precision, version, sealed, after)
     store.clear()
     for other in _superseded_states(ws, plan, key):
         ResumeStore(ws, other["key"]).clear()

@@ -521,6 +521,7 @@ class Workspace:
         tmp = self.root / f".{CURRENT_LINK}.{uuid.uuid4().hex[:8]}.tmp"
         os.symlink(Path("checkpoints") / version, tmp)
         try:
+            fsync_dir(self.root)  # the new link is a directory entry: on disk before it is renamed
             os.replace(tmp, self.current_path)
         finally:
             tmp.unlink(missing_ok=True)

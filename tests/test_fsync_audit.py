@@ -42,7 +42,10 @@ class Audit:
         src, dst = Path(os.path.abspath(src)), Path(os.path.abspath(dst))
         self.renames += 1
         inside_staged = any(p.name.startswith("tmp-") and p.parent.name == "staging" for p in dst.parents)
-        if not inside_staged:  # a rename inside a staged folder is made durable by the folder's own
+        if src.is_symlink():  # a link (WS/current) is only a directory entry: its folder holds it
+            if str(src.parent) not in self.synced:
+                self.problems.append(f"{src} renamed to {dst} before its folder was fsynced")
+        elif not inside_staged:  # a rename inside a staged folder is made durable by the folder's own
             tree = [src, *sorted(src.rglob("*"))] if src.is_dir() else [src]
             for path in tree:
                 st = path.stat()
