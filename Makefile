@@ -9,7 +9,7 @@ INCR := $(VENV)/bin/incr
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench bench-gpu experiment increment clean docs
+.PHONY: install test test-fast lint demo bench bench-gpu gpu-check experiment increment clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: $(BENCH_STAMP)
 # The same on one CUDA GPU (BERT-base size, seq 128 and 512, bf16, MFU).
 bench-gpu: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_train.py --gpu
+
+# The first run on a lent GPU: CUDA-marked tests, a real MiniLM bf16 increment, bench-gpu; one JSON, <= 8 min.
+gpu-check: $(BENCH_STAMP)
+	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 # Every strategy (naive, replay, distill, replay+distill, ewc, joint) on austen -> pydocs -> fortunes
 # with MiniLM-L6, on CPU: results/experiment.md (table) and results/experiment.png. STEPS=N to change.

@@ -24,7 +24,8 @@ def _pct(x: float | None) -> str:
 def render(console: Console, result: dict[str, Any]) -> None:
     m = result["machine"]
     gpu = result["mode"] == "gpu"
-    console.print(f"machine: {m['cpu']}, {m['cores']} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+    flags = " ".join(m.get("cpu_matmul_flags") or []) or "none of avx2/avx512f/avx512_bf16/amx"
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores (flags: {flags})" + (f", {m['gpu']}" if m.get("gpu") else "")
                   + f"; bf16 matrix instructions: {'yes' if m['cpu_bf16_matmul'] else 'no'}; torch {m['torch']}, "
                   f"transformers {m['transformers']}; load average {m['load_avg_start'][0]:.2f} at the start, "
                   f"{m['load_avg_end'][0]:.2f} at the end")

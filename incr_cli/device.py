@@ -43,16 +43,29 @@ def cpu_has_bf16_matmul() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """``auto`` -> "bf16" on CUDA with bf16 support, else "fp32". Explicit "bf16"/"fp32" are kept.
+def choose_precision(spec: str, device: torch.device) -> tuple[str, str]:
+    """-> (precision, why): ``auto`` -> "bf16" on CUDA with bf16 support and on CPUs with bf16
+    matrix instructions (AMX or AVX512-BF16), else "fp32"; explicit "bf16"/"fp32" are kept.
 
-    bf16 means autocast for the forward pass; master weights and optimizer state stay fp32.
+    bf16 means autocast for the forward passes; master weights, optimizer state, the losses (MLM
+    cross-entropy, the distillation KL) and their log-softmax stay fp32. On a CPU without bf16
+    units bf16 matmuls are emulated and far slower than fp32, so auto never picks it there.
     """
-    if spec == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "fp32"
-    return spec
+    if spec != "auto":
+        return spec, f"runtime.precision={spec} was asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this CUDA device supports bf16"
+        return "fp32", "auto: this CUDA device has no bf16 support"
+    if cpu_has_bf16_matmul():
+        return "bf16", ("auto: this CPU has bf16 matrix instructions (AMX / AVX512-BF16), where bf16 autocast "
+                        "trains faster and ends within 2% of fp32's held-out perplexity (README, Speed)")
+    return "fp32", "auto: this CPU has no bf16 matrix instructions (AMX / AVX512-BF16); bf16 would be emulated"
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """The precision ``choose_precision`` picks ("bf16" or "fp32")."""
+    return choose_precision(spec, device)[0]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

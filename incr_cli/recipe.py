@@ -142,7 +142,7 @@ class DriftConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = knob("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
-    precision: str = knob("auto", "auto picks bf16 autocast on CUDA and bf16-capable CPUs, else fp32; master weights stay fp32.",
+    precision: str = knob("auto", "auto picks bf16 autocast on CUDA with bf16 and on CPUs with bf16 matrix instructions (AMX / AVX512-BF16), else fp32; weights, optimizer and losses stay fp32; metrics.json records the choice and why.",
                           choices=["auto", "fp32", "bf16"])
     compile: bool = knob(False, "Wrap the student in torch.compile.")
     save_every: int = knob(200, "Steps between resumable-state saves (0 = only on interruption).", lo=0)

@@ -431,8 +431,8 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
     teacher = None
     if any(term.needs_teacher for term in terms):
         teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if device.type == "cuda" and precision == "bf16":
-            teacher_model = teacher_model.to(torch.bfloat16)  # half the memory and bandwidth; never trained
+        if precision == "bf16":  # never trained: half the memory, and no autocast copies of its weights
+            teacher_model = teacher_model.to(torch.bfloat16)
         teacher = MaskedLMHead(teacher_model)
     model.train()
     trainable = freeze_parameters(model, recipe.train, reporter)

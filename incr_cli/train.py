@@ -361,6 +361,11 @@ def _raise_if_bad(state: TrainState) -> None:
                              "data of the new increments")
 
 
+def _precision_choice(recipe: Recipe, device: torch.device) -> dict[str, str]:
+    chosen, why = devices.choose_precision(recipe.runtime.precision, device)
+    return {"asked": recipe.runtime.precision, "chosen": chosen, "why": why}
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2%}"
 
@@ -398,6 +403,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "mfu_peak": {"flops_per_s": run.meter.peak_flops_per_s if run.meter else None,
                      "source": run.meter.peak_source if run.meter else "unknown"},
         "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
+        "precision_choice": _precision_choice(recipe, run.device),
         "trainable_parameters": trainable, "total_parameters": total_params,
         "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": forgetting, "embedding_drift": drift,
@@ -412,6 +418,7 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
                 "status": metrics["status"], "promoted": passed, "recipe": recipe_to_dict(recipe),
                 "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
                 "software": models.software_versions(), "device": str(run.device), "precision": precision,
+                "precision_choice": metrics["precision_choice"],
                 "world_size": run.ctx.world_size, "steps": state.step, "run_key": key}
     log = "".join(json.dumps(line) + "\n" for line in state.log)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),

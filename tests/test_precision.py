@@ -1,0 +1,49 @@
+"""`runtime.precision: auto`: which precision it picks, and that a run records the choice and why.
+
+The CPU's bf16 flag is stubbed, so these pass alike on CPUs with and without AMX / AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from incr_cli import device as devices
+from incr_cli.cli.app import app
+from tests.helpers_train import reset_faults
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_follows_the_bf16_matrix_units(monkeypatch, has_bf16, expected):
+    monkeypatch.setattr(devices, "cpu_has_bf16_matmul", lambda: has_bf16)
+    chosen, why = devices.choose_precision("auto", CPU)
+    assert chosen == expected and devices.resolve_precision("auto", CPU) == expected
+    assert why.startswith("auto: ") and ("AMX" in why)
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+@pytest.mark.parametrize("spec", ["fp32", "bf16"])
+def test_an_explicit_precision_is_kept_on_any_cpu(monkeypatch, has_bf16, spec):
+    monkeypatch.setattr(devices, "cpu_has_bf16_matmul", lambda: has_bf16)
+    assert devices.choose_precision(spec, CPU) == (spec, f"runtime.precision={spec} was asked for")
+
+
+@pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_a_run_records_autos_choice_in_metrics_and_manifest(monkeypatch, one_pending, has_bf16, expected):
+    """A tiny bf16 run is cheap even where bf16 is emulated, so both branches train for real."""
+    monkeypatch.setattr(devices, "cpu_has_bf16_matmul", lambda: has_bf16)
+    reset_faults()
+    result = CliRunner().invoke(app, ["train-increment", str(one_pending.root), "--json", "train.steps=2",
+                                      "runtime.precision=auto", "eval.max_sequences=4"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((one_pending.version_dir("v0001") / "metrics.json").read_text())
+    manifest = one_pending.version_manifest("v0001")
+    assert metrics["precision"] == manifest["precision"] == expected
+    choice = metrics["precision_choice"]
+    assert choice == manifest["precision_choice"]
+    assert choice["asked"] == "auto" and choice["chosen"] == expected and "bf16 matrix instructions" in choice["why"]
