@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "cpu-tiny.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runtime.precision: auto` resolves as on a CPU without bf16 matrix units in every test, so no
+    test's result depends on this machine's CPU; tests/test_precision.py stubs both answers."""
+    from incr_cli import device
+
+    monkeypatch.setattr(device, "cpu_has_bf16_matmul", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe_path() -> Path:
     """recipes/cpu-tiny.yaml."""

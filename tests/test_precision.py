@@ -47,3 +47,18 @@ def test_a_run_records_autos_choice_in_metrics_and_manifest(monkeypatch, one_pen
     choice = metrics["precision_choice"]
     assert choice == manifest["precision_choice"]
     assert choice["asked"] == "auto" and choice["chosen"] == expected and "bf16 matrix instructions" in choice["why"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_trains_distill_and_replay_in_bf16(two_increments):
+    """The CUDA path end to end: bf16 autocast, the bf16 teacher, replay, the gate, the version."""
+    reset_faults()
+    result = CliRunner().invoke(app, ["train-increment", str(two_increments.root), "train.steps=3",
+                                      "runtime.device=cuda", "runtime.precision=auto"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((two_increments.version_dir("v0002") / "metrics.json").read_text())
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert metrics["device"].startswith("cuda") and metrics["precision"] == expected
+    assert metrics["precision_choice"]["why"].startswith("auto: this CUDA device")
+    assert metrics["loss"]["distill"] is not None and metrics["data"]["replay"]
