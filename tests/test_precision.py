@@ -62,3 +62,25 @@ def test_auto_on_cuda_trains_distill_and_replay_in_bf16(two_increments):
     assert metrics["device"].startswith("cuda") and metrics["precision"] == expected
     assert metrics["precision_choice"]["why"].startswith("auto: this CUDA device")
     assert metrics["loss"]["distill"] is not None and metrics["data"]["replay"]
+
+
+def test_precision_check_compare_passes_within_the_tolerance_only(tmp_path, capsys):
+    """scripts/precision_check.py compare: bf16 vs fp32 per version and increment, exit 1 past 2%."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import precision_check
+
+    def doc(precision: str, ppl: float) -> Path:
+        scores = {"v0001": {"d0001-austen": 100.0, "d0002-pydocs": ppl}}
+        version = {"train_seconds": 10.0, "peak_memory_bytes": 2**30}
+        path = tmp_path / f"{precision}-{ppl}.json"
+        path.write_text(json.dumps({"precision": precision, "versions": {"v0001": version},
+                                    "perplexity_fp32_eval": scores, "perplexity_own_eval": scores}))
+        return path
+
+    reference = doc("fp32", 200.0)
+    assert precision_check.main(["compare", str(reference), str(doc("bf16", 203.9))]) == 0
+    assert precision_check.main(["compare", str(reference), str(doc("bf16", 204.1))]) == 1
+    assert "OVER" in capsys.readouterr().out
