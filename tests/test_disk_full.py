@@ -19,6 +19,7 @@ import pytest
 from incr_cli import diskspace, models
 from incr_cli import ingest as ingest_module
 from incr_cli.checkpointing import ResumeStore
+from incr_cli.errors import DiskFull
 from incr_cli.workspace import Workspace
 from tests.helpers_reliability import (
     ARGS,
@@ -249,3 +250,21 @@ def test_init_on_a_full_disk_refuses_before_writing_and_leaves_no_workspace(disk
     again = cli("init", root, "--base", "scratch:tiny", "--recipe", tiny_recipe_path)
     assert again.exit_code == 0, again.output
     assert Workspace.open(root).versions() == ["v0000"]
+
+
+# ----------------------------------------------------------------------------- history.jsonl
+
+
+def test_a_history_record_on_a_full_disk_is_named_and_leaves_the_file_as_it_was(disk):
+    from incr_cli.workspace import append_line, read_lines
+
+    path = disk.root / "history.jsonl"
+    append_line(path, {"to": "v0001"})
+    before = path.read_bytes()
+    disk.leave(0)
+    with pytest.raises(DiskFull, match=f"no space left on device: history.jsonl, {disk.root}"):
+        append_line(path, {"to": "v0002", "reason": "x" * 8192})  # more than the page it already has
+    assert path.read_bytes() == before  # no torn line
+    disk.release()
+    append_line(path, {"to": "v0002"})
+    assert [r["to"] for r in read_lines(path)[0]] == ["v0001", "v0002"]
