@@ -11,7 +11,7 @@ from functools import cache
 
 import torch
 
-from incr_cli.errors import UsageError
+from incr_cli.errors import UsageError, shown
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -22,11 +22,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise UsageError(f"runtime.device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"runtime.device: {shown(spec)} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"runtime.device: {spec!r} asked for, but no CUDA device is available; use runtime.device=cpu")
+        raise UsageError(f"runtime.device: {shown(spec)} asked for, but no CUDA device is available; use runtime.device=cpu")
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"runtime.device: {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"runtime.device: {shown(spec)} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 

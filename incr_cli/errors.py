@@ -6,6 +6,9 @@ message that names the file, key, version or path and says what to do.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 # Exit codes (documented in `incr --help` and the README).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure, non-finite loss, out of memory
@@ -14,6 +17,47 @@ EXIT_REJECTED = 3  # a version was written but failed the gate; LATEST did not m
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another process holds the workspace lock
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+# A value echoed in a message is cut to this many characters: a 60 MB line, a hostile path or a
+# recipe whose aliases expand to hundreds of MB must never flood a terminal or a cron log.
+MAX_SHOWN_CHARS = 200
+# A recipe with more problems than this lists the first ones and counts the rest.
+MAX_PROBLEMS = 20
+
+
+def clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``text`` as it is when short; else its first ``limit`` characters, "..." and its full size."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that stops early: nested and aliased containers are abbreviated, never expanded whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict, self.maxset = 3, 8, 8, 8, 8
+        self.maxstring = self.maxother = self.maxlong = MAX_SHOWN_CHARS
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 3 * self.maxlong:  # also past Python's limit on int -> str conversion
+            return f"<an integer of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_REPR = _BoundedRepr()
+
+
+def shown(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, bounded whatever the value: a string is cut to ``limit``
+    characters (with "..." and its full size), a container abbreviated, the result clipped."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    return clip(_REPR.repr(value), limit)
 
 
 class IncrError(Exception):
@@ -28,12 +72,16 @@ class UsageError(IncrError):
 
 
 class RecipeError(IncrError):
-    """One or more problems in a recipe; ``problems`` holds every one of them."""
+    """One or more problems in a recipe; ``problems`` holds them (the first ``MAX_PROBLEMS``, each clipped)."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
-        self.problems = list(problems)
-        head = f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        problems = [clip(p, 4 * MAX_SHOWN_CHARS) for p in problems]  # a key path and a value, each bounded
+        total = len(problems)
+        if total > MAX_PROBLEMS:  # thousands of bad keys: the first ones say what is wrong
+            problems[MAX_PROBLEMS:] = [f"... and {len(problems) - MAX_PROBLEMS:,} more problems"]
+        self.problems = problems
+        head = f"{clip(source)}: {total:,} problem{'s' if total != 1 else ''}"
         super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
 
 

@@ -33,7 +33,7 @@ from incr_cli import FORMAT_VERSION, __version__
 from incr_cli.data import check_tokenizer, open_increment
 from incr_cli.device import autocast, inference, resolve_device, resolve_precision
 from incr_cli.diskspace import disk_writes
-from incr_cli.errors import IntegrityError, UsageError
+from incr_cli.errors import IntegrityError, UsageError, clip, shown
 from incr_cli.heads import MaskedLMHead
 from incr_cli.losses import mlm_loss_sum, topk_correct
 from incr_cli.masking import mask_batch, stable_seed, word_start_table
@@ -385,7 +385,7 @@ def select_versions(ws: Workspace, spec: str | None) -> list[str]:
         return [ws.latest()]
     chosen = [ws.resolve_version(s) for s in spec.split(",") if s.strip()]
     if not chosen:
-        raise UsageError(f"--versions {spec!r}: name versions (e.g. v0001,v0002), latest, promoted or all")
+        raise UsageError(f"--versions {shown(spec)}: name versions (e.g. v0001,v0002), latest, promoted or all")
     return sorted(set(chosen), key=lambda v: int(v[1:]))
 
 
@@ -569,7 +569,7 @@ def _read_texts(paths: Sequence[str | Path], recipe: Recipe) -> list[tuple[str, 
         docs, tally = clean_documents(str(spec), fmt="auto", text_field="text", recipe=recipe)
         if not docs:
             reasons = ", ".join(f"{r}: {n}" for r, n in (tally.files + tally.docs).items()) or "no text"
-            raise UsageError(f"--text {spec}: nothing to score ({reasons})")
+            raise UsageError(f"--text {clip(str(spec))}: nothing to score ({reasons})")
         label = Path(str(spec)).name or str(spec)
         while label in labels:  # two files with the same name stay two columns
             label += "'"

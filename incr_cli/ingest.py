@@ -42,7 +42,7 @@ import numpy as np
 from incr_cli import readers
 from incr_cli.coverage import Coverage, check_coverage
 from incr_cli.diskspace import disk_writes, is_disk_full
-from incr_cli.errors import DiskFull, InputError, IntegrityError, UsageError
+from incr_cli.errors import DiskFull, InputError, IntegrityError, UsageError, clip, shown
 from incr_cli.faults import fault_point
 from incr_cli.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.recipe import Recipe
@@ -503,7 +503,7 @@ def _describe_skips(tally: Tally) -> str:
 
 
 def _name_paths(paths: list[str]) -> str:
-    return " ".join(paths[:3]) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "")
+    return " ".join(map(clip, paths[:3])) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "")
 
 
 def _warn_skips(reporter: Reporter, tally: Tally) -> None:
@@ -514,7 +514,7 @@ def _warn_skips(reporter: Reporter, tally: Tally) -> None:
 def _documents(p1: _Pass1 | None, tally: Tally, n_train: int = 0, n_heldout: int = 0) -> dict[str, Any]:
     return {"kept": n_train + n_heldout, "train": n_train, "heldout": n_heldout,
             "duplicate": p1.duplicate if p1 else 0, "rejected": dict(sorted(tally.docs.items())),
-            "cut_long": p1.cut if p1 else 0}
+            "rejected_at": dict(sorted(tally.doc_examples.items())), "cut_long": p1.cut if p1 else 0}
 
 
 def _nothing_new_message(p1: _Pass1) -> str:
@@ -544,7 +544,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     if not paths:
         raise UsageError("ingest needs at least one PATH (a file, a directory or a glob)")
     if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format {shown(fmt)}: use one of {', '.join(FORMATS)}")
     increment = ws.next_increment(name or readers.default_name(paths[0]))
     if tokenizer is None:
         tokenizer = models.load_tokenizer(ws, ws.latest())

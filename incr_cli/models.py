@@ -26,7 +26,7 @@ import torch
 
 from incr_cli import __version__
 from incr_cli.diskspace import disk_writes, tensor_bytes
-from incr_cli.errors import IntegrityError, UsageError
+from incr_cli.errors import IntegrityError, UsageError, shown
 from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.reporting import Quiet, Reporter
@@ -397,7 +397,7 @@ def save_version(ws: Workspace, version: str, model: Any, tokenizer: Any, manife
 def _version_folder(ws: Workspace, version: str) -> Path:
     folder = ws.version_dir(version)
     if not folder.is_dir():
-        raise UsageError(f"unknown version {version!r}; valid versions: {', '.join(ws.versions()) or 'none'}")
+        raise UsageError(f"unknown version {shown(version)}; valid versions: {', '.join(ws.versions()) or 'none'}")
     ws.require_weights(version)
     return folder
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from incr_cli.errors import UsageError
+from incr_cli.errors import UsageError, shown
 from incr_cli.models import load_version
 from incr_cli.workspace import Workspace
 
@@ -30,7 +30,7 @@ def fill_mask(ws: Workspace, versions: list[str], texts: list[str], *, top_k: in
         texts_v = [t.replace(mask, tokenizer.mask_token) for t in texts]
         for text in texts_v:
             if tokenizer.mask_token not in text:
-                raise UsageError(f"text {text!r} has no {mask}; put {mask} where a word should be predicted")
+                raise UsageError(f"text {shown(text)} has no {mask}; put {mask} where a word should be predicted")
         enc = tokenizer(texts_v, return_tensors="pt", padding=True, truncation=True)
         with torch.inference_mode():
             logits = model(**enc).logits  # (B, T, V)

@@ -13,7 +13,9 @@ Reasons counted per file: ``missing``, ``unreadable``, ``symlink_loop``, ``not_a
 socket, device), ``hidden`` (a name starting with "." met while walking a directory), ``binary``
 (a NUL byte in the first 8 KB), ``empty``, ``corrupt`` (a broken .gz: documents read before the
 damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``missing_field``, ``too_long``
-(a JSON line over the size limit, which cannot be cut and parsed).
+(a JSON line over the size limit, which cannot be cut and parsed), ``too_deep`` (a JSON line nesting
+arrays or objects more than ``MAX_JSON_DEPTH`` levels); the first few of each are recorded as
+``PATH:LINE`` (lines counted by "\n", from 1; a paragraph by its first line).
 """
 
 from __future__ import annotations
@@ -31,30 +33,45 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from incr_cli.errors import clip
+
 FORMATS = ("auto", "lines", "paragraphs", "jsonl")
 BINARY_SNIFF_BYTES = 8192
+# Read buffer of every input, plain or decompressed: larger than the sniff, so that one peek sees all
+# of it (a file's default buffer is its block size, often 4 KB).
+_READ_BUFFER = 1 << 16
 # A JSON line must be parsed whole; beyond this it is rejected rather than held in memory.
 MAX_JSON_LINE_BYTES = 64 << 20
+# Deeper JSON is no document record: it is rejected (``too_deep``) before Python's recursion limit
+# (~1000) could turn one hostile line into a crash of the whole ingest.
+MAX_JSON_DEPTH = 100
 _GLOB_CHARS = set("*?[")
 
 
 @dataclass
 class Tally:
-    """Counts of skipped files and rejected documents by reason, plus a few example paths."""
+    """Counts of skipped files and rejected documents by reason, plus a few examples of each: the
+    path of a skipped file, ``PATH:LINE`` of a rejected document (each cut to a bounded length)."""
 
     files: Counter = field(default_factory=Counter)
     docs: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    doc_examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 10
 
     def skip_file(self, path: str, reason: str) -> None:
         self.files[reason] += 1
-        shown = self.examples.setdefault(reason, [])
-        if len(shown) < self.max_examples:
-            shown.append(path)
+        self._example(self.examples, reason, path)
 
-    def reject(self, reason: str, n: int = 1) -> None:
+    def reject(self, reason: str, n: int = 1, *, path: str | None = None, line: int | None = None) -> None:
         self.docs[reason] += n
+        if path is not None:
+            self._example(self.doc_examples, reason, f"{path}:{line}" if line else path)
+
+    def _example(self, examples: dict[str, list[str]], reason: str, where: str) -> None:
+        shown = examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(clip(where))
 
 
 @dataclass
@@ -172,7 +189,7 @@ def resolve_format(path: str, fmt: str) -> str:
 
 def open_binary(path: str) -> io.BufferedReader:
     """Open a file for reading (a seam for tests that simulate unreadable files, since root reads all)."""
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    return open(path, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - the caller closes it
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -228,7 +245,9 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
     with raw:
         try:
             magic = raw.peek(2)[:2]
-            stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
+            stream: io.BufferedIOBase = raw
+            if magic == b"\x1f\x8b":
+                stream = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), _READ_BUFFER)  # type: ignore[arg-type]
             head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
             if not head or _looks_binary(head):
                 state.skipped = "binary" if head else "empty"
@@ -238,11 +257,11 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
             limit = MAX_JSON_LINE_BYTES if fmt == "jsonl" else 4 * max_doc_chars + 4
             lines = _Lines(stream, limit)
             if fmt == "lines":
-                yield from _read_lines(lines, tally, raw, state)
+                yield from _read_lines(lines, src.path, tally, raw, state)
             elif fmt == "paragraphs":
-                yield from _read_paragraphs(lines, max_doc_chars, tally, raw, state)
+                yield from _read_paragraphs(lines, src.path, max_doc_chars, tally, raw, state)
             elif fmt == "jsonl":
-                yield from _read_jsonl(lines, text_field, tally, raw, state)
+                yield from _read_jsonl(lines, src.path, text_field, tally, raw, state)
             else:
                 raise ValueError(f"unknown format {fmt!r}")
         except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
@@ -252,29 +271,31 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
             state.done = src.size
 
 
-def _read_lines(lines: _Lines, tally: Tally, raw: io.BufferedReader, state: ReadState) -> Iterator[tuple[str, bool]]:
+def _read_lines(lines: _Lines, path: str, tally: Tally, raw: io.BufferedReader,
+                state: ReadState) -> Iterator[tuple[str, bool]]:
     for i, (line, cut) in enumerate(lines):
         text = _decode(line, cut)
         if text is None:
-            tally.reject("invalid_utf8")
+            tally.reject("invalid_utf8", path=path, line=i + 1)
         elif not text.isspace():
             yield text, cut
         if not i & 1023:
             state.done = raw.tell()
 
 
-def _read_paragraphs(lines: _Lines, max_doc_chars: int, tally: Tally, raw: io.BufferedReader,
+def _read_paragraphs(lines: _Lines, path: str, max_doc_chars: int, tally: Tally, raw: io.BufferedReader,
                      state: ReadState) -> Iterator[tuple[str, bool]]:
     parts: list[str] = []
-    size, cut, bad = 0, False, False
+    size, cut, bad, first = 0, False, False, 0  # first: the paragraph's first line
     for i, (line, line_cut) in enumerate(lines):
         if not line.strip():
             if bad:
-                tally.reject("invalid_utf8")
+                tally.reject("invalid_utf8", path=path, line=first)
             elif parts:
                 yield "\n".join(parts), cut
-            parts, size, cut, bad = [], 0, False, False
+            parts, size, cut, bad, first = [], 0, False, False, 0
             continue
+        first = first or i + 1
         if bad:
             continue
         text = _decode(line, line_cut)
@@ -290,31 +311,75 @@ def _read_paragraphs(lines: _Lines, max_doc_chars: int, tally: Tally, raw: io.Bu
         if not i & 1023:
             state.done = raw.tell()
     if bad:
-        tally.reject("invalid_utf8")
+        tally.reject("invalid_utf8", path=path, line=first)
     elif parts:
         yield "\n".join(parts), cut
 
 
-def _read_jsonl(lines: _Lines, text_field: str, tally: Tally, raw: io.BufferedReader,
+def _read_jsonl(lines: _Lines, path: str, text_field: str, tally: Tally, raw: io.BufferedReader,
                 state: ReadState) -> Iterator[tuple[str, bool]]:
     for i, (line, cut) in enumerate(lines):
         if not i & 1023:
             state.done = raw.tell()
         if cut:
-            tally.reject("too_long")
+            tally.reject("too_long", path=path, line=i + 1)
             continue
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)  # bytes: json detects UTF-8 and raises on invalid bytes
-        except UnicodeDecodeError:
-            tally.reject("invalid_utf8")
+        value, reason = parse_record(line, text_field)
+        if reason:
+            tally.reject(reason, path=path, line=i + 1)
+        else:
+            yield value, False
+
+
+def parse_record(line: bytes, text_field: str) -> tuple[str, str | None]:
+    """One JSON Lines record -> (its ``text_field``, None), or ("", the reason it is rejected).
+
+    The line must be UTF-8 (a BOM is dropped: concatenated files carry one per file); json's own
+    UTF-16/32 guessing from bytes is not used, so a line with NUL bytes never parses as another encoding.
+    """
+    try:
+        text = line.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError:
+        return "", "invalid_utf8"
+    try:
+        obj = json.loads(text)
+    except RecursionError:  # nested deeper than Python's stack: the line is rejected, the ingest goes on
+        return "", "too_deep"
+    except ValueError:
+        return "", "malformed_json"
+    # Counting brackets is cheap and over-counts (brackets inside strings): only then is the tree walked.
+    if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and _deeper_than(obj, MAX_JSON_DEPTH):
+        return "", "too_deep"
+    value = obj.get(text_field) if isinstance(obj, dict) else None
+    if not isinstance(value, str):
+        return "", "missing_field"
+    if b"\\u" in line and not _encodable(value):  # a \ud800 escape: a lone surrogate has no UTF-8 form
+        return "", "invalid_utf8"
+    return value, None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _deeper_than(obj: object, limit: int) -> bool:
+    """Whether a parsed JSON value nests arrays/objects more than ``limit`` levels (iteratively: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
             continue
-        except ValueError:
-            tally.reject("malformed_json")
-            continue
-        value = obj.get(text_field) if isinstance(obj, dict) else None
-        if not isinstance(value, str):
-            tally.reject("missing_field")
-            continue
-        yield value, False
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

@@ -24,11 +24,97 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from incr_cli.errors import RecipeError
+from incr_cli.errors import RecipeError, clip, shown
+
+# What a recipe (a file or an override) may hold. A real one is sections of keys with short values,
+# four levels deep and a few hundred values at most; far past that it is a mistake or an attack:
+# 20,000 nested lists overflow Python's stack, nine levels of nine YAML aliases ("billion laughs")
+# expand to 387 million values. Each limit is refused with the key path where it was crossed.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 10_000  # every key and value, each alias counted as the whole value it names
+MAX_YAML_SCALAR_CHARS = 4096
+
+
+class RecipeTooBig(Exception):
+    """A recipe past one of the limits above: ``where`` is the key path inside the YAML text
+    ("train.freeze[0]", "" for the whole text), ``what`` the limit crossed."""
+
+    def __init__(self, where: str, what: str):
+        self.where, self.what = where, what
+        super().__init__(self.problem())
+
+    def problem(self, prefix: str = "") -> str:
+        """The problem line, with the key path under ``prefix`` (an override's key)."""
+        where = self.where
+        if prefix:
+            where = f"{prefix}{'' if not where or where.startswith('[') else '.'}{where}"
+        return f"{clip(where) or 'the recipe'}: {self.what}"
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML with YAML 1.2 floats: ``1e-4`` is a number, not the string PyYAML 1.1 makes of it."""
+    """Safe YAML with YAML 1.2 floats (``1e-4`` is a number, not the string PyYAML 1.1 makes of it),
+    within the limits above (aliases counted as what they expand to)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._path: list[Any] = []  # the key or index of each node from the top to the one being composed
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node) -> (depth, values), aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._path.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            if len(self._path) > MAX_YAML_DEPTH:  # before PyYAML recurses further
+                raise RecipeTooBig(self._where(), f"nested more than {MAX_YAML_DEPTH} levels deep (the limit)")
+            alias = self.check_event(yaml.AliasEvent)
+            node = super().compose_node(parent, index)
+            if alias and id(node) not in self._measured:
+                raise RecipeTooBig(self._where(), "an alias inside the value it names would expand without end")
+            self._check(node)
+            return node
+        finally:
+            self._path.pop()
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # The scanner tracks a possible key per open bracket and rescans them all on every token:
+        # 1,000 open brackets cost seconds before the composer could refuse them, so refuse them here.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise RecipeTooBig(self._where(), f"nested more than {MAX_YAML_DEPTH} levels deep (the limit)")
+        super().fetch_flow_collection_start(token_class)
+
+    def _check(self, node: Any) -> None:
+        if id(node) not in self._measured:
+            if isinstance(node, yaml.ScalarNode):
+                if len(node.value) > MAX_YAML_SCALAR_CHARS:
+                    raise RecipeTooBig(self._where(), f"a value of {len(node.value):,} characters "
+                                                      f"(the limit is {MAX_YAML_SCALAR_CHARS:,})")
+                self._measured[id(node)] = (1, 1)
+            else:
+                pairs = node.value if isinstance(node, yaml.MappingNode) else [(c,) for c in node.value]
+                sizes = [self._measured[id(c)] for pair in pairs for c in pair]
+                self._measured[id(node)] = (1 + max((d for d, _ in sizes), default=0), 1 + sum(v for _, v in sizes))
+        depth, values = self._measured[id(node)]
+        if len(self._path) - 1 + depth > MAX_YAML_DEPTH:
+            raise RecipeTooBig(self._where(), f"nested more than {MAX_YAML_DEPTH} levels deep with its aliases "
+                                              "(the limit)")
+        if values > MAX_YAML_VALUES:
+            raise RecipeTooBig(self._where(), f"{values:,} keys and values with its aliases expanded "
+                                              f"(the limit is {MAX_YAML_VALUES:,})")
+
+    def _where(self) -> str:
+        """The dotted key path of the node being composed, e.g. ``train.freeze[0]``."""
+        text = ""
+        for step in self._path[1:]:
+            text += f"[{step}]" if isinstance(step, int) else f".{step}" if step is not None else ".<key>"
+        return text.lstrip(".")
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            # PyYAML's own constructors fail this way on e.g. `2001-13-45` or `!!bool maybe`
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {shown(node.value)} as {node.tag} "
+                                                    f"({clip(str(exc))})", node.start_mark) from None
 
 
 _Loader.add_implicit_resolver(
@@ -43,6 +129,7 @@ _Loader.add_implicit_resolver(
 
 
 def safe_load(text: str) -> Any:
+    """YAML ``text`` as Python values; ``yaml.YAMLError`` when it is not YAML, ``RecipeTooBig`` past the limits."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
@@ -261,43 +348,48 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
         return (None, None) if optional else (None, f"{path}: must not be null")
     if typing.get_origin(inner) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            return None, f"{path}: expected a list of strings, got {value!r}"
+            return None, f"{path}: expected a list of strings, got {shown(value)}"
         unknown = [v for v in value if meta["choices"] and v not in meta["choices"]]
         if unknown:
             hint = _did_you_mean(unknown[0], meta["choices"])
-            return None, f"{path}: {unknown[0]!r} is not one of {', '.join(meta['choices'])}{hint}"
+            return None, f"{path}: {shown(unknown[0])} is not one of {', '.join(meta['choices'])}{hint}"
         return list(dict.fromkeys(value)), None
     if inner is bool:
         if not isinstance(value, bool):
-            return None, f"{path}: expected true or false, got {value!r}"
+            return None, f"{path}: expected true or false, got {shown(value)}"
         return value, None
     if inner is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            return None, f"{path}: expected an integer, got {value!r}"
+            return None, f"{path}: expected an integer, got {shown(value)}"
     elif inner is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, f"{path}: expected a number, got {value!r}"
+            return None, f"{path}: expected a number, got {shown(value)}"
         value = float(value)
         if not math.isfinite(value):
-            return None, f"{path}: must be a finite number, got {value!r}"
+            return None, f"{path}: must be a finite number, got {shown(value)}"
     elif inner is str:
         if not isinstance(value, str):
-            return None, f"{path}: expected a string, got {value!r}"
+            return None, f"{path}: expected a string, got {shown(value)}"
         if meta["choices"] and value not in meta["choices"]:
             hint = _did_you_mean(value, meta["choices"])
-            return None, f"{path}: {value!r} is not one of {', '.join(meta['choices'])}{hint}"
+            return None, f"{path}: {shown(value)} is not one of {', '.join(meta['choices'])}{hint}"
         return value, None
     lo, hi = meta["lo"], meta["hi"]
     if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
-        return None, f"{path}: {value!r} is out of range (must be {_range_text(meta)})"
+        return None, f"{path}: {shown(value)} is out of range (must be {_range_text(meta)})"
     if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
-        return None, f"{path}: {value!r} is out of range (must be {_range_text(meta)})"
+        return None, f"{path}: {shown(value)} is out of range (must be {_range_text(meta)})"
     return value, None
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _text(key: Any) -> str:
+    """A YAML key as text: a string as it is, anything else (a number, a date) by a bounded repr."""
+    return key if isinstance(key, str) else shown(key)
 
 
 def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -308,12 +400,14 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or "." not in key:
-            problems.append(f"override {item!r}: expected section.key=value")
+            problems.append(f"override {shown(item)}: expected section.key=value")
             continue
         try:
             parsed[key] = safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             parsed[key] = raw
+        except RecipeTooBig as exc:
+            problems.append(exc.problem(key))
     return parsed, problems
 
 
@@ -326,15 +420,15 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
     flat: dict[str, Any] = {}
     for section, body in data.items():
         if section not in SECTIONS:
-            problems.append(f"{section}: unknown section{_did_you_mean(str(section), list(SECTIONS))}")
+            problems.append(f"{clip(_text(section))}: unknown section{_did_you_mean(_text(section), list(SECTIONS))}")
             continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"{section}: expected a mapping of keys, got {body!r}")
+            problems.append(f"{section}: expected a mapping of keys, got {shown(body)}")
             continue
         for key, value in body.items():
-            flat[f"{section}.{key}"] = value
+            flat[f"{section}.{_text(key)}"] = value
     parsed, override_problems = parse_overrides(overrides)
     problems += override_problems
     flat.update(parsed)
@@ -344,15 +438,15 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
         section, _, key = path.partition(".")
         cls = SECTIONS.get(section)
         if cls is None:
-            problems.append(f"{path}: unknown section {section!r}{_did_you_mean(section, list(SECTIONS))}")
+            problems.append(f"{clip(path)}: unknown section {shown(section)}{_did_you_mean(section, list(SECTIONS))}")
             continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if key not in fields:
             hint = _did_you_mean(key, list(fields))
-            problems.append(f"{path}: unknown key{hint}")
+            problems.append(f"{clip(path)}: unknown key{hint}")
             continue
         hints = typing.get_type_hints(cls)
-        coerced, problem = _check_value(path, value, hints[key], fields[key].metadata)
+        coerced, problem = _check_value(clip(path), value, hints[key], fields[key].metadata)
         if problem:
             problems.append(problem)
         else:
@@ -380,17 +474,24 @@ def load_recipe(path: Path | str | None, overrides: Sequence[str] = ()) -> Recip
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # bounded: /dev/zero or a 2 GB file is refused, not read whole
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(source, ["file not found: check the path"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(source, [f"cannot read: {exc}"]) from None
+        raise RecipeError(source, [f"cannot read: {clip(str(exc))}"]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [f"larger than {MAX_RECIPE_BYTES >> 20} MiB (the limit): is it a recipe?"])
     try:
         data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(source, [f"invalid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError has no `problem`
+        raise RecipeError(source, [f"invalid YAML{where}: {clip(problem)}"]) from None
+    except RecipeTooBig as exc:
+        raise RecipeError(source, [exc.problem()]) from None
     return build_recipe(data, source, overrides)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from incr_cli import device as devices
 from incr_cli import distributed
 from incr_cli.data import BatchSampler, IncrementShards
-from incr_cli.errors import InputError, TrainingFailed, UsageError
+from incr_cli.errors import InputError, TrainingFailed, UsageError, shown
 from incr_cli.faults import fault_value
 from incr_cli.flops import Meter, device_peak, model_shape
 from incr_cli.heads import MaskedLMHead
@@ -376,7 +376,7 @@ def freeze_parameters(model: nn.Module, train: TrainConfig, reporter: Reporter) 
         try:
             patterns.append(re.compile(pattern))
         except re.error as exc:
-            raise UsageError(f"train.freeze: {pattern!r} is not a regular expression ({exc})") from None
+            raise UsageError(f"train.freeze: {shown(pattern)} is not a regular expression ({exc})") from None
     prefix = getattr(model, "base_model_prefix", "")
     n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers", 0)
     lower = train.freeze_lower_layers
@@ -395,7 +395,7 @@ def freeze_parameters(model: nn.Module, train: TrainConfig, reporter: Reporter) 
         param.requires_grad_(not frozen)
     for pattern, hit in zip(train.freeze, used):
         if not hit:
-            reporter.warn(f"train.freeze: {pattern!r} matches no parameter name (e.g. {next(iter(dict(model.named_parameters())))})")
+            reporter.warn(f"train.freeze: {shown(pattern)} matches no parameter name (e.g. {next(iter(dict(model.named_parameters())))})")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise UsageError("train.freeze / train.freeze_lower_layers freeze every parameter; nothing would train")

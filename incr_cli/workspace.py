@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ from typing import Any, BinaryIO
 
 from incr_cli import FORMAT_VERSION, __version__
 from incr_cli.diskspace import disk_writes
-from incr_cli.errors import DiskFull, IntegrityError, UsageError, WorkspaceLocked
+from incr_cli.errors import DiskFull, IntegrityError, UsageError, WorkspaceLocked, clip, shown
 from incr_cli.faults import fault_point
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+_LATEST_MAX_BYTES = 4096  # LATEST holds one version name; more is never read
 INCREMENT_RE = re.compile(r"^d(\d{4,})-([A-Za-z0-9][A-Za-z0-9._-]*)$")
 MANIFEST = "manifest.json"
 LOCK_FILE = ".incr.lock"
@@ -181,13 +183,15 @@ def fsync_tree(folder: Path) -> None:
 
 def safe_relpath(folder: Path, rel: str) -> Path:
     """``folder / rel``, refusing absolute paths and anything that escapes ``folder``."""
+    if not isinstance(rel, str) or "\x00" in rel:
+        raise IntegrityError(f"{folder / MANIFEST}: file path {shown(rel)} is not a path; the manifest was tampered with")
     if not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
-        raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
+        raise IntegrityError(f"{folder / MANIFEST}: file path {shown(rel)} points outside {folder}; the manifest was tampered with")
     path = folder / rel
     if "/" not in rel and not path.is_symlink():  # a plain file name in the folder: nothing to resolve
         return path
     if not path.resolve().is_relative_to(folder.resolve()):
-        raise IntegrityError(f"{folder / MANIFEST}: file path {rel!r} points outside {folder}; the manifest was tampered with")
+        raise IntegrityError(f"{folder / MANIFEST}: file path {shown(rel)} points outside {folder}; the manifest was tampered with")
     return path
 
 
@@ -198,13 +202,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing; this folder is not a complete version or increment") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{path}: cannot be parsed ({exc}); restore it or remove the folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else clip(str(exc))
+        raise IntegrityError(f"{path}: cannot be parsed ({why}); restore it or remove the folder") from None
     if not isinstance(data, dict):
         raise IntegrityError(f"{path}: expected a JSON object; restore it or remove the folder")
     fmt = data.get("format", 1)
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
-        raise IntegrityError(f"{path}: format {fmt} is newer than this incr understands ({FORMAT_VERSION}); upgrade incr")
+        raise IntegrityError(f"{path}: format {shown(fmt)} is newer than this incr understands ({FORMAT_VERSION}); "
+                             "upgrade incr")
     return data
 
 
@@ -429,11 +435,12 @@ class Workspace:
 
     def latest(self) -> str:
         try:
-            name = self.latest_path.read_text(encoding="utf-8").strip()
+            with open(self.latest_path, "rb") as f:  # a version name is short: a huge or binary LATEST is not read whole
+                name = f.read(_LATEST_MAX_BYTES).decode("utf-8", "replace").strip()
         except OSError as exc:
-            raise IntegrityError(f"{self.latest_path}: cannot be read ({exc})") from None
+            raise IntegrityError(f"{self.latest_path}: cannot be read ({clip(str(exc))})") from None
         if not VERSION_RE.match(name) or not self.version_dir(name).is_dir():
-            raise IntegrityError(f"{self.latest_path}: names {name!r}, which is not a version here; "
+            raise IntegrityError(f"{self.latest_path}: names {shown(name)}, which is not a version here; "
                                  f"write the newest good version (one of {', '.join(self.versions())}) into it")
         return name
 
@@ -538,7 +545,7 @@ class Workspace:
         if spec.isdigit():
             spec = f"v{int(spec):04d}"
         if spec not in self.versions():
-            raise UsageError(f"unknown version {spec!r}; valid versions: {', '.join(self.versions()) or 'none'}")
+            raise UsageError(f"unknown version {shown(spec)}; valid versions: {', '.join(self.versions()) or 'none'}")
         return spec
 
     def pruned(self, version: str) -> dict[str, Any] | None:
@@ -599,7 +606,7 @@ class Workspace:
 
     def next_increment(self, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise UsageError(f"increment name {name!r}: use letters, digits, '.', '_' or '-'")
+            raise UsageError(f"increment name {shown(name)}: use letters, digits, '.', '_' or '-'")
         existing = self.increments()
         n = int(INCREMENT_RE.match(existing[-1]).group(1)) + 1 if existing else 1  # type: ignore[union-attr]
         return f"d{n:04d}-{name}"
@@ -611,7 +618,7 @@ class Workspace:
         for spec in specs:
             match = [d for d in known if d == spec or d.split("-", 1)[0] == spec]
             if not match:
-                raise UsageError(f"unknown increment {spec!r}; valid increments: {', '.join(known) or 'none'}")
+                raise UsageError(f"unknown increment {shown(spec)}; valid increments: {', '.join(known) or 'none'}")
             out.append(match[0])
         return out
 
@@ -637,20 +644,25 @@ class Workspace:
             if rel in removed:  # gc took it away on purpose; what remains must still match
                 continue
             path = safe_relpath(folder, rel)
+            if not isinstance(rec, dict):
+                raise IntegrityError(f"{folder / MANIFEST}: the entry of {shown(rel)} is not a size and sha256; "
+                                     "the manifest was tampered with")
             try:
                 st = path.stat()
-            except FileNotFoundError:
-                raise IntegrityError(f"{folder.name}: file {rel} is missing; restore it or remove {folder}") from None
-            if st.st_size != rec.get("size"):
-                raise IntegrityError(f"{folder.name}: file {rel} has {st.st_size} bytes, the manifest says "
-                                     f"{rec.get('size')}; it is truncated or altered")
+            except OSError as exc:
+                why = "is missing" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror})"
+                raise IntegrityError(f"{folder.name}: file {clip(rel)} {why}; restore it or remove {folder}") from None
+            if st.st_size != rec.get("size") or not stat.S_ISREG(st.st_mode):
+                raise IntegrityError(f"{folder.name}: file {clip(rel)} has {st.st_size} bytes, the manifest says "
+                                     f"{shown(rec.get('size'))}; it is truncated or altered")
             digest = cache.get(path, st) if cache else None
             if digest is None:
                 digest = sha256_file(path)
                 if cache:
                     cache.put(path, st, digest)
             if digest != rec.get("sha256"):
-                raise IntegrityError(f"{folder.name}: file {rel} does not match its sha256 in the manifest; it was altered")
+                raise IntegrityError(f"{folder.name}: file {clip(rel)} does not match its sha256 in the manifest; "
+                                     "it was altered")
         if cache:
             cache.save()
         return manifest

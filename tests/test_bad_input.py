@@ -207,3 +207,91 @@ def test_latest_naming_a_missing_version_exits_2(ws):
         result = cli(*args)
         assert result.exit_code == 2, result.output
         assert_one_error_line(result.stderr, "LATEST: names 'v0007', which is not a version here", "v0000")
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 21)
+
+BOUND = 5000  # characters: whatever the input, a command's whole error output stays this small
+
+
+def test_one_deeply_nested_jsonl_record_is_skipped_and_the_rest_ingested(ws, tmp_path):
+    """50,000 nested arrays overflow Python's JSON parser: that record is counted, the next one kept."""
+    src = tmp_path / "night.jsonl"
+    src.write_text('{"text": ' + "[" * 50_000 + "]" * 50_000 + '}\n{"text": "a good record about emma and her friends"}\n')
+    result = cli("ingest", ws.root, src)
+    assert result.exit_code == 0, result.output
+    assert f"rejected: too_deep  1 ({src}:1)" in result.stdout
+    [new] = [inc for inc in ws.increments() if inc != "d0001-austen"]
+    docs = ws.increment_manifest(new)["documents"]
+    assert docs["kept"] == 1 and docs["rejected"] == {"too_deep": 1} and docs["rejected_at"] == {"too_deep": [f"{src}:1"]}
+
+
+def _laughs() -> str:
+    """Nine levels of nine references: 387 million values once expanded."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    return "\n".join(lines) + "\ntrain:\n  lr: *i\n"
+
+
+HOSTILE_RECIPES = {
+    "nested 20,000 deep": ("train:\n  freeze: " + "[" * 20_000 + "]" * 20_000 + "\n",
+                           "train.freeze: nested more than 32 levels deep (the limit)"),
+    "billion laughs": (_laughs(), "e: 66,430 keys and values with its aliases expanded (the limit is 10,000)"),
+    "over 1 MiB": ("# " + "x" * (1 << 20) + "\n", "larger than 1 MiB (the limit): is it a recipe?"),
+    "a date that is no date": ("train:\n  lr: 2001-13-45\n", "invalid YAML at line 2, column 7: cannot read '2001-13-45'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_RECIPES)
+def test_a_hostile_recipe_exits_2_naming_the_key_and_the_limit(ws, tmp_path, case):
+    text, message = HOSTILE_RECIPES[case]
+    recipe = tmp_path / "hostile.yaml"
+    recipe.write_text(text)
+    for args in (["recipe", "validate", recipe], ["train-increment", ws.root, "--recipe", recipe]):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output[:2000]
+        assert message in result.stderr and len(result.output) < BOUND and "Traceback" not in result.output
+    result = cli("recipe", "validate", recipe, "--json")
+    assert result.exit_code == 2 and len(result.stdout) < BOUND
+    assert message in json.loads(result.stdout)["problems"][str(recipe)][0]
+    _untouched(ws)
+
+
+def test_hostile_overrides_exit_2_naming_the_key_and_the_limit(ws):
+    for override, message in (("train.freeze=" + "[" * 20_000 + "]" * 20_000, "train.freeze: nested more than 32"),
+                              ("train.lr=" + "x" * 100_000, "train.lr: a value of 100,000 characters (the limit is 4,096)"),
+                              ("train.lr=" + "x" * 3000, "train.lr: expected a number, got 'xxxx"),
+                              ("x" * 100_000 + ".y=1", "unknown section")):
+        result = cli("train-increment", ws.root, override)
+        assert result.exit_code == 2, result.output[:2000]
+        assert message in result.stderr and len(result.output) < BOUND
+        assert "characters" in result.stderr or "levels" in result.stderr  # the value is cut, with its size
+    _untouched(ws)
+
+
+def test_user_values_echoed_in_messages_are_cut_with_their_size(ws, tmp_path):
+    long = "v" * 100_000
+    for args, message in ((["fill-mask", ws.root, "a [MASK]", "--versions", long], "unknown version 'vvvv"),
+                          (["eval", ws.root, "--data", long], "unknown increment 'vvvv"),
+                          (["ingest", ws.root, SAMPLES / "pydocs.txt", "--name", "../" + long], "increment name '../vvv"),
+                          (["ingest", ws.root, tmp_path / long[:200] / long[:200]], "(missing)")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output[:2000]
+        line = assert_one_error_line(result.stderr, message)
+        assert len(result.output) < BOUND and ("characters)" in line or "(missing)" in line), line
+    ws.latest_path.write_bytes(b"\xff" * 2_000_000)  # a LATEST that is no version name, not UTF-8 either
+    result = cli("status", ws.root)
+    assert result.exit_code == 2 and len(result.output) < BOUND
+    assert_one_error_line(result.stderr, "LATEST: names", "characters)", "which is not a version here")
+
+
+def test_paths_that_look_like_markup_are_printed_as_they_are(ws, tmp_path):
+    """A path like `[/bold]x` once crashed the warning line (rich markup); `[x]` vanished from it."""
+    (tmp_path / "[x]").mkdir()
+    good = tmp_path / "[x]" / "notes.txt"
+    good.write_text("a few words about emma woodhouse\n")
+    result = cli("ingest", ws.root, good, tmp_path / "[/bold]nope")
+    assert result.exit_code == 0, result.output
+    assert f"{tmp_path}/[/bold]nope (missing)" in result.stderr and "[x]/notes.txt" not in result.stderr
+    assert f"skipped files: missing  1 ({tmp_path}/[/bold]nope)" in result.stdout

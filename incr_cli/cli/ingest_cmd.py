@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
 from incr_cli.recipe import load_recipe
@@ -45,7 +46,8 @@ def ingest(
 
     Exact duplicates of documents ingested before, in any increment, are dropped; ingesting the same
     files again writes nothing. Bad input (invalid UTF-8, binary, empty, unreadable or missing files,
-    malformed JSON lines, over-long lines) is skipped or cut, and counted in the summary and manifest.
+    malformed, too deeply nested or over-long JSON lines, over-long lines) is skipped or cut, and counted
+    in the summary and manifest with the first lines where it was found.
     """
     from incr_cli.ingest import ingest as run_ingest
 
@@ -65,11 +67,12 @@ def ingest(
     docs = result.documents
     rows = [["documents kept", f"{docs.get('kept', 0):,} ({docs.get('train', 0):,} train, {docs.get('heldout', 0):,} held out)"],
             ["duplicates dropped", f"{docs.get('duplicate', 0):,}" + _where(result.duplicates_in)]]
-    rows += [[f"rejected: {reason}", f"{n:,}"] for reason, n in docs.get("rejected", {}).items()]
+    rows += [[f"rejected: {reason}", f"{n:,}{_at(docs.get('rejected_at', {}).get(reason, []), n)}"]
+             for reason, n in docs.get("rejected", {}).items()]
     if docs.get("cut_long"):
         rows.append(["cut to data.max_doc_chars", f"{docs['cut_long']:,}"])
-    rows += [[f"skipped files: {reason}", f"{info['count']:,} ({', '.join(info['examples'][:2])}"
-              f"{', ...' if info['count'] > 2 else ''})"] for reason, info in result.skipped.items()]
+    rows += [[f"skipped files: {reason}", f"{info['count']:,}{_at(info['examples'], info['count'])}"]
+             for reason, info in result.skipped.items()]
     rows.append(["source files", f"{len(result.sources):,} ({result.bytes_read / 1e6:,.1f} MB)"])
     if result.increment:
         seqs, toks = result.sequences, result.tokens
@@ -89,6 +92,11 @@ def ingest(
 def _unknown_row(unknown: dict) -> str:
     return (f"{unknown.get('unknown_share', 0):.2%} of tokens [UNK], "
             f"{unknown.get('dropped_share', 0):.2%} of characters dropped")
+
+
+def _at(examples: list[str], n: int) -> str:
+    """ " (a.jsonl:3, a.jsonl:9, ...)": where the first rejected documents are."""
+    return f" ({', '.join(map(escape, examples[:2]))}{', ...' if n > 2 else ''})" if examples else ""
 
 
 def _where(counts: dict[str, int]) -> str:

@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 
 from incr_cli import diskspace
-from incr_cli.errors import EXIT_FAILURE, EXIT_SIGINT, IncrError
+from incr_cli.errors import EXIT_FAILURE, EXIT_SIGINT, IncrError, clip
 
 # Shared options (Annotated types, reused by every command that takes them).
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts); logs go to stderr.")]
@@ -79,22 +79,41 @@ def guarded(fn: F) -> F:
             if disk_full is not None:
                 _error_line(str(disk_full))
             elif _is_oom(exc):
-                _error_line(f"out of memory: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                _error_line(f"out of memory: {_first_line(exc) or type(exc).__name__}; "
                             "lower train.batch_size (raise train.grad_accum to keep the effective batch) "
                             "or model.max_seq_len")
             else:
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                _error_line(f"unexpected failure: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+                _error_line(f"unexpected failure: {type(exc).__name__}: {_first_line(exc)} "
+                            "(rerun with --debug for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return clip(text.splitlines()[0]) if text else ""
+
+
+# The last guard on what reaches a terminal or a cron log; each value in a message is already cut
+# to errors.MAX_SHOWN_CHARS where it is echoed, so only a bug could make these bite.
+MAX_LINE_CHARS = 2000
+MAX_LINES = 40
+
+
+def bounded_lines(message: str) -> list[str]:
+    """``message`` split into lines, each cut to MAX_LINE_CHARS, at most MAX_LINES of them."""
+    lines = [clip(line, MAX_LINE_CHARS) for line in message.splitlines()[: MAX_LINES + 1]] or [""]
+    if len(lines) > MAX_LINES:
+        lines[MAX_LINES:] = ["..."]
+    return lines
 
 
 def _error_line(message: str, every_rank: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
     if rank != "0" and not every_rank:  # under torchrun, rank 0 speaks for all ranks
         return
-    lines = message.splitlines() or [""]
+    lines = bounded_lines(message)
     sys.stderr.write(f"error: {lines[0]}\n")
     for line in lines[1:]:
         sys.stderr.write(f"{line}\n")
@@ -111,26 +130,28 @@ class Output:
         self.console = Console(file=stream, highlight=False, soft_wrap=True, force_terminal=self.is_tty or None)
 
     def log(self, message: str) -> None:
-        """A status line: rich on a terminal, timestamped plain text otherwise."""
+        """A status line: rich on a terminal, timestamped plain text otherwise. ``message`` is plain
+        text (it names user paths: ``[x]/a.txt`` must print as it is, not as rich markup)."""
         if self.is_tty:
-            self.console.print(message)
+            self.console.print(message, markup=False)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self.console.file.write(f"{stamp} incr: {_strip_markup(message)}\n")
+            self.console.file.write(f"{stamp} incr: {message}\n")
             self.console.file.flush()
 
     def warn(self, message: str) -> None:
-        sys.stderr.write(f"warning: {_strip_markup(message)}\n")
+        sys.stderr.write(f"warning: {chr(10).join(bounded_lines(message))}\n")
         sys.stderr.flush()
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """A rich table on a terminal; aligned plain text otherwise (never in JSON mode's stdout)."""
+        """A rich table on a terminal; aligned plain text otherwise (never in JSON mode's stdout).
+        Cells may hold rich markup (``[bold]``): user text in a cell goes through ``rich.markup.escape``."""
         if self.is_tty:
             table = Table(title=title)
             for col in columns:
                 table.add_column(col)
             for row in rows:
-                table.add_row(*[str(c) for c in row])
+                table.add_row(*[_rich_cell(str(c)) for c in row])
             self.console.print(table)
             return
         cells = [list(columns)] + [[_strip_markup(str(c)) for c in row] for row in rows]
@@ -177,6 +198,22 @@ class ProgressHandle:
 
 
 def _strip_markup(text: str) -> str:
+    from rich.errors import MarkupError
     from rich.text import Text
 
-    return Text.from_markup(text).plain if "[" in text else text
+    if "[" not in text:
+        return text
+    try:
+        return Text.from_markup(text).plain
+    except MarkupError:  # not markup after all: show it as it is
+        return text
+
+
+def _rich_cell(text: str) -> Any:
+    from rich.errors import MarkupError
+    from rich.text import Text
+
+    try:
+        return Text.from_markup(text)
+    except MarkupError:
+        return Text(text)
