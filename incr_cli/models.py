@@ -26,7 +26,7 @@ import torch
 
 from incr_cli import __version__
 from incr_cli.diskspace import disk_writes, tensor_bytes
-from incr_cli.errors import IntegrityError, UsageError, shown
+from incr_cli.errors import IntegrityError, UsageError, clip, shown
 from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.reporting import Quiet, Reporter
@@ -37,6 +37,7 @@ from incr_cli.workspace import (
     Workspace,
     atomic_write_text,
     base_manifest,
+    path_errors,
     read_manifest,
     safe_relpath,
     seal_folder,
@@ -479,10 +480,11 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
     """
     reporter = reporter or Quiet()
     ws = Workspace(Path(root))
-    if ws.root.exists() and not ws.root.is_dir():
-        raise UsageError(f"{ws.root}: exists and is not a directory")
-    created = not ws.root.exists()
-    ws.root.mkdir(parents=True, exist_ok=True)
+    with path_errors(ws.root):
+        if ws.root.exists() and not ws.root.is_dir():
+            raise UsageError(f"{clip(str(ws.root))}: exists and is not a directory")
+        created = not ws.root.exists()
+        ws.root.mkdir(parents=True, exist_ok=True)
     try:
         with ws.lock("init"):  # first, so a concurrent writer is refused before a slow model load
             replaced = _check_replaceable(ws, force)

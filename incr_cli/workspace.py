@@ -76,11 +76,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _staged_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None:
     """Write ``path`` so that readers see the old or the new content, never a mix: a temporary file
     in the same folder, fsynced, renamed over ``path``, then the folder fsynced. A full disk is a
     ``DiskFull`` naming ``what`` (default: the file's name) and leaves ``path`` as it was."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _staged_name(path)
     with disk_writes(what or path.name, path.parent):
         try:
             with open(tmp, "wb") as f:
@@ -95,6 +99,30 @@ def atomic_write_bytes(path: Path, data: bytes, what: str | None = None) -> None
 
 def atomic_write_text(path: Path, text: str, what: str | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+@contextlib.contextmanager
+def path_errors(path: Path, what: str = "cannot be used as a workspace") -> Iterator[None]:
+    """An OSError from looking at or creating ``path`` (a name too long, a file where a folder should
+    be) is the user's to fix: a UsageError naming the path, not a crash. A full disk stays exit 1."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise
+        raise UsageError(f"{clip(str(path))}: {what} ({exc.strerror or exc})") from None
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before minutes of work when ``path`` (an output file option) cannot be written atomically."""
+    with path_errors(path, f"{option} cannot be written"):
+        if not path.parent.is_dir():
+            raise UsageError(f"{option} {clip(str(path))}: the folder {clip(str(path.parent))} does not exist")
+        if path.is_dir():
+            raise UsageError(f"{option} {clip(str(path))}: is a folder; name a file")
+        probe = _staged_name(path)
+        probe.open("wb").close()
+        probe.unlink()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -331,16 +359,21 @@ class Workspace:
     def open(cls, root: Path | str) -> Workspace:
         """Open an existing workspace; a path that is not one is a UsageError."""
         ws = cls(Path(root))
-        if not ws.root.is_dir():
-            raise UsageError(f"{ws.root}: no such workspace; create one with `incr init {ws.root} --base SOURCE`")
-        if ws.checkpoints.is_dir() and ws.recipe_path.is_file() and not ws.latest_path.is_file() and ws.versions():
+        with path_errors(ws.root):
+            return ws._checked()
+
+    def _checked(self) -> Workspace:
+        root, latest = clip(str(self.root)), clip(str(self.latest_path))
+        if not self.root.is_dir():
+            raise UsageError(f"{root}: no such workspace; create one with `incr init {root} --base SOURCE`")
+        if self.checkpoints.is_dir() and self.recipe_path.is_file() and not self.latest_path.is_file() and self.versions():
             # Never suggest `init --force` here: that would wipe the versions and data that are still intact.
-            raise IntegrityError(f"{ws.latest_path}: missing; write the newest good version into it "
-                                 f"(one of {', '.join(ws.versions())}), e.g. `echo {ws.versions()[-1]} > {ws.latest_path}`")
-        if not (ws.latest_path.is_file() and ws.checkpoints.is_dir() and ws.recipe_path.is_file()):
-            raise UsageError(f"{ws.root}: not an incr workspace (no LATEST, recipe.yaml or checkpoints/); "
-                             f"create one with `incr init {ws.root} --base SOURCE`")
-        return ws
+            raise IntegrityError(f"{latest}: missing; write the newest good version into it "
+                                 f"(one of {', '.join(self.versions())}), e.g. `echo {self.versions()[-1]} > {latest}`")
+        if not (self.latest_path.is_file() and self.checkpoints.is_dir() and self.recipe_path.is_file()):
+            raise UsageError(f"{root}: not an incr workspace (no LATEST, recipe.yaml or checkpoints/); "
+                             f"create one with `incr init {root} --base SOURCE`")
+        return self
 
     def lock(self, command: str) -> WorkspaceLock:
         return WorkspaceLock(self.root, command)

@@ -295,3 +295,19 @@ def test_paths_that_look_like_markup_are_printed_as_they_are(ws, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"{tmp_path}/[/bold]nope (missing)" in result.stderr and "[x]/notes.txt" not in result.stderr
     assert f"skipped files: missing  1 ({tmp_path}/[/bold]nope)" in result.stdout
+
+
+def test_a_workspace_or_output_path_that_cannot_be_used_exits_2(ws, tmp_path):
+    """A name over the file system's 255 bytes (ENAMETOOLONG) was exit 1 for every command."""
+    long = tmp_path / ("x" * 300)
+    for args, message in ((["status", long], "cannot be used as a workspace (File name too long)"),
+                          (["verify", long], "cannot be used as a workspace (File name too long)"),
+                          (["init", long, "--base", "scratch:tiny"], "cannot be used as a workspace (File name too long)"),
+                          (["fill-mask", long, "a [MASK]"], "cannot be used as a workspace (File name too long)"),
+                          (["eval", ws.root, "--plot", long], "--plot cannot be written (File name too long)"),
+                          (["eval", ws.root, "--out", tmp_path], f"--out {tmp_path}: is a folder; name a file")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.output[:2000]
+        assert_one_error_line(result.stderr, message)
+    assert not list(tmp_path.glob(".*.tmp"))
+    _untouched(ws)

@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.errors import UsageError
 from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.workspace import Workspace, check_writable
 
 
 def eval_cmd(
@@ -54,8 +53,8 @@ def eval_cmd(
     resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
     # Fail before minutes of scoring, not after.
     for option, path in (("--out", out_file), ("--plot", plot_file)):
-        if path is not None and not path.parent.is_dir():
-            raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
+        if path is not None:
+            check_writable(path, option)
     if plot_file is not None:
         eval_report.require_matplotlib()
     chosen = select_versions(ws, versions)
