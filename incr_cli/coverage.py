@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from incr_cli.errors import InputError
+from incr_cli.errors import InputError, clip
 from incr_cli.reporting import Reporter
 
 EXAMPLE_CONTEXT = 20  # characters shown either side of the first unknown token
@@ -98,7 +98,7 @@ def check_coverage(coverage: Coverage, increment: str, *, warn_above: float, ref
     share = max(coverage.unknown_share, coverage.dropped_share)
     what = (f"{coverage.unknown_share:.1%} of its tokens are unknown ([UNK])" if coverage.unknown_share >= coverage.dropped_share
             else f"{coverage.dropped_share:.1%} of its characters map to no token")
-    example = f' (e.g. "{coverage.example}")' if coverage.example else ""
+    example = f' (e.g. "{clip(coverage.example)}")' if coverage.example else ""  # one [UNK] can span a long word
     if coverage.tokens and coverage.unknown == coverage.tokens:
         raise InputError(f"{increment}: every token is unknown ([UNK]) to the workspace tokenizer{example}, so nothing "
                          "can be learned from it; use a base whose vocabulary covers this text")
