@@ -232,6 +232,8 @@ def _valid_value(cls: type, name: str):
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     inner, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
     meta = f.metadata
+    if typing.get_origin(inner) is list:  # a list of choices (tracking.sinks); free strings (train.freeze) are not drawn
+        return st.lists(st.sampled_from(meta["choices"]), unique=True) if meta["choices"] else None
     if inner is bool:
         base = st.booleans()
     elif meta["choices"]:
