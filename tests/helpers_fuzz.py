@@ -79,7 +79,13 @@ def text_file(draw: st.DrawFn, max_huge: int = 20_000) -> bytes:
     (which make a file binary) only in some files, so most examples get past the binary sniff."""
     parts = draw(st.lists(st.tuples(line_bytes(max_huge), ENDINGS), max_size=15))
     data = b"".join(line + end for line, end in parts)
-    return data if draw(st.booleans()) else data.replace(b"\x00", b"\x01")
+    return not_gzip(data if draw(st.booleans()) else data.replace(b"\x00", b"\x01"))
+
+
+def not_gzip(data: bytes) -> bytes:
+    """``data`` with a newline first if it starts like gzip: the readers take such a file for gzip
+    (and a broken one: ``corrupt``), which the oracles below do not model; test_fuzz pins it once."""
+    return b"\n" + data if data.startswith(b"\x1f\x8b") else data
 
 
 @dataclass(frozen=True)

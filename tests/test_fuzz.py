@@ -49,6 +49,7 @@ from tests.helpers_fuzz import (
     gz,
     jsonl_file,
     line_bytes,
+    not_gzip,
     text_file,
 )
 from tests.helpers_reliability import cli
@@ -85,7 +86,7 @@ def test_lines_reader_reads_every_valid_line_once(tmp_path_factory, data, compre
 
 @fuzz(40)
 @given(data=st.lists(st.tuples(line_bytes(max_huge=300), st.sampled_from([b"\n", b"\r\n", b"\n\n", b"\n \n", b"\r"])),
-                     max_size=25).map(lambda parts: b"".join(a + b for a, b in parts)).map(lambda d: d.replace(b"\x00", b"")),
+                     max_size=25).map(lambda parts: not_gzip(b"".join(a + b for a, b in parts).replace(b"\x00", b""))),
        compress=st.booleans())
 def test_paragraphs_reader_reads_every_valid_paragraph_once(tmp_path_factory, data, compress):
     tmp = tmp_path_factory.mktemp("paragraphs")
@@ -117,6 +118,11 @@ def test_any_bytes_in_any_format_read_without_error(tmp_path_factory, data, fmt,
     if state.skipped is None and fmt == "jsonl":
         lines = [line for line in data.split(b"\n") if line.strip()]
         assert len(docs) + sum(tally.docs.values()) == len(lines)
+
+
+def test_a_plain_file_that_starts_like_gzip_is_corrupt(tmp_path):
+    docs, _, state = _read(tmp_path, b"\x1f\x8b\nsome text after gzip's magic\n", "lines", compress=False)
+    assert docs == [] and state.skipped == "corrupt"
 
 
 @fuzz(25)
