@@ -108,11 +108,11 @@ def parameter_count(model: nn.Module) -> int:
 
 def compress_terms(recipe: Recipe, same_width: bool) -> list[Any]:
     """MLM + logit KD + hidden-state distillation (only when the hidden sizes match)."""
-    from incr_cli.step import Distill, HiddenDistill, MlmNew
+    from incr_cli.strategy import HiddenDistill, LogitDistill, MlmNew
 
     terms: list[Any] = [MlmNew()]
     if recipe.distill.alpha > 0:
-        terms.append(Distill(recipe.distill.alpha, recipe.distill.temperature))
+        terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature))
     if recipe.distill.hidden_weight > 0 and same_width:
         terms.append(HiddenDistill(recipe.distill.hidden_weight, recipe.distill.hidden_loss))
     return terms

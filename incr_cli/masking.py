@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from incr_cli.recipe import MaskingConfig
+if TYPE_CHECKING:  # the type only: the recipe imports the strategies, which import this module
+    from incr_cli.recipe import MaskingConfig
 
 WORDPIECE_CONTINUATION = "##"
 

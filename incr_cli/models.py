@@ -78,6 +78,23 @@ class InitResult:
     replaced: bool = False
 
 
+def load_weights_into(model: torch.nn.Module, ws: Workspace, version: str, recipe: Recipe, device: torch.device) -> None:
+    """Overwrite ``model``'s parameters, in place, with ``version``'s (joint: start again from the root).
+
+    In place, so an optimizer already built over ``model`` keeps its parameters; its state must be empty.
+    """
+    with torch.random.fork_rng(devices=[]):  # loading must not move the dropout stream training uses
+        source, _ = load_version(ws, version, recipe=recipe, device=str(device))
+    weights = dict(source.named_parameters())
+    own = dict(model.named_parameters())
+    if weights.keys() != own.keys() or any(weights[n].shape != p.shape for n, p in own.items()):
+        raise IntegrityError(f"{version} does not have the architecture of the parent's model, so a joint "
+                             "increment cannot start from it; train this lineage with another strategy")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(weights[name])
+
+
 def software_versions() -> dict[str, str]:
     import transformers
 
@@ -530,4 +547,5 @@ def _check_replaceable(ws: Workspace, force: bool) -> bool:
 
 
 __all__ = ["LoadedBase", "InitResult", "resolve_base", "save_version", "load_version", "load_tokenizer",
-           "tokenizer_sha256", "init_workspace", "software_versions", "scratch_tokenizer", "quiet_transformers"]
+           "tokenizer_sha256", "init_workspace", "load_weights_into", "software_versions", "scratch_tokenizer",
+           "quiet_transformers"]

@@ -15,6 +15,7 @@ from incr_cli.checkpointing import resume_key
 from incr_cli.data import split_batch_size
 from incr_cli.errors import InputError, UsageError
 from incr_cli.recipe import Recipe, recipe_to_dict
+from incr_cli.strategy import get_strategy
 from incr_cli.workspace import Workspace
 
 # Recipe keys that do not change the trained weights: left out of the resume key.
@@ -60,10 +61,9 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
     Steps: ``train.steps``, else ceil(epochs * new sequences / new rows per step), capped so that
     no more than ``train.max_tokens`` tokens are processed.
     """
-    from incr_cli.strategies import training_data
-
     parent = ws.resolve_version(parent)
-    new, replay, init_from, retrained = training_data(ws, recipe, parent)
+    data = get_strategy(recipe.strategy.name).training_data(ws, recipe, parent)
+    new, replay, init_from, retrained = data.new, data.replay, data.init_from, data.retrained
     earlier = ws.trained_on(parent)
     manifests = {d: ws.increment_manifest(d) for d in [*new, *replay]}
     count = {d: int(m.get("sequences", {}).get("train", 0)) for d, m in manifests.items()}

@@ -17,7 +17,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -133,14 +133,32 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-         lo_open: bool = False, hi_open: bool = False, choices: Sequence[str] | None = None) -> Any:
-    """A recipe key: its default, a one-line meaning (used by the README reference) and its range."""
+def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+         hi_open: bool = False, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> Any:
+    """A recipe key: its default, a one-line meaning (used by the README reference) and its range.
+    ``choices`` may be a function, called when the key is checked (``strategy.name``'s come from
+    ``incr_cli.strategy``, which this module imports only then)."""
     meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-            "choices": tuple(choices) if choices else None}
+            "choices": choices if callable(choices) else tuple(choices) if choices else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _choices(meta: dict) -> tuple[str, ...] | None:
+    choices = meta["choices"]
+    return tuple(choices()) if callable(choices) else choices
+
+
+def strategy_presets() -> dict[str, dict[str, Any]]:
+    """{strategy name: the recipe keys its preset fixes}, from ``incr_cli.strategy.STRATEGIES``.
+
+    Imported here, when a recipe is checked, not with this module: the strategies load torch, and
+    ``incr --help`` should not.
+    """
+    from incr_cli.strategy import STRATEGIES
+
+    return {name: dict(strategy.preset) for name, strategy in STRATEGIES.items()}
 
 
 @dataclass(frozen=True)
@@ -240,7 +258,7 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = knob("replay+distill", "Continual-learning strategy preset (see `incr recipe show`).",
-                     choices=["naive", "replay", "distill", "replay+distill", "ewc", "joint"])
+                     choices=lambda: list(strategy_presets()))
 
 
 @dataclass(frozen=True)
@@ -283,16 +301,6 @@ class Recipe:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
-# What each strategy fixes. `replay+distill` uses the recipe's own alpha and ratio.
-PRESETS: dict[str, dict[str, Any]] = {
-    "naive": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
-    "replay": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0},
-    "distill": {"replay.ratio": 0.0},
-    "replay+distill": {},
-    "ewc": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
-    "joint": {"distill.alpha": 0.0, "distill.hidden_weight": 0.0, "replay.ratio": 0.0},
-}
-
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
 
 
@@ -313,7 +321,7 @@ def iter_keys() -> Iterator[KeyInfo]:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             yield KeyInfo(f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["help"],
-                          f.metadata["choices"], _range_text(f.metadata))
+                          _choices(f.metadata), _range_text(f.metadata))
 
 
 def _type_name(tp: Any) -> str:
@@ -323,8 +331,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _range_text(meta: dict) -> str:
-    if meta["choices"]:
-        return ", ".join(meta["choices"])
+    if choices := _choices(meta):
+        return ", ".join(choices)
     lo, hi = meta["lo"], meta["hi"]
     parts = []
     if lo is not None:
@@ -370,9 +378,9 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
     elif inner is str:
         if not isinstance(value, str):
             return None, f"{path}: expected a string, got {shown(value)}"
-        if meta["choices"] and value not in meta["choices"]:
-            hint = _did_you_mean(value, meta["choices"])
-            return None, f"{path}: {shown(value)} is not one of {', '.join(meta['choices'])}{hint}"
+        choices = _choices(meta)
+        if choices and value not in choices:
+            return None, f"{path}: {shown(value)} is not one of {', '.join(choices)}{_did_you_mean(value, choices)}"
         return value, None
     lo, hi = meta["lo"], meta["hi"]
     if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
@@ -453,7 +461,7 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
             values[section][key] = coerced
 
     strategy = values["strategy"].get("name", StrategyConfig.name)
-    for path, forced in PRESETS.get(strategy, {}).items():
+    for path, forced in strategy_presets().get(strategy, {}).items():
         section, _, key = path.partition(".")
         values[section][key] = forced
 
@@ -505,4 +513,4 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def preset_settings(recipe: Recipe) -> dict[str, Any]:
     """The keys the recipe's strategy preset fixed (for `incr recipe show`)."""
-    return dict(PRESETS[recipe.strategy.name])
+    return strategy_presets()[recipe.strategy.name]

@@ -25,7 +25,7 @@ from typing import Any
 from incr_cli.errors import UsageError
 from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe
-from incr_cli.strategies import root_version
+from incr_cli.strategy import root_version
 from incr_cli.workspace import (
     PRUNED_FILE,
     Workspace,

@@ -7,7 +7,7 @@ over the whole window and all ranks, so micro-batch boundaries do not change the
         + hidden_weight * hidden(all tokens)/n_tokens
 
 With alpha = hidden_weight = 0 and replay.ratio = 0 this is exactly plain MLM fine-tuning. Each
-term is a small object (``LossTerm``), so a strategy such as EWC plugs in as one more term.
+term is a small object (``strategy.LossTerm``), so a strategy such as EWC plugs in as one more term.
 
 Host synchronisation: one small read per step of the window's masked-token counts (the masked-only
 head's gather is data-dependent anyway); loss values are read only every ``train.log_every`` steps
@@ -22,7 +22,7 @@ import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,114 +34,14 @@ from incr_cli.errors import InputError, TrainingFailed, UsageError, shown
 from incr_cli.faults import fault_value
 from incr_cli.flops import Meter, device_peak, model_shape
 from incr_cli.heads import MaskedLMHead
-from incr_cli.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
 from incr_cli.masking import mask_batch, stable_seed
 from incr_cli.plan import IncrementPlan
 from incr_cli.recipe import Recipe, TrainConfig
 from incr_cli.reporting import Reporter
 from incr_cli.schedule import lr_factor, warmup_steps
+from incr_cli.strategy import LossTerm, MicroOutputs, Normalisers, get_strategy, reported_loss_names
 
 TAIL_FRACTION = 0.1  # metrics' losses average the last 10% of steps
-
-
-# ----------------------------------------------------------------------------- loss terms
-
-
-@dataclass
-class Normalisers:
-    """Token counts over the whole accumulation window and all ranks (floats, at least 1)."""
-
-    new_targets: float
-    replay_targets: float
-    masked_targets: float
-    tokens: float
-
-
-@dataclass
-class MicroOutputs:
-    """One micro-batch after the forward passes. Targets of new rows come first (``n_new_targets``)."""
-
-    student_logits: torch.Tensor  # (N, V)
-    targets: torch.Tensor  # (N,)
-    n_new_targets: int
-    attention_mask: torch.Tensor  # (B, T)
-    norm: Normalisers
-    model: nn.Module  # the unwrapped student (for parameter-space terms such as EWC)
-    micro: int
-    n_micro: int
-    world_size: int
-    teacher_logits: torch.Tensor | None = None  # (N, V)
-    student_hidden: torch.Tensor | None = None  # (B, T, H)
-    teacher_hidden: torch.Tensor | None = None  # (B, T, H)
-
-
-class LossTerm(Protocol):
-    """One term of the loss: the loop adds ``weight * term(out)`` for every micro-batch on every rank.
-
-    ``term(out)`` is this rank's and micro-batch's share: summed over the micro-batches of a step
-    and over the ranks it must give the step's value of the term. Token terms divide their sum by
-    the window's global count (``out.norm``); a parameter-space term (EWC) that every rank computes
-    alike returns ``penalty / (out.n_micro * out.world_size)``.
-    """
-
-    name: str
-    weight: float
-    needs_teacher: bool  # the teacher's logits at the masked positions
-    needs_hidden: bool  # last hidden states of student and teacher
-
-    def __call__(self, out: MicroOutputs) -> torch.Tensor: ...
-
-
-@dataclass
-class MlmNew:
-    weight: float = 1.0
-    name, needs_teacher, needs_hidden = "mlm_new", False, False
-
-    def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        k = out.n_new_targets
-        return mlm_loss_sum(out.student_logits[:k], out.targets[:k]) / out.norm.new_targets
-
-
-@dataclass
-class MlmReplay:
-    weight: float
-    name, needs_teacher, needs_hidden = "mlm_replay", False, False
-
-    def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        k = out.n_new_targets
-        return mlm_loss_sum(out.student_logits[k:], out.targets[k:]) / out.norm.replay_targets
-
-
-@dataclass
-class Distill:
-    weight: float
-    temperature: float
-    name, needs_teacher, needs_hidden = "distill", True, False
-
-    def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        return kd_loss_sum(out.student_logits, out.teacher_logits, self.temperature) / out.norm.masked_targets
-
-
-@dataclass
-class HiddenDistill:
-    weight: float
-    kind: str
-    name, needs_teacher, needs_hidden = "hidden", True, True
-
-    def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        return hidden_loss_sum(out.student_hidden, out.teacher_hidden, out.attention_mask, self.kind) / out.norm.tokens
-
-
-def build_loss_terms(recipe: Recipe, has_replay: bool) -> list[LossTerm]:
-    """The strategy's terms; a zero weight builds no term (and no teacher when none needs one)."""
-    terms: list[LossTerm] = [MlmNew()]
-    if has_replay:
-        terms.append(MlmReplay(recipe.replay.weight))
-    if recipe.distill.alpha > 0:
-        terms.append(Distill(recipe.distill.alpha, recipe.distill.temperature))
-    if recipe.distill.hidden_weight > 0:
-        terms.append(HiddenDistill(recipe.distill.hidden_weight, recipe.distill.hidden_loss))
-    return terms
 
 
 # ----------------------------------------------------------------------------- the run and its state
@@ -357,7 +257,7 @@ def tail_losses(run: Run, state: TrainState) -> dict[str, float | None]:
     values = torch.stack([torch.as_tensor(state.tail.get(n, 0.0), device=run.device, dtype=torch.float32)
                           for n in names])
     values = run.ctx.all_reduce_sum(values).tolist()
-    out: dict[str, float | None] = {n: None for n in ("mlm_new", "mlm_replay", "distill", "hidden", "ewc")}
+    out: dict[str, float | None] = dict.fromkeys(reported_loss_names())
     out.update({n: values[i] / steps for i, n in enumerate(names)})
     return out
 
@@ -427,7 +327,7 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
               precision: str, ctx: distributed.DistContext, reporter: Reporter) -> tuple[Run, int]:
     """Teacher (a frozen copy of ``model`` as it is now), student, optimizer and sampler -> (run, trainable)."""
     has_replay = plan.replay_per_batch > 0
-    terms = build_loss_terms(recipe, has_replay)
+    terms = get_strategy(recipe.strategy.name).loss_terms(recipe, has_replay)
     teacher = None
     if any(term.needs_teacher for term in terms):
         teacher_model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -4,7 +4,7 @@
 (teacher and student) -> resume or evaluate the parent -> ``train_step`` (``step.py``) until the
 budget is spent -> evaluate -> gate -> write ``checkpoints/vNNNN`` -> move ``LATEST`` when promoted.
 Every strategy runs this one loop; they differ only in the data the sampler draws (new / replay
-rows) and in the loss terms (``step.build_loss_terms`` plus ``strategies.ewc_terms``).
+rows) and in the loss terms: ``strategy.Strategy`` (looked up by ``strategy.name``) says which.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from incr_cli import device as devices
-from incr_cli import distributed, embed, strategies, tracking
+from incr_cli import distributed, embed, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
@@ -29,6 +29,7 @@ from incr_cli.plan import IncrementPlan, plan_increment, plan_increments, run_ke
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.step import Run, TrainState, build_run, log_line, tail_losses, train_step
+from incr_cli.strategy import StrategyInputs, get_strategy
 from incr_cli.workspace import Workspace
 
 # ----------------------------------------------------------------------------- eval and gate
@@ -250,8 +251,10 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
     _log_full_head(run, reporter)
     # The student still holds the parent's weights: the EWC anchor and the "before" scores.
-    run.terms += strategies.ewc_terms(ws, recipe, plan, run.model, shards, tok_inputs, device=device,
-                                      precision=precision, reporter=reporter)
+    strategy = get_strategy(recipe.strategy.name)
+    inputs = StrategyInputs(ws, recipe, plan.parent, plan.new, plan.replay, run.model, shards, tok_inputs, device,
+                            precision, reporter)
+    run.terms += strategy.extra_terms(inputs)
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
     if ctx.is_main:
         for other in _superseded_states(ws, plan, key):
@@ -264,7 +267,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
         if ctx.is_main:
             state.eval_before = before_scores(ws, run, shards, plan, recipe, tok_inputs)
         if plan.init_from:
-            strategies.reset_weights(run.model, ws, plan.init_from, recipe, device)
+            models.load_weights_into(run.model, ws, plan.init_from, recipe, device)
     loaded = store.load(run.model, device)
     if loaded is not None:
         trainer, rng = loaded
@@ -422,8 +425,9 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
                 "world_size": run.ctx.world_size, "steps": state.step, "run_key": key}
     log = "".join(json.dumps(line) + "\n" for line in state.log)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),
-             **strategies.version_files(recipe, plan, run.model, shards, tok_inputs, device=run.device,
-                                        precision=precision)}
+             **get_strategy(recipe.strategy.name).version_files(StrategyInputs(
+                 ws, recipe, plan.parent, plan.new, plan.replay, run.model, shards, tok_inputs, run.device, precision,
+                 Quiet()))}
     run.model.eval()
     fault_point("train.version_write")
     sealed = models.save_version(ws, version, run.model, tokenizer, manifest, extra)

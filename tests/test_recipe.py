@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from incr_cli.errors import RecipeError
-from incr_cli.recipe import PRESETS, Recipe, build_recipe, iter_keys, load_recipe, recipe_to_yaml
+from incr_cli.recipe import Recipe, build_recipe, iter_keys, load_recipe, recipe_to_yaml, strategy_presets
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -103,11 +103,11 @@ def test_override_exponent_without_dot():
     assert build_recipe({}, overrides=["train.lr=1e-4"]).train.lr == 1e-4
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(strategy_presets()))
 def test_strategy_presets_fix_their_keys(name):
     recipe = build_recipe({"strategy": {"name": name}, "distill": {"alpha": 0.7, "hidden_weight": 0.3},
                            "replay": {"ratio": 0.4}})
-    for path, forced in PRESETS[name].items():
+    for path, forced in strategy_presets()[name].items():
         section, key = path.split(".")
         assert getattr(getattr(recipe, section), key) == forced
     if name == "replay+distill":

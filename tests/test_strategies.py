@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load
 from typer.testing import CliRunner
 
-from incr_cli import strategies
+from incr_cli import strategy
 from incr_cli.cli.app import app
 from incr_cli.data import BatchSampler, open_increment
 from incr_cli.distributed import DistContext
@@ -18,7 +18,7 @@ from incr_cli.evaluate import tokenizer_inputs
 from incr_cli.masking import mask_batch, stable_seed
 from incr_cli.models import load_version
 from incr_cli.plan import IncrementPlan
-from incr_cli.recipe import PRESETS, build_recipe, load_recipe
+from incr_cli.recipe import build_recipe, load_recipe, strategy_presets
 from incr_cli.reporting import Quiet
 from incr_cli.step import TrainState, build_run, train_step
 from incr_cli.train import train_increment
@@ -41,6 +41,7 @@ CPU = torch.device("cpu")
 TOK_INPUTS = {"special_ids": torch.tensor([0, 1, 2, 3, 4]), "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0,
               "word_starts": None}
 ALL = ["naive", "replay", "distill", "replay+distill", "ewc", "joint"]
+PRESETS = strategy_presets()
 
 
 def hand_increment(tmp_path, tag: int = 11, rows: int = 40):
@@ -105,7 +106,7 @@ def sgd_step(tmp_path, *, with_ewc: bool, displacement: float):
                        ctx=DistContext(0, 1, CPU), reporter=Quiet())
     run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
     if with_ewc:
-        run.terms.append(strategies.EwcPenalty(recipe.ewc.weight, anchor, fisher))
+        run.terms.append(strategy.EwcPenalty(recipe.ewc.weight, anchor, fisher))
     state = TrainState(first_bad_step=torch.tensor(-1))
     train_step(run, state, check_loss=True)
     after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
@@ -147,7 +148,7 @@ def test_fisher_is_the_squared_gradient_of_the_mlm_loss(tmp_path):
     model.train()
     frozen = "bert.embeddings.position_embeddings.weight"
     model.get_parameter(frozen).requires_grad_(False)
-    fisher = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    fisher = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
 
     assert model.training and not model.get_parameter(frozen).requires_grad  # flags restored
     assert all(p.grad is None for p in model.parameters())
@@ -171,9 +172,9 @@ def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
     recipe = build_recipe({"train": {"batch_size": 4}, "ewc": {"fisher_batches": 3}})
     shards = hand_increment(tmp_path)
     model = tiny_model()
-    first = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    again = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    one = strategies.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    first = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    again = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    one = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
     for name in first:
         assert torch.equal(first[name], again[name]), name
         assert (first[name] >= 0).all()
@@ -182,7 +183,7 @@ def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
 
 def test_fisher_file_round_trips_with_its_metadata(tmp_path):
     fisher = {"a.weight": torch.rand(3, 4), "b.bias": torch.rand(5)}
-    blob = strategies.fisher_bytes(fisher, {"increments": ["d0001-x"], "batches": 2})
+    blob = strategy.fisher_bytes(fisher, {"increments": ["d0001-x"], "batches": 2})
     back = load(blob)
     for name in fisher:
         assert torch.equal(back[name], fisher[name])
@@ -217,12 +218,12 @@ def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pe
     assert any("no penalty in this increment" in m for m in messages)  # v0000: nothing to protect yet
     assert "ewc" not in logged_terms(ws, first.version)[-1]
     manifest = ws.verify_version(first.version)  # every file, the Fisher too, matches its checksum
-    assert strategies.FISHER_FILE in manifest["files"]
-    fisher = strategies.load_fisher(ws, first.version)
+    assert strategy.FISHER_FILE in manifest["files"]
+    fisher = strategy.load_fisher(ws, first.version)
     model, tokenizer = load_version(ws, first.version)
     assert fisher.keys() == dict(model.named_parameters()).keys()
     recipe = load_recipe(ws.recipe_path, ["train.steps=4", "strategy.name=ewc"])
-    again = strategies.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
+    again = strategy.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
                                        tokenizer_inputs(tokenizer, recipe), device=CPU, precision="fp32")
     for name in fisher:  # reloaded = estimated on the new weights over the data just trained
         torch.testing.assert_close(fisher[name], again[name], rtol=1e-5, atol=0.0, msg=name)
@@ -233,7 +234,7 @@ def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pe
     lines = logged_terms(ws, second.version)
     assert all("ewc" in line for line in lines) and lines[-1]["ewc"] > 0
     assert second.metrics["loss"]["ewc"] > 0
-    assert strategies.FISHER_FILE in ws.verify_version(second.version)["files"]
+    assert strategy.FISHER_FILE in ws.verify_version(second.version)["files"]
 
 
 def test_ewc_after_another_strategy_estimates_the_parents_fisher_on_its_lineage(two_increments):

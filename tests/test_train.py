@@ -351,7 +351,7 @@ def test_ewc_strategy_adds_its_penalty_and_stores_the_fisher(two_increments):
     assert log[0]["ewc"] == pytest.approx(0.0, abs=1e-12) and log[-1]["ewc"] > 0  # zero at the anchor only
     manifest = ws.verify_version("v0002")
     assert "fisher.safetensors" in manifest["files"]
-    from incr_cli.strategies import load_fisher
+    from incr_cli.strategy import load_fisher
 
     fisher = load_fisher(ws, "v0002")
     assert "bert.encoder.layer.0.attention.self.query.weight" in fisher
