@@ -29,7 +29,7 @@ from incr_cli.plan import IncrementPlan, plan_increment, plan_increments, run_ke
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.step import Run, TrainState, build_run, log_line, tail_losses, train_step
-from incr_cli.strategy import StrategyInputs, get_strategy
+from incr_cli.strategy import Strategy, StrategyInputs, get_strategy
 from incr_cli.workspace import Workspace
 
 # ----------------------------------------------------------------------------- eval and gate
@@ -226,8 +226,61 @@ def _threads_per_rank(recipe: Recipe) -> int | None:
     return max(1, cores // local)  # ranks on one machine share its cores
 
 
+# ----------------------------------------------------------------------------- the run, in phases
+
+
+@dataclass
+class Session:
+    """One training run after planning: what its phases share (on every rank)."""
+
+    ws: Workspace
+    recipe: Recipe
+    plan: IncrementPlan
+    key: str  # the run key (run_key() in plan.py): where resumable state and the finished version are recorded
+    ctx: distributed.DistContext
+    reporter: Reporter
+    started: float  # time.perf_counter() when the run started
+    precision: str
+    run: Run
+    trainable: int  # trainable parameters
+    shards: dict[str, IncrementShards]  # the lineage's and the new increments, opened
+    tokenizer: Any
+    tok_inputs: dict[str, Any]  # evaluate.tokenizer_inputs
+    strategy: Strategy
+    store: ResumeStore
+    tracker: tracking.Tracker  # TensorBoard / MLflow sinks (rank 0; a no-op elsewhere)
+    resumed_from: int | None = None  # the step a resumed run continued from
+
+    def strategy_inputs(self, reporter: Reporter) -> StrategyInputs:
+        return StrategyInputs(self.ws, self.recipe, self.plan.parent, self.plan.new, self.plan.replay,
+                              self.run.model, self.shards, self.tok_inputs, self.run.device, self.precision, reporter)
+
+
 def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
            reporter: Reporter, tracker: tracking.Tracker) -> TrainResult:
+    """Set up the run -> resume it or score the parent -> the step loop -> finish (rank 0: the version)."""
+    session = _set_up(ws, recipe, plan, key, ctx, reporter, tracker)
+    state = _resume_or_score_parent(session)
+    _step_loop(session, state)
+    losses = _agree_on_the_end(session, state)
+    result: TrainResult | None = None
+    if ctx.is_main:
+        result = _finish(session, state, losses)
+        tracker.finish(result.metrics, ws.version_dir(result.version))
+    result = ctx.broadcast_object(result)
+    if not result.promoted:
+        checks = [c for c in result.metrics["gate"]["checks"] if not c["passed"]]
+        failed = "; ".join(f"{c['check']} on {c['increment']}: {_fmt(c['value'])} (limit {c['limit']:g})" for c in checks)
+        exc = GateRejected(f"{result.version} failed the gate ({failed}); it is kept as rejected and LATEST stays "
+                           f"{plan.parent}")
+        exc.result = result  # type: ignore[attr-defined]
+        raise exc
+    return result
+
+
+def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
+            reporter: Reporter, tracker: tracking.Tracker) -> Session:
+    """Load the parent (student and teacher), open the data, build the run and the strategy's extra terms."""
     from incr_cli import models
 
     started = time.perf_counter()
@@ -250,105 +303,139 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
     _log_full_head(run, reporter)
-    # The student still holds the parent's weights: the EWC anchor and the "before" scores.
-    strategy = get_strategy(recipe.strategy.name)
-    inputs = StrategyInputs(ws, recipe, plan.parent, plan.new, plan.replay, run.model, shards, tok_inputs, device,
-                            precision, reporter)
-    run.terms += strategy.extra_terms(inputs)
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
+    session = Session(ws, recipe, plan, key, ctx, reporter, started, precision, run, trainable, shards, tokenizer,
+                      tok_inputs, get_strategy(recipe.strategy.name), store, tracker)
+    # The student still holds the parent's weights: the EWC anchor (and, next, the "before" scores).
+    run.terms += session.strategy.extra_terms(session.strategy_inputs(reporter))
     if ctx.is_main:
         for other in _superseded_states(ws, plan, key):
             what = ("an unreadable resumable state" if other["step"] is None else
                     f"resumable state of an interrupted run from {plan.parent} with other data or settings")
             reporter.log(f"{other['path']}: {what}; this run starts afresh and removes it when it writes its version")
+    return session
+
+
+def _resume_or_score_parent(s: Session) -> TrainState:
+    """A fresh run scores the parent (rank 0) and moves to ``plan.init_from``'s weights (joint); a
+    resumed one loads the weights, optimizer, sampler, state and RNG of its last save instead."""
+    from incr_cli import models
+
+    run, plan, device = s.run, s.plan, s.run.device
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
-    resumed_from = None
-    if store.current() is None:
-        if ctx.is_main:
-            state.eval_before = before_scores(ws, run, shards, plan, recipe, tok_inputs)
+    if s.store.current() is None:
+        if s.ctx.is_main:
+            state.eval_before = before_scores(s.ws, run, s.shards, plan, s.recipe, s.tok_inputs)
         if plan.init_from:
-            models.load_weights_into(run.model, ws, plan.init_from, recipe, device)
-    loaded = store.load(run.model, device)
+            models.load_weights_into(run.model, s.ws, plan.init_from, s.recipe, device)
+    loaded = s.store.load(run.model, device)
     if loaded is not None:
         trainer, rng = loaded
         run.optimizer.load_state_dict(trainer["optimizer"])
         run.sampler.load_state_dict(trainer["sampler"])
         state = TrainState.from_dict(trainer["state"])
         restore_rng(rng, device)
-        resumed_from = state.step
-        reporter.log(f"resuming from step {state.step} of {plan.steps} ({store.current()})")
+        s.resumed_from = state.step
+        s.reporter.log(f"resuming from step {state.step} of {plan.steps} ({s.store.current()})")
+    return state
 
-    tracker.start(tracking.RunInfo(ws.next_version(), plan.parent, key, plan.new, recipe_to_dict(recipe)), state.log)
-    per_step_check = device.type == "cpu" or bool(os.environ.get("INCR_FAULT"))
-    meta = {"parent": plan.parent, "new": plan.new, "replay": plan.replay, "steps": plan.steps, "key": key}
-    info = ""
-    with StopSignal() as stop, reporter.progress(f"training {'+'.join(plan.new)}", total=plan.steps,
-                                                  unit="steps") as bar:
+
+class _Clock:
+    """Training seconds, read only where the device is synchronised anyway (log lines, saves), so
+    they are true on CUDA too; saves are not counted as training time."""
+
+    def __init__(self, state: TrainState):
+        self.last, self.at_log = time.perf_counter(), state.train_seconds
+
+    def count(self, state: TrainState) -> None:
+        now = time.perf_counter()
+        state.train_seconds += now - self.last
+        self.last = now
+
+    def since_log(self, state: TrainState) -> float:
+        seconds, self.at_log = state.train_seconds - self.at_log, state.train_seconds
+        return seconds
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+
+def _step_loop(s: Session, state: TrainState) -> None:
+    """``train_step`` until the budget is spent, with log lines (to the tracker too), periodic saves,
+    and on SIGINT/SIGTERM a save and Interrupted (every rank stops at the same step)."""
+    run, plan, t = s.run, s.plan, s.recipe.train
+    s.tracker.start(tracking.RunInfo(s.ws.next_version(), plan.parent, s.key, plan.new, recipe_to_dict(s.recipe)),
+                    state.log)
+    per_step_check = run.device.type == "cpu" or bool(os.environ.get("INCR_FAULT"))
+    save_every, info = s.recipe.runtime.save_every, ""
+    with StopSignal() as stop, s.reporter.progress(f"training {'+'.join(plan.new)}", total=plan.steps,
+                                                    unit="steps") as bar:
         if state.step:
             bar.advance(state.step)
-        # Time is read only where the device is synchronised anyway (log lines, saves), so it is
-        # true on CUDA too; saves are not counted as training time.
-        clock, seconds_at_log = time.perf_counter(), state.train_seconds
+        clock = _Clock(state)
         while state.step < plan.steps:
-            try:
-                with ctx.collective("a training step"):  # DDP's gradient sum: a rank that died shows here
-                    train_step(run, state, check_loss=per_step_check)
-            except torch.cuda.OutOfMemoryError as exc:
-                raise TrainingFailed(f"out of memory at step {state.step + 1} on {device}: lower train.batch_size "
-                                     "(raise train.grad_accum to keep the effective batch) or model.max_seq_len; "
-                                     f"{str(exc).splitlines()[0]}") from None
-            fault_point("train.step")
-            at_log = state.step % recipe.train.log_every == 0 or state.step == plan.steps
-            save_every = recipe.runtime.save_every
+            _one_step(s.ctx, run, state, per_step_check)
+            at_log = state.step % t.log_every == 0 or state.step == plan.steps
             at_save = bool(save_every) and state.step % save_every == 0 and state.step < plan.steps
-            stopping = stop.signum is not None
-            if ctx.enabled:  # ranks stop together or not at all, agreed where they synchronise anyway
-                agree = per_step_check or at_log or at_save
-                stopping = agree and bool(ctx.all_reduce_sum(torch.tensor(float(stopping), device=device)).item())
+            stopping = _stop_agreed(s.ctx, stop, per_step_check or at_log or at_save, run.device)
             if at_log or at_save or stopping:
-                _raise_if_bad(state)  # reads the device: the clock below is honest
-                now = time.perf_counter()
-                state.train_seconds += now - clock
-                clock = now
+                _raise_if_bad(state)  # reads the device: the clock is honest
+                clock.count(state)
             if at_log:
-                line = log_line(run, state, state.train_seconds - seconds_at_log)
-                seconds_at_log = state.train_seconds
+                line = log_line(run, state, clock.since_log(state))
                 state.log.append(line)
-                tracker.step(line)
+                s.tracker.step(line)
                 tps = line["tokens_per_second"]
                 info = f"loss {line['total']:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
             bar.advance(1, info)
             if at_save or stopping:
-                trainer = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(),
-                           "state": state.to_dict()}
-                store.save(state.step, run.model, trainer, capture_rng(device), meta)
-                clock = time.perf_counter()
+                _save(s, state)
+                clock.restart()
             if stopping:
                 signum = stop.signum or signal.SIGTERM
                 raise Interrupted(f"interrupted by {signal.Signals(signum).name} after step {state.step} of "
-                                  f"{plan.steps}; state saved in {store.root}: run the same command to resume", signum)
+                                  f"{plan.steps}; state saved in {s.store.root}: run the same command to resume",
+                                  signum)
 
-    _raise_if_bad(state)
-    losses = tail_losses(run, state)  # a collective: every rank takes part
+
+def _one_step(ctx: distributed.DistContext, run: Run, state: TrainState, check_loss: bool) -> None:
+    try:
+        with ctx.collective("a training step"):  # DDP's gradient sum: a rank that died shows here
+            train_step(run, state, check_loss=check_loss)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrainingFailed(f"out of memory at step {state.step + 1} on {run.device}: lower train.batch_size "
+                             "(raise train.grad_accum to keep the effective batch) or model.max_seq_len; "
+                             f"{str(exc).splitlines()[0]}") from None
+    fault_point("train.step")
+
+
+def _stop_agreed(ctx: distributed.DistContext, stop: StopSignal, synchronised: bool, device: torch.device) -> bool:
+    """Whether to stop now: on a signal; under DDP, ranks stop together or not at all, agreed only at
+    steps where they synchronise anyway (``synchronised``)."""
+    stopping = stop.signum is not None
     if ctx.enabled:
-        fingerprint = float(sum(p.detach().double().sum() for p in run.model.parameters()))
-        if not ctx.all_equal(fingerprint):
-            raise TrainingFailed("the ranks ended with different weights (a bug); nothing was promoted")
+        stopping = synchronised and bool(ctx.all_reduce_sum(torch.tensor(float(stopping), device=device)).item())
+    return stopping
 
-    result: TrainResult | None = None
-    if ctx.is_main:
-        result = _finish(ws, recipe, plan, key, run, state, shards, tok_inputs, tokenizer, trainable,
-                         precision, started, resumed_from, store, losses)
-        tracker.finish(result.metrics, ws.version_dir(result.version))
-    result = ctx.broadcast_object(result)
-    if not result.promoted:
-        checks = [c for c in result.metrics["gate"]["checks"] if not c["passed"]]
-        failed = "; ".join(f"{c['check']} on {c['increment']}: {_fmt(c['value'])} (limit {c['limit']:g})" for c in checks)
-        exc = GateRejected(f"{result.version} failed the gate ({failed}); it is kept as rejected and LATEST stays "
-                           f"{plan.parent}")
-        exc.result = result  # type: ignore[attr-defined]
-        raise exc
-    return result
+
+def _save(s: Session, state: TrainState) -> None:
+    """Resumable state: the student's weights, the optimizer, the sampler's position, the state, the RNG."""
+    plan, run = s.plan, s.run
+    meta = {"parent": plan.parent, "new": plan.new, "replay": plan.replay, "steps": plan.steps, "key": s.key}
+    trainer = {"optimizer": run.optimizer.state_dict(), "sampler": run.sampler.state_dict(), "state": state.to_dict()}
+    s.store.save(state.step, run.model, trainer, capture_rng(run.device), meta)
+
+
+def _agree_on_the_end(s: Session, state: TrainState) -> dict[str, float | None]:
+    """-> the losses averaged over the last steps (a collective: every rank takes part); under DDP,
+    a check that every rank ended with the same weights."""
+    _raise_if_bad(state)
+    losses = tail_losses(s.run, state)
+    if s.ctx.enabled:
+        fingerprint = float(sum(p.detach().double().sum() for p in s.run.model.parameters()))
+        if not s.ctx.all_equal(fingerprint):
+            raise TrainingFailed("the ranks ended with different weights (a bug); nothing was promoted")
+    return losses
 
 
 def _log_full_head(run: Run, reporter: Reporter) -> None:
@@ -373,23 +460,19 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2%}"
 
 
-def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: Run, state: TrainState,
-            shards: dict[str, IncrementShards], tok_inputs: dict[str, Any], tokenizer: Any, trainable: int,
-            precision: str, started: float, resumed_from: int | None, store: ResumeStore,
-            losses: dict[str, float | None]) -> TrainResult:
-    """Rank 0: evaluate, gate, write the version, move LATEST when promoted."""
+def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> TrainResult:
+    """Rank 0: score the student, gate, write the version, move LATEST when promoted."""
     from incr_cli import models
 
+    ws, recipe, plan, run = s.ws, s.recipe, s.plan, s.run
     before = state.eval_before or {}
-    after = evaluate_lineage(run, shards, [d for d in plan_increments(plan) if d in before], recipe, tok_inputs)
+    after = evaluate_lineage(run, s.shards, [d for d in plan_increments(plan) if d in before], recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
     passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
-    drift = embed.version_drift(ws, plan.parent, run.model, shards, recipe, device=run.device, precision=precision)
+    drift = embed.version_drift(ws, plan.parent, run.model, s.shards, recipe, device=run.device, precision=s.precision)
     checks += embed.drift_checks(recipe, drift)
     passed = all(c["passed"] for c in checks)
     version = ws.next_version()
-    parent_manifest = ws.version_manifest(plan.parent)
-    total_params = sum(p.numel() for p in run.model.parameters())
     replayed = plan.replay if plan.replay_per_batch else []
     metrics = {
         "version": version, "parent": plan.parent, "promoted": passed,
@@ -399,47 +482,53 @@ def _finish(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, run: R
         "data": {"new": plan.pending, "replay": replayed, "earlier": plan.earlier, "retrained": plan.retrained,
                  "new_sequences": plan.new_sequences, "replay_sequences": plan.replay_sequences if replayed else 0},
         "steps": state.step, "tokens": state.tokens,
-        "wall_seconds": round(time.perf_counter() - started, 3),
+        "wall_seconds": round(time.perf_counter() - s.started, 3),
         "train_seconds": round(state.train_seconds, 3),
         "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds > 0 else None,
         "peak_memory_bytes": devices.peak_memory_bytes(run.device),
         "mfu_peak": {"flops_per_s": run.meter.peak_flops_per_s if run.meter else None,
                      "source": run.meter.peak_source if run.meter else "unknown"},
-        "device": str(run.device), "precision": precision, "world_size": run.ctx.world_size,
+        "device": str(run.device), "precision": s.precision, "world_size": run.ctx.world_size,
         "precision_choice": _precision_choice(recipe, run.device),
-        "trainable_parameters": trainable, "total_parameters": total_params,
+        "trainable_parameters": s.trainable, "total_parameters": sum(p.numel() for p in run.model.parameters()),
         "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": forgetting, "embedding_drift": drift,
-        "gate_sample": _gate_sample(recipe, plan, shards, before, after),
-        "resumed_from_step": resumed_from,
+        "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
+        "resumed_from_step": s.resumed_from,
         "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},
     }
-    manifest = {"version": version, "parent": plan.parent, "source": parent_manifest.get("source"),
-                "head_initialised": parent_manifest.get("head_initialised", False),
-                "trained_on": [*plan.earlier, *plan.pending], "new": plan.pending,
-                "replay": replayed, "init_from": plan.init_from, "retrained": plan.retrained,
-                "status": metrics["status"], "promoted": passed, "recipe": recipe_to_dict(recipe),
-                "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
-                "software": models.software_versions(), "device": str(run.device), "precision": precision,
-                "precision_choice": metrics["precision_choice"],
-                "world_size": run.ctx.world_size, "steps": state.step, "run_key": key}
     log = "".join(json.dumps(line) + "\n" for line in state.log)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),
-             **get_strategy(recipe.strategy.name).version_files(StrategyInputs(
-                 ws, recipe, plan.parent, plan.new, plan.replay, run.model, shards, tok_inputs, run.device, precision,
-                 Quiet()))}
+             **s.strategy.version_files(s.strategy_inputs(Quiet()))}
     run.model.eval()
     fault_point("train.version_write")
-    sealed = models.save_version(ws, version, run.model, tokenizer, manifest, extra)
-    _record_after(ws, recipe, precision, version, sealed, after)
-    store.clear()
-    for other in _superseded_states(ws, plan, key):
+    sealed = models.save_version(ws, version, run.model, s.tokenizer, _version_manifest(s, state, metrics), extra)
+    _record_after(ws, recipe, s.precision, version, sealed, after)
+    s.store.clear()
+    for other in _superseded_states(ws, plan, s.key):
         ResumeStore(ws, other["key"]).clear()
     if passed:
         fault_point("train.latest_update")
         ws.move_latest(version, command="train-increment", reason="passed the gate")
     return TrainResult(plan, version, passed, metrics, message=f"{version} {metrics['status']}",
-                       resumed_from=resumed_from)
+                       resumed_from=s.resumed_from)
+
+
+def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The new version's manifest (``models.save_version`` adds the files and their checksums)."""
+    from incr_cli import models
+
+    plan, recipe = s.plan, s.recipe
+    parent_manifest = s.ws.version_manifest(plan.parent)
+    return {"version": metrics["version"], "parent": plan.parent, "source": parent_manifest.get("source"),
+            "head_initialised": parent_manifest.get("head_initialised", False),
+            "trained_on": [*plan.earlier, *plan.pending], "new": plan.pending,
+            "replay": metrics["data"]["replay"], "init_from": plan.init_from, "retrained": plan.retrained,
+            "status": metrics["status"], "promoted": metrics["promoted"], "recipe": recipe_to_dict(recipe),
+            "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
+            "software": models.software_versions(), "device": str(s.run.device), "precision": s.precision,
+            "precision_choice": metrics["precision_choice"],
+            "world_size": s.run.ctx.world_size, "steps": state.step, "run_key": s.key}
 
 
 __all__ = ["TrainResult", "train_increment", "evaluate_lineage", "gate_checks"]
