@@ -64,7 +64,7 @@ def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
     check_loss = device.type == "cpu"  # as the CLI's loop does
     driver.start(n_new=n_new, n_replay=n_replay, teacher=run.teacher is not None, trainable=trainable,
                  terms=run.term_names, precision=precision,
-                 masked_last_layer=bool(getattr(run.head, "masked_last_layer", False)))
+                 masked_last_layer=bool(getattr(run.student_head, "masked_last_layer", False)))
     while state.step < driver.total_steps:
         driver.step_begin()
         train_step(run, state, check_loss=check_loss)

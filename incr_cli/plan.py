@@ -1,5 +1,6 @@
-"""What one increment trains: the parent, the new and replayed increments, the step budget, and
-the run's identity (the key a resumable state and a finished version are recorded under).
+"""What one increment trains: the parent, the pending, new-row and replayed increments, the step
+budget, and the run's identity (the key a resumable state and a finished version are recorded
+under). The words are the README glossary's.
 
 Pure reads of the workspace: ``train-increment --dry-run`` prints a plan without loading a model.
 """
@@ -28,8 +29,8 @@ class IncrementPlan:
     """What one ``train-increment`` will do (the dry run prints it)."""
 
     parent: str
-    new: list[str]  # increments trained as new data (joint: the whole lineage plus the pending ones)
-    replay: list[str]  # increments replay rows may come from (the lineage; none for joint)
+    new: list[str]  # increments of the new rows: the pending ones (joint: the earlier ones too)
+    replay: list[str]  # increments replay rows may come from: the earlier ones (none for joint)
     new_sequences: int  # training sequences of the new increments (after data.sample)
     replay_sequences: int
     new_per_batch: int  # rows per micro-batch and rank
@@ -38,14 +39,21 @@ class IncrementPlan:
     steps: int
     tokens: int  # upper bound: rows per step x seq_len x steps
     seq_len: int
-    earlier: list[str] = field(default_factory=list)  # the parent's lineage: where forgetting is measured
+    earlier: list[str] = field(default_factory=list)  # what the parent was trained on: scored before and after
     init_from: str | None = None  # joint: the version whose weights training starts from
     retrained: list[str] = field(default_factory=list)  # joint: earlier increments trained again
 
     @property
     def pending(self) -> list[str]:
-        """The increments this version adds to the lineage (``trained_on = earlier + pending``)."""
+        """The increments this version adds to the lineage (``trained_on = earlier + pending``).
+
+        metrics.json and the manifest call them ``new`` (kept for the files already written)."""
         return [d for d in self.new if d not in self.earlier]
+
+    @property
+    def trained_on(self) -> list[str]:
+        """The new version's lineage, each increment scored before and after: earlier, then pending."""
+        return [*self.earlier, *self.pending]
 
     @property
     def nothing_to_train(self) -> bool:
@@ -104,8 +112,3 @@ def run_key(plan: IncrementPlan, recipe: Recipe, parent_weights_sha: str) -> str
     return resume_key({"incr": __version__, "parent": plan.parent, "parent_weights": parent_weights_sha,
                        "new": plan.new, "replay": plan.replay, "init_from": plan.init_from, "steps": plan.steps,
                        "world_size": plan.world_size, "recipe": training})
-
-
-def plan_increments(plan: IncrementPlan) -> list[str]:
-    """Every increment scored before and after: the lineage, then what this version adds."""
-    return [*plan.earlier, *plan.pending]

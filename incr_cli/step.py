@@ -49,10 +49,11 @@ TAIL_FRACTION = 0.1  # metrics' losses average the last 10% of steps
 
 @dataclass
 class Run:
-    """Everything fixed during a run. ``student`` is what the loop calls (maybe DDP / compiled);
-    ``head`` the plain MaskedLMHead and ``model`` the Hugging Face model inside it."""
+    """Everything fixed during a run. The student is one network under three handles: ``student``
+    is what the loop calls (maybe wrapped by DDP / torch.compile), ``student_head`` the plain
+    masked-only head, ``model`` the Hugging Face model inside it (what is saved)."""
 
-    head: MaskedLMHead
+    student_head: MaskedLMHead
     student: nn.Module
     teacher: MaskedLMHead | None
     optimizer: torch.optim.Optimizer
@@ -74,7 +75,7 @@ class Run:
 
     @property
     def model(self) -> nn.Module:
-        return self.head.model
+        return self.student_head.model
 
     @property
     def term_names(self) -> list[str]:
@@ -155,7 +156,7 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         with sync:
             with devices.autocast(dev, run.precision):
                 logits, hidden = run.student(masked.input_ids, attention, masked.positions, output_hidden=need_hidden)
-            out = MicroOutputs(logits, masked.targets, int(per_micro_new[m]), attention, norm, run.model, m,
+            out = MicroOutputs(logits, masked.targets, int(per_micro_new[m]), attention, norm, run.student_model, m,
                                len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
@@ -348,7 +349,7 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
                            n_replay=plan.replay_per_batch, seed=recipe.train.seed, sample=recipe.data.sample,
                            rank=ctx.rank, world_size=ctx.world_size)
     word_starts = tok_inputs["word_starts"]
-    run = Run(head=head, student=student, teacher=teacher, optimizer=build_optimizer(model, recipe.train),
+    run = Run(student_head=head, student=student, teacher=teacher, optimizer=build_optimizer(model, recipe.train),
               sampler=sampler, terms=terms, train=recipe.train, masking=recipe.masking,
               special_ids=tok_inputs["special_ids"].to(device), mask_token_id=tok_inputs["mask_token_id"],
               vocab_size=tok_inputs["vocab_size"], pad_id=int(new[0].pad_id),
@@ -367,6 +368,6 @@ def _meter(run: Run, *, compiled: bool) -> Meter | None:
     need_hidden = any(term.needs_hidden for term in run.terms)
     peak, source = device_peak(run.device, run.precision)
     return Meter(shape, teacher=run.teacher is not None,
-                 last_layer_masked=run.head.masked_last_layer and not need_hidden and not compiled,
-                 head_all_positions=run.head.kind == "full", peak_flops_per_s=peak, peak_source=source,
+                 last_layer_masked=run.student_head.masked_last_layer and not need_hidden and not compiled,
+                 head_all_positions=run.student_head.kind == "full", peak_flops_per_s=peak, peak_source=source,
                  devices=run.ctx.world_size)

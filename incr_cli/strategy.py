@@ -196,7 +196,7 @@ class StrategyInputs:
     parent: str
     new: list[str]  # the increments trained as new data
     replay: list[str]  # the parent's lineage (the data it was trained on)
-    model: nn.Module  # the student's Hugging Face model
+    model: nn.Module  # the student's Hugging Face model (holding the parent's weights in extra_terms)
     shards: dict[str, IncrementShards]  # every increment above, opened
     tok_inputs: dict[str, Any]  # ``evaluate.tokenizer_inputs``
     device: torch.device

@@ -25,7 +25,7 @@ from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
 from incr_cli.evaluate import SCORE_KEYS, finite_json, score_sequences, tokenizer_inputs
 from incr_cli.faults import fault_point
-from incr_cli.plan import IncrementPlan, plan_increment, plan_increments, run_key
+from incr_cli.plan import IncrementPlan, plan_increment, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.step import Run, TrainState, build_run, log_line, tail_losses, train_step
@@ -42,7 +42,7 @@ def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: l
     for inc in increments:
         if len(shards[inc].heldout) == 0:
             continue
-        s = score_sequences(run.head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
+        s = score_sequences(run.student_head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
                             precision=run.precision, continues=shards[inc].heldout_words, **tok_inputs)
         scores[inc] = {k: finite_json(s[k]) for k in SCORE_KEYS}
     return scores
@@ -84,7 +84,7 @@ def _gate_sample(recipe: Recipe, plan: IncrementPlan, shards: dict[str, Incremen
                  after: dict[str, Any]) -> dict[str, Any]:
     """What the gate scored (metrics.json): the increments, the sequences, and where "before" came from."""
     return {"budget": recipe.eval.gate_sequences, "scored": list(after),
-            "skipped": [d for d in plan_increments(plan) if d not in after],
+            "skipped": [d for d in plan.trained_on if d not in after],
             "sequences": sum(min(len(shards[d].heldout), recipe.eval.max_sequences) for d in after),
             "before_recorded": [d for d, s in before.items() if s.get("source") == "recorded"],
             "before_scored": [d for d, s in before.items() if s.get("source") != "recorded"]}
@@ -95,29 +95,31 @@ def _shown(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {inc: {k: s.get(k) for k in ("loss", "perplexity", "accuracy")} for inc, s in scores.items()}
 
 
-def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], new: list[str],
-                replay: list[str]) -> tuple[bool, list[dict[str, Any]], dict[str, float | None]]:
-    """-> (passed, checks, forgetting). Forgetting = relative perplexity change on each earlier increment."""
+def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], pending: list[str],
+                earlier: list[str]) -> tuple[bool, list[dict[str, Any]], dict[str, float | None]]:
+    """-> (passed, checks, ppl_change): ``ppl_change`` is the relative perplexity change (after / before - 1)
+    on each earlier increment, what ``gate.max_forgetting`` limits and ``metrics.json`` reports as
+    ``forgetting``; ``gate.min_improvement`` limits its negative on the pending increments."""
     def change(inc: str) -> float | None:
         b, a = before.get(inc, {}).get("perplexity"), after.get(inc, {}).get("perplexity")
         return None if a is None or b is None or b <= 0 else finite_json(a / b - 1.0)
 
-    forgetting = {inc: change(inc) for inc in replay if inc in before and inc in after}
+    ppl_change = {inc: change(inc) for inc in earlier if inc in before and inc in after}
     checks = []
     if recipe.gate.max_forgetting is not None:
-        for inc, value in forgetting.items():
+        for inc, value in ppl_change.items():
             checks.append({"check": "max_forgetting", "increment": inc, "value": value,
                            "limit": recipe.gate.max_forgetting,
                            "passed": value is not None and value <= recipe.gate.max_forgetting})
     if recipe.gate.min_improvement is not None:
-        for inc in new:
+        for inc in pending:
             if inc in before and inc in after:
                 rel = change(inc)
                 improvement = None if rel is None else -rel
                 checks.append({"check": "min_improvement", "increment": inc, "value": improvement,
                                "limit": recipe.gate.min_improvement,
                                "passed": improvement is not None and improvement >= recipe.gate.min_improvement})
-    return all(c["passed"] for c in checks), checks, forgetting
+    return all(c["passed"] for c in checks), checks, ppl_change
 
 
 def _require_scores(after: dict[str, dict[str, Any]], new: list[str]) -> None:
@@ -439,7 +441,7 @@ def _agree_on_the_end(s: Session, state: TrainState) -> dict[str, float | None]:
 
 
 def _log_full_head(run: Run, reporter: Reporter) -> None:
-    if run.head.kind == "full":
+    if run.student_head.kind == "full":
         reporter.log(f"{type(run.model).__name__}: no masked-only head split for this class; the vocabulary "
                      "projection runs at every position (slower, equally correct)")
 
@@ -466,9 +468,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
 
     ws, recipe, plan, run = s.ws, s.recipe, s.plan, s.run
     before = state.eval_before or {}
-    after = evaluate_lineage(run, s.shards, [d for d in plan_increments(plan) if d in before], recipe, s.tok_inputs)
+    after = evaluate_lineage(run, s.shards, [d for d in plan.trained_on if d in before], recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
-    passed, checks, forgetting = gate_checks(recipe, before, after, plan.pending, plan.earlier)
+    passed, checks, ppl_change = gate_checks(recipe, before, after, plan.pending, plan.earlier)
     drift = embed.version_drift(ws, plan.parent, run.model, s.shards, recipe, device=run.device, precision=s.precision)
     checks += embed.drift_checks(recipe, drift)
     passed = all(c["passed"] for c in checks)
@@ -492,10 +494,10 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "precision_choice": _precision_choice(recipe, run.device),
         "trainable_parameters": s.trainable, "total_parameters": sum(p.numel() for p in run.model.parameters()),
         "loss": {k: finite_json(v) for k, v in losses.items()},
-        "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": forgetting, "embedding_drift": drift,
+        "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": ppl_change, "embedding_drift": drift,
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
         "resumed_from_step": s.resumed_from,
-        "head": {"kind": run.head.kind, "masked_last_layer": run.head.masked_last_layer},
+        "head": {"kind": run.student_head.kind, "masked_last_layer": run.student_head.masked_last_layer},
     }
     log = "".join(json.dumps(line) + "\n" for line in state.log)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),
@@ -522,7 +524,7 @@ def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) ->
     parent_manifest = s.ws.version_manifest(plan.parent)
     return {"version": metrics["version"], "parent": plan.parent, "source": parent_manifest.get("source"),
             "head_initialised": parent_manifest.get("head_initialised", False),
-            "trained_on": [*plan.earlier, *plan.pending], "new": plan.pending,
+            "trained_on": plan.trained_on, "new": plan.pending,
             "replay": metrics["data"]["replay"], "init_from": plan.init_from, "retrained": plan.retrained,
             "status": metrics["status"], "promoted": metrics["promoted"], "recipe": recipe_to_dict(recipe),
             "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},

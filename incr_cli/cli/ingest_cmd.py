@@ -26,7 +26,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
-def ingest(
+def ingest_cmd(
     workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
     paths: Annotated[list[str], typer.Argument(
         help="Files, directories (read recursively, sorted) and globs; .gz files are decompressed. "
@@ -49,15 +49,15 @@ def ingest(
     malformed, too deeply nested or over-long JSON lines, over-long lines) is skipped or cut, and counted
     in the summary and manifest with the first lines where it was found.
     """
-    from incr_cli.ingest import ingest as run_ingest
+    from incr_cli.ingest import ingest
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
     paths, overrides = split_overrides(paths)
     resolved = load_recipe(recipe or ws.recipe_path, overrides)
     with ws.lock("ingest"):
-        result = run_ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out,
-                            allow_unknown=allow_unknown)
+        result = ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out,
+                        allow_unknown=allow_unknown)
     if json_out:
         out.emit_json({"workspace": str(ws.root), **result.to_dict()})
         return
@@ -105,4 +105,4 @@ def _where(counts: dict[str, int]) -> str:
 
 def register(app: typer.Typer) -> None:
     """Add `incr ingest` to the app."""
-    app.command("ingest")(guarded(ingest))
+    app.command("ingest")(guarded(ingest_cmd))

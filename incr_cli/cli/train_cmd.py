@@ -18,11 +18,11 @@ from incr_cli.workspace import Workspace
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("train-increment")(train_increment)
+    app.command("train-increment")(train_increment_cmd)
 
 
 @guarded
-def train_increment(
+def train_increment_cmd(
     workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
     overrides: OverridesArg = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
@@ -42,7 +42,7 @@ def train_increment(
     With --track (or tracking.sinks) the run also goes to TensorBoard and/or MLflow.
     """
     from incr_cli import distributed
-    from incr_cli.train import train_increment as run_training
+    from incr_cli.train import train_increment
 
     main = distributed.env_rank() == 0
     out = Output(json_out)
@@ -51,13 +51,13 @@ def train_increment(
     resolved = load_recipe(recipe or ws.recipe_path, [*(overrides or []), *sinks])
     reporter = out if main else Quiet()
     if dry_run:
-        result = run_training(ws, resolved, parent=parent, reporter=reporter, dry_run=True)
+        result = train_increment(ws, resolved, parent=parent, reporter=reporter, dry_run=True)
         if main:
             _render_plan(out, result.plan, resolved, json_out)
         return
     try:
         with ws.lock("train-increment") if main else nullcontext():  # one writer: rank 0
-            result = run_training(ws, resolved, parent=parent, reporter=reporter)
+            result = train_increment(ws, resolved, parent=parent, reporter=reporter)
     except GateRejected as exc:
         rejected = getattr(exc, "result", None)
         if main and rejected is not None and rejected.metrics:
