@@ -427,8 +427,6 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
     version's model is loaded (checksums verified) only when one of its cells is missing.
     Summaries follow the lineage of LATEST when it is among ``versions``, else of the last one.
     """
-    from incr_cli import models  # transformers is imported only when a model is needed
-
     reporter = reporter or Quiet()
     started = time.monotonic()
     dev = resolve_device(str(device) if device is not None else recipe.runtime.device)
@@ -445,53 +443,9 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
         raise UsageError(f"{ws.root}: no data to score; ingest an increment (`incr ingest`) or pass --text FILE")
 
     data_sha = {d: _heldout_sha(ws, d) for d in increments}
-    scores: dict[str, dict[str, dict[str, Any]]] = {}
-    todo: dict[str, list[tuple[Column, str | None]]] = {}
-    for info in infos:
-        # Checked even when every cell is cached: a damaged version is named, never silently scored.
-        # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
-        weights = weights_checksum(ws.verify_version(info.version))
-        recorded = (ws.pruned(info.version) or {}).get("scores") or {} if info.pruned else {}
-        row = scores.setdefault(info.version, {})
-        for col in columns:
-            # ad-hoc text is scored every time: it has no checksummed file to key the cache on
-            key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
-            hit = _known_cell(cache, key, recorded, info.pruned)
-            if hit is not None:
-                row[col.id] = hit
-            else:
-                todo.setdefault(info.version, []).append((col, key))
-
+    scores, todo = _cached_cells(ws, infos, columns, data_sha, settings, cache)
     if todo:
-        from incr_cli.device import configure_threads
-
-        configure_threads(recipe.runtime.num_threads)
-        total = sum(len(cells) for cells in todo.values())
-        heldout: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # read (and checksummed) once per increment
-        with reporter.progress("scoring", total=total, unit="cells") as bar:
-            for version, cells in todo.items():
-                model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
-                head = MaskedLMHead(model)
-                inputs = tokenizer_inputs(tokenizer, recipe)
-                for col, key in cells:
-                    if col.kind == "increment":
-                        check_tokenizer(col.id, ws.increment_manifest(col.id), models.tokenizer_sha256(tokenizer),
-                                        version, "its scores would be meaningless: leave it out with --data or "
-                                        "that version with --versions")
-                        if col.id not in heldout:
-                            heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
-                        ids, words = heldout[col.id]
-                    else:
-                        ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
-                    result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
-                                             precision=precision, continues=words, **inputs)
-                    scores[version][col.id] = result
-                    if key:
-                        cache.put(key, result, {"version": version, "column": col.id, "settings": settings})
-                    bar.advance(1, f"{version} {col.id}")
-                del head, model  # one model in memory at a time
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+        _score_cells(ws, todo, scores, recipe, dev, precision, text_docs, settings, cache, reporter)
 
     scores = {v: {c.id: scores[v][c.id] for c in columns} for v in scores}  # column order, hit or not
     names = [i.version for i in infos]
@@ -526,6 +480,68 @@ def _known_cell(cache: ScoreCache, key: str | None, recorded: dict[str, Any], pr
         return dict(recorded[key])
     hit = cache.get(key)
     return dict.fromkeys(SCORE_KEYS) if hit is None and pruned else hit
+
+
+Cells = dict[str, list[tuple[Column, str | None]]]  # version -> the cells to score, with their cache keys
+
+
+def _cached_cells(ws: Workspace, infos: list[VersionInfo], columns: list[Column], data_sha: dict[str, str],
+                  settings: dict[str, Any], cache: ScoreCache) -> tuple[dict[str, dict[str, dict[str, Any]]], Cells]:
+    """-> (the scores known already: cached, or recorded for a pruned version; the cells still to
+    score), every version's checksums verified."""
+    scores: dict[str, dict[str, dict[str, Any]]] = {}
+    todo: Cells = {}
+    for info in infos:
+        # Checked even when every cell is cached: a damaged version is named, never silently scored.
+        # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
+        weights = weights_checksum(ws.verify_version(info.version))
+        recorded = (ws.pruned(info.version) or {}).get("scores") or {} if info.pruned else {}
+        row = scores.setdefault(info.version, {})
+        for col in columns:
+            # ad-hoc text is scored every time: it has no checksummed file to key the cache on
+            key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
+            hit = _known_cell(cache, key, recorded, info.pruned)
+            if hit is not None:
+                row[col.id] = hit
+            else:
+                todo.setdefault(info.version, []).append((col, key))
+    return scores, todo
+
+
+def _score_cells(ws: Workspace, todo: Cells, scores: dict[str, dict[str, dict[str, Any]]], recipe: Recipe,
+                 dev: torch.device, precision: str, text_docs: dict[str, tuple[str, list[str]]],
+                 settings: dict[str, Any], cache: ScoreCache, reporter: Reporter) -> None:
+    """Load each version of ``todo`` once and score its cells into ``scores`` (and the cache)."""
+    from incr_cli import models  # transformers is imported only when a model is needed
+    from incr_cli.device import configure_threads
+
+    configure_threads(recipe.runtime.num_threads)
+    total = sum(len(cells) for cells in todo.values())
+    heldout: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # read (and checksummed) once per increment
+    with reporter.progress("scoring", total=total, unit="cells") as bar:
+        for version, cells in todo.items():
+            model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
+            head = MaskedLMHead(model)
+            inputs = tokenizer_inputs(tokenizer, recipe)
+            for col, key in cells:
+                if col.kind == "increment":
+                    check_tokenizer(col.id, ws.increment_manifest(col.id), models.tokenizer_sha256(tokenizer),
+                                    version, "its scores would be meaningless: leave it out with --data or "
+                                    "that version with --versions")
+                    if col.id not in heldout:
+                        heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
+                    ids, words = heldout[col.id]
+                else:
+                    ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
+                result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
+                                         precision=precision, continues=words, **inputs)
+                scores[version][col.id] = result
+                if key:
+                    cache.put(key, result, {"version": version, "column": col.id, "settings": settings})
+                bar.advance(1, f"{version} {col.id}")
+            del head, model  # one model in memory at a time
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _heldout_sha(ws: Workspace, increment_id: str) -> str:

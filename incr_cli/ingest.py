@@ -339,31 +339,7 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
     batch: list[tuple[str, bytes, bool]] = []
 
     def flush() -> None:
-        unique: dict[bytes, tuple[str, bool]] = {}
-        for text, digest, cut in batch:
-            if digest in unique:
-                out.duplicate += 1
-            else:
-                unique[digest] = (text, cut)
-        hashes = list(unique)
-        known = dict(_lookup(conn, "SELECT hash, increment FROM documents WHERE hash IN ({marks})", hashes))
-        conn.executemany("INSERT INTO documents(hash, increment) VALUES (?, ?)",
-                         [(h, increment) for h in hashes if h not in known])
-        lines = []
-        for digest, (text, cut) in unique.items():
-            if digest in known:
-                out.duplicate += 1
-                if known[digest] != increment:  # not a repeat within this ingest
-                    out.duplicates_in[known[digest]] += 1
-                continue
-            out.kept += 1
-            out.cut += cut
-            out.units.append(hash_unit(digest))
-            lines.append(text)
-            hash_file.write(digest)
-        if lines:
-            text_file.write("\n".join(lines) + "\n")
-        batch.clear()
+        _flush_batch(batch, out, conn, increment, text_file, hash_file)
 
     total_kb = sum(src.size for src, _ in files) // 1024  # whole units: progress bars count integers
     shown = 0  # bytes of input the bar has been moved by
@@ -393,6 +369,37 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
                                     "reader": reader_id(src, fmt, text_field)})
         if batch:
             flush()
+
+
+def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite3.Connection, increment: str,
+                 text_file: Any, hash_file: Any) -> None:
+    """Dedup ``batch`` (text, hash, cut) within itself and against the index; write the kept ones
+    to the spool files, count every document in ``out``, and empty ``batch``."""
+    unique: dict[bytes, tuple[str, bool]] = {}
+    for text, digest, cut in batch:
+        if digest in unique:
+            out.duplicate += 1
+        else:
+            unique[digest] = (text, cut)
+    hashes = list(unique)
+    known = dict(_lookup(conn, "SELECT hash, increment FROM documents WHERE hash IN ({marks})", hashes))
+    conn.executemany("INSERT INTO documents(hash, increment) VALUES (?, ?)",
+                     [(h, increment) for h in hashes if h not in known])
+    lines = []
+    for digest, (text, cut) in unique.items():
+        if digest in known:
+            out.duplicate += 1
+            if known[digest] != increment:  # not a repeat within this ingest
+                out.duplicates_in[known[digest]] += 1
+            continue
+        out.kept += 1
+        out.cut += cut
+        out.units.append(hash_unit(digest))
+        lines.append(text)
+        hash_file.write(digest)
+    if lines:
+        text_file.write("\n".join(lines) + "\n")
+    batch.clear()
 
 
 def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:

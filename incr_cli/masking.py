@@ -117,15 +117,7 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
         budget = (cfg.probability * n_maskable + row_draw[:, :1]).floor().long()  # stochastic rounding
         budget = torch.minimum(budget.clamp(min=1), n_maskable)  # (B, 1)
 
-    if cfg.whole_word:
-        if word_starts is None:
-            raise ValueError("mask_batch: masking.whole_word needs word_starts (use word_start_table(tokenizer))")
-        word_id, unit_length, unit_maskable = _words(ids, special, word_starts.to(device),
-                                                     None if continues is None else continues.to(device))
-    else:
-        word_id = torch.arange(length, device=device).expand(batch, length)
-        unit_length = torch.ones((batch, length), dtype=torch.long, device=device)
-        unit_maskable = maskable
+    word_id, unit_length, unit_maskable = _units(ids, special, cfg.whole_word, word_starts, continues)
 
     # Shuffle the units (non-maskable ones last) and walk them in that order.
     if hard_cap:
@@ -153,6 +145,18 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
     masked = torch.where(replace_mask, torch.full_like(ids, mask_token_id), ids)
     masked = torch.where(replace_random, random_ids, masked)
     return MaskedBatch(input_ids=masked, positions=positions, targets=ids[positions])
+
+
+def _units(ids: torch.Tensor, special: torch.Tensor, whole_word: bool, word_starts: torch.Tensor | None,
+           continues: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The units masking picks: whole words (``_words``) or single tokens (each its own unit)."""
+    if whole_word:
+        if word_starts is None:
+            raise ValueError("mask_batch: masking.whole_word needs word_starts (use word_start_table(tokenizer))")
+        return _words(ids, special, word_starts.to(ids.device), None if continues is None else continues.to(ids.device))
+    batch, length = ids.shape
+    word_id = torch.arange(length, device=ids.device).expand(batch, length)
+    return word_id, torch.ones((batch, length), dtype=torch.long, device=ids.device), ~special
 
 
 def _words(ids: torch.Tensor, special: torch.Tensor, word_starts: torch.Tensor, continues: torch.Tensor | None = None

@@ -125,10 +125,39 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     Returns the step's total loss (all ranks) when ``check_loss`` (read from the device), else None.
     Raises TrainingFailed on a non-finite loss before the optimizer applies it.
     """
+    micros, norm, n_masked = _mask_window(run, state)
+    step_terms, step_total = _forward_backward(run, micros, norm)
+    total = None
+    if check_loss:
+        total = fault_value("train.loss", run.ctx.all_reduce_sum(step_total.clone()).item())
+        if not math.isfinite(total):
+            raise TrainingFailed(f"non-finite loss ({total}) at step {state.step + 1}; nothing was promoted: "
+                                 "lower train.lr or check the data of the new increments")
+    else:
+        bad = ~torch.isfinite(step_total)
+        state.first_bad_step = torch.where(bad & (state.first_bad_step < 0), state.step + 1, state.first_bad_step)
+    grad_norm = _optimizer_step(run, state)
+    step_terms["total"] = step_total
+    step_terms["steps"] = 1
+    in_tail = state.step > run.steps - max(1, math.ceil(run.steps * TAIL_FRACTION))
+    for name, value in step_terms.items():
+        state.window[name] = state.window.get(name, 0) + value
+        if in_tail:
+            state.tail[name] = state.tail.get(name, 0) + value
+    _count_for_log(state, grad_norm, [masked.input_ids for masked, _, _ in micros], n_masked)
+    return total
+
+
+def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Tensor, int]], Normalisers, float]:
+    """Draw and mask the whole accumulation window first: its token counts normalise every term.
+
+    -> ([(masked batch, attention mask (B, T), masked targets of new rows)] per micro-batch,
+    normalisers, masked positions of the window on all ranks).
+    """
     t, dev = run.train, run.device
     generator = torch.Generator(device=dev)
     micros = []
-    for m in range(t.grad_accum):  # mask the whole window first: the counts normalise every term
+    for m in range(t.grad_accum):
         batch = run.sampler.next_batch()
         ids_np = batch.input_ids  # (B, T) new rows first
         state.local_tokens_since_log += int((ids_np != run.pad_id).sum())
@@ -146,17 +175,26 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     per_micro_new, (n_new, n_replay, n_tokens) = host[:-3], host[-3:]
     _require_targets(run, state, n_new + n_replay)
     norm = Normalisers(max(n_new, 1.0), max(n_replay, 1.0), max(n_new + n_replay, 1.0), max(n_tokens, 1.0))
+    micros = [(masked, attention, int(k)) for (masked, attention, _), k in zip(micros, per_micro_new)]
+    return micros, norm, n_new + n_replay
 
+
+def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int]], norm: Normalisers
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward (student, and teacher when a term needs it) and backward per micro-batch.
+
+    -> (each term's sum over the window, the weighted total), on the device."""
+    dev = run.device
     need_teacher = any(term.needs_teacher for term in run.terms)
     need_hidden = any(term.needs_hidden for term in run.terms)
     step_terms = _zeros(run, run.term_names)
     step_total = torch.zeros((), dtype=torch.float32, device=dev)
-    for m, (masked, attention, _) in enumerate(micros):
+    for m, (masked, attention, n_new_targets) in enumerate(micros):
         sync = run.ddp.no_sync() if run.ddp is not None and m < len(micros) - 1 else nullcontext()
         with sync:
             with devices.autocast(dev, run.precision):
                 logits, hidden = run.student(masked.input_ids, attention, masked.positions, output_hidden=need_hidden)
-            out = MicroOutputs(logits, masked.targets, int(per_micro_new[m]), attention, norm, run.student_model, m,
+            out = MicroOutputs(logits, masked.targets, n_new_targets, attention, norm, run.model, m,
                                len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
@@ -171,16 +209,13 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
             step_total += loss.detach()
             # DDP averages gradients over ranks; the terms are already global means, so undo it.
             (loss * run.ctx.world_size).backward()
+    return step_terms, step_total
 
-    if check_loss:
-        total = fault_value("train.loss", run.ctx.all_reduce_sum(step_total.clone()).item())
-        if not math.isfinite(total):
-            raise TrainingFailed(f"non-finite loss ({total}) at step {state.step + 1}; nothing was promoted: "
-                                 "lower train.lr or check the data of the new increments")
-    else:
-        bad = ~torch.isfinite(step_total)
-        state.first_bad_step = torch.where(bad & (state.first_bad_step < 0), state.step + 1, state.first_bad_step)
 
+def _optimizer_step(run: Run, state: TrainState) -> torch.Tensor:
+    """Set the scheduled learning rate, clip, apply the optimizer; ``state.step`` counts it.
+    -> the gradients' norm before clipping (a device scalar)."""
+    t = run.train
     lr = t.lr * lr_factor(state.step, total_steps=run.steps, warmup=warmup_steps(run.steps, t.warmup_ratio),
                           schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
     for group in run.optimizer.param_groups:
@@ -189,17 +224,8 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-
     state.lr = lr
-    step_terms["total"] = step_total
-    step_terms["steps"] = 1
-    in_tail = state.step > run.steps - max(1, math.ceil(run.steps * TAIL_FRACTION))
-    for name, value in step_terms.items():
-        state.window[name] = state.window.get(name, 0) + value
-        if in_tail:
-            state.tail[name] = state.tail.get(name, 0) + value
-    _count_for_log(state, grad_norm, [masked.input_ids for masked, _, _ in micros], n_new + n_replay)
-    return total if check_loss else None
+    return grad_norm
 
 
 def _count_for_log(state: TrainState, grad_norm: torch.Tensor, input_ids: list[torch.Tensor], masked: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -64,6 +64,15 @@ def ingest_cmd(
     if result.increment is None and not result.sources and not result.skipped:
         out.log(result.message)  # the early no-op: nothing was read
         return
+    rows = _summary_rows(result)
+    out.table(result.increment or "nothing written", ["", ""], rows)
+    out.log(result.message)
+    if result.increment:
+        out.log(f"next: incr train-increment {ws.root}")
+
+
+def _summary_rows(result: Any) -> list[list[str]]:
+    """The rows of ingest's summary table (an IngestResult)."""
     docs = result.documents
     rows = [["documents kept", f"{docs.get('kept', 0):,} ({docs.get('train', 0):,} train, {docs.get('heldout', 0):,} held out)"],
             ["duplicates dropped", f"{docs.get('duplicate', 0):,}" + _where(result.duplicates_in)]]
@@ -83,10 +92,7 @@ def ingest_cmd(
             rows.append(["Chinese words", f"segmented by {result.segmenter} (masking.whole_word)"])
     rate = result.bytes_read / 1e6 / result.seconds if result.seconds else 0.0
     rows.append(["time", f"{result.seconds:.1f} s ({rate:.1f} MB/s)"])
-    out.table(result.increment or "nothing written", ["", ""], rows)
-    out.log(result.message)
-    if result.increment:
-        out.log(f"next: incr train-increment {ws.root}")
+    return rows
 
 
 def _unknown_row(unknown: dict) -> str:
