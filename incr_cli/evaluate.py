@@ -40,7 +40,7 @@ from incr_cli.masking import mask_batch, stable_seed, word_start_table
 from incr_cli.metrics import ContinualSummary, summarize
 from incr_cli.recipe import Recipe
 from incr_cli.reporting import Quiet, Reporter
-from incr_cli.workspace import Workspace, atomic_write_text, sha256_file
+from incr_cli.workspace import Workspace, atomic_write_text, finite_json, sha256_file
 
 CACHE_FORMAT = 1  # bump when scoring changes, so older cached cells are never reused
 MASK_CHUNK = 64  # rows masked per generator seed; independent of eval.batch_size
@@ -351,18 +351,6 @@ class EvalResult:
                "embedding_drift": self.drift,
                "cache": {"hits": self.cache_hits, "misses": self.cache_misses}, "seconds": round(self.seconds, 3)}
         return finite_json(doc)
-
-
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (nan, inf) replaced by None, through dicts, lists and tuples:
-    what strict JSON can hold."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
 
 
 def version_info(ws: Workspace, version: str) -> VersionInfo:

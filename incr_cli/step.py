@@ -40,6 +40,7 @@ from incr_cli.recipe import Recipe, TrainConfig
 from incr_cli.reporting import Reporter
 from incr_cli.schedule import lr_factor, warmup_steps
 from incr_cli.strategy import LossTerm, MicroOutputs, Normalisers, get_strategy, reported_loss_names
+from incr_cli.workspace import finite_json
 
 TAIL_FRACTION = 0.1  # metrics' losses average the last 10% of steps
 
@@ -267,15 +268,11 @@ def log_line(run: Run, state: TrainState, seconds: float) -> dict[str, Any]:
     steps = max(1, window.get("steps", 1))
     tokens, rows = int(values[-2]), values[-1]
     state.tokens += tokens
-    line = {"step": state.step, **{n: _finite(values[i] / steps) for i, n in enumerate(names)}, "lr": state.lr,
+    line = {"step": state.step, **{n: finite_json(values[i] / steps) for i, n in enumerate(names)}, "lr": state.lr,
             "tokens": state.tokens, "tokens_per_second": tokens / seconds if seconds > 0 else None,
             "mfu": run.meter.mfu(rows, window.get("seq", 0), window.get("masked", 0.0), seconds) if run.meter else None}
     state.window, state.local_tokens_since_log = {}, 0
     return line
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def tail_losses(run: Run, state: TrainState) -> dict[str, float | None]:

@@ -23,14 +23,14 @@ from incr_cli import distributed, embed, tracking
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
-from incr_cli.evaluate import SCORE_KEYS, finite_json, score_sequences, tokenizer_inputs
+from incr_cli.evaluate import SCORE_KEYS, score_sequences, tokenizer_inputs
 from incr_cli.faults import fault_point
 from incr_cli.plan import IncrementPlan, plan_increment, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
 from incr_cli.step import Run, TrainState, build_run, log_line, tail_losses, train_step
 from incr_cli.strategy import Strategy, StrategyInputs, get_strategy
-from incr_cli.workspace import Workspace
+from incr_cli.workspace import Workspace, finite_json
 
 # ----------------------------------------------------------------------------- eval and gate
 

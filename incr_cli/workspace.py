@@ -28,6 +28,7 @@ import fcntl
 import getpass
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -173,6 +174,18 @@ def read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return records, bad
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (nan, inf) replaced by None, through dicts, lists and tuples:
+    what strict JSON can hold."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20, opener: Callable[[str], BinaryIO] | None = None) -> str:

@@ -39,13 +39,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _experiment_report as report  # noqa: E402
 
-from incr_cli.evaluate import evaluate, finite_json  # noqa: E402
+from incr_cli.evaluate import evaluate  # noqa: E402
 from incr_cli.ingest import ingest  # noqa: E402
 from incr_cli.metrics import summarize  # noqa: E402
 from incr_cli.models import init_workspace  # noqa: E402
 from incr_cli.recipe import Recipe, load_recipe, recipe_to_dict  # noqa: E402
 from incr_cli.train import train_increment  # noqa: E402
-from incr_cli.workspace import Workspace  # noqa: E402
+from incr_cli.workspace import Workspace, finite_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "experiment-minilm.yaml"
