@@ -53,6 +53,19 @@ def hand_increment(tmp_path, tag: int = 11, rows: int = 40):
 # ----------------------------------------------------------------------------- presets
 
 
+def test_each_strategy_is_one_registered_class_whose_preset_names_real_keys():
+    """A strategy is found by its name alone, and what it declares is what the recipe and metrics use."""
+    from incr_cli.recipe import iter_keys
+
+    keys = {k.path for k in iter_keys()}
+    assert list(strategy.STRATEGIES) == ALL
+    for name, s in strategy.STRATEGIES.items():
+        assert s.name == name and strategy.get_strategy(name) is s
+        assert set(s.preset) <= keys, f"{name}: preset names unknown keys {set(s.preset) - keys}"
+        assert set(s.extra_loss_names) <= set(strategy.reported_loss_names())
+    assert strategy.reported_loss_names() == ("mlm_new", "mlm_replay", "distill", "hidden", "ewc")
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_each_preset_resolves_to_its_settings(name):
     """A file's own alpha/ratio survive only where the preset does not fix them."""
