@@ -357,10 +357,11 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
     if typing.get_origin(inner) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return None, f"{path}: expected a list of strings, got {shown(value)}"
-        unknown = [v for v in value if meta["choices"] and v not in meta["choices"]]
+        choices = _choices(meta)
+        unknown = [v for v in value if choices and v not in choices]
         if unknown:
-            hint = _did_you_mean(unknown[0], meta["choices"])
-            return None, f"{path}: {shown(unknown[0])} is not one of {', '.join(meta['choices'])}{hint}"
+            hint = _did_you_mean(unknown[0], choices)
+            return None, f"{path}: {shown(unknown[0])} is not one of {', '.join(choices)}{hint}"
         return list(dict.fromkeys(value)), None
     if inner is bool:
         if not isinstance(value, bool):
