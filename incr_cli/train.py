@@ -471,7 +471,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     after = evaluate_lineage(run, s.shards, [d for d in plan.trained_on if d in before], recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
     passed, checks, ppl_change = gate_checks(recipe, before, after, plan.pending, plan.earlier)
-    drift = embed.version_drift(ws, plan.parent, run.model, s.shards, recipe, device=run.device, precision=s.precision)
+    # on the gate's sample, like the scores: a cost that stays bounded as the lineage grows
+    drift = embed.version_drift(ws, plan.parent, run.model, {d: s.shards[d] for d in after}, recipe,
+                                device=run.device, precision=s.precision)
     checks += embed.drift_checks(recipe, drift)
     passed = all(c["passed"] for c in checks)
     version = ws.next_version()
