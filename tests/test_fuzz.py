@@ -233,17 +233,18 @@ def _valid_value(cls: type, name: str):
     import dataclasses
     import typing
 
-    from incr_cli.recipe import _unwrap_optional
+    from incr_cli.recipe import _choices, _unwrap_optional
 
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     inner, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
     meta = f.metadata
+    choices = _choices(meta)  # a tuple, or read when asked (strategy.name's come from the registered strategies)
     if typing.get_origin(inner) is list:  # a list of choices (tracking.sinks); free strings (train.freeze) are not drawn
-        return st.lists(st.sampled_from(meta["choices"]), unique=True) if meta["choices"] else None
+        return st.lists(st.sampled_from(choices), unique=True) if choices else None
     if inner is bool:
         base = st.booleans()
-    elif meta["choices"]:
-        base = st.sampled_from(meta["choices"])
+    elif choices:
+        base = st.sampled_from(choices)
     elif inner in (int, float) and (meta["lo"] is not None or meta["hi"] is not None):
         lo, hi = meta["lo"], meta["hi"]
         if inner is int:
