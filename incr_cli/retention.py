@@ -25,7 +25,7 @@ from typing import Any
 from incr_cli.errors import UsageError
 from incr_cli.faults import fault_point
 from incr_cli.recipe import Recipe
-from incr_cli.strategy import root_version
+from incr_cli.strategy import STRATEGIES, root_version
 from incr_cli.workspace import (
     PRUNED_FILE,
     Workspace,
@@ -80,14 +80,18 @@ def keep_reasons(ws: Workspace, recipe: Recipe, keep_last: int) -> dict[str, lis
         reasons[v].append("rollback target" if v != latest else "rollback chain")
     for state in _live_states(ws):
         reasons[state["parent"]].append("parent of a resumable state")
-    if _trains_from_root(ws, recipe, latest):
-        reasons[root_version(ws, latest)].append("joint trains from it")
+    if name := _root_trainer(ws, recipe, latest):
+        reasons[root_version(ws, latest)].append(f"{name} trains from it")
     return {v: reasons[v] for v in versions if v in reasons}
 
 
-def _trains_from_root(ws: Workspace, recipe: Recipe, latest: str) -> bool:
+def _root_trainer(ws: Workspace, recipe: Recipe, latest: str) -> str | None:
+    """The strategy (the recipe's, or the one LATEST was trained with) that trains from the root, if any."""
     recorded = (ws.version_manifest(latest).get("recipe") or {}).get("strategy", {}).get("name")
-    return "joint" in (recipe.strategy.name, recorded)
+    for name in (recipe.strategy.name, recorded):
+        if name in STRATEGIES and STRATEGIES[name].trains_from_root:
+            return name
+    return None
 
 
 def _live_states(ws: Workspace) -> list[dict[str, Any]]:

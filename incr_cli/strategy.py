@@ -213,6 +213,7 @@ class Strategy:
     name: ClassVar[str]
     preset: ClassVar[dict[str, Any]] = {}  # recipe keys it fixes ("section.key": value)
     extra_loss_names: ClassVar[tuple[str, ...]] = ()  # names of the terms ``extra_terms`` may add
+    trains_from_root: ClassVar[bool] = False  # starts from the lineage's root: retention keeps that version
 
     def training_data(self, ws: Workspace, recipe: Recipe, parent: str) -> TrainingData:
         """From ``parent``: new = its pending increments, replay = its lineage's, start from its weights."""
@@ -309,6 +310,7 @@ class Joint(Strategy):
     """Retrain from the lineage's root on every increment so far: the retention upper bound."""
 
     name, preset = "joint", {**_NO_DISTILL, "replay.ratio": 0.0}
+    trains_from_root = True
 
     def training_data(self, ws: Workspace, recipe: Recipe, parent: str) -> TrainingData:
         """new = lineage + pending, no replay, from the root; nothing pending is nothing to train."""
