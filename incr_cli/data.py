@@ -60,7 +60,7 @@ def _open_split(folder, name: str, manifest: dict[str, Any], words: bool = False
                              f"need {expected}; remove {folder} and ingest again")
     if rows == 0:  # mmap cannot map an empty file
         return np.zeros((0, seq_len), dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(rows, seq_len))
+    return np.memmap(str(path), dtype=dtype, mode="r", shape=(rows, seq_len))  # a str: numpy resolves a Path (symlink walk)
 
 
 def open_increment(ws: Workspace, increment_id: str, *, verify: bool = True) -> IncrementShards:

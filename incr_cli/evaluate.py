@@ -479,20 +479,21 @@ def _cached_cells(ws: Workspace, infos: list[VersionInfo], columns: list[Column]
     score), every version's checksums verified."""
     scores: dict[str, dict[str, dict[str, Any]]] = {}
     todo: Cells = {}
-    for info in infos:
-        # Checked even when every cell is cached: a damaged version is named, never silently scored.
-        # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
-        weights = weights_checksum(ws.verify_version(info.version))
-        recorded = (ws.pruned(info.version) or {}).get("scores") or {} if info.pruned else {}
-        row = scores.setdefault(info.version, {})
-        for col in columns:
-            # ad-hoc text is scored every time: it has no checksummed file to key the cache on
-            key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
-            hit = _known_cell(cache, key, recorded, info.pruned)
-            if hit is not None:
-                row[col.id] = hit
-            else:
-                todo.setdefault(info.version, []).append((col, key))
+    with ws.verifying_many():  # one write of the verify cache for all versions
+        for info in infos:
+            # Checked even when every cell is cached: a damaged version is named, never silently scored.
+            # Unchanged files are not hashed again (the workspace's stat-keyed sha256 cache).
+            weights = weights_checksum(ws.verify_version(info.version))
+            recorded = (ws.pruned(info.version) or {}).get("scores") or {} if info.pruned else {}
+            row = scores.setdefault(info.version, {})
+            for col in columns:
+                # ad-hoc text is scored every time: it has no checksummed file to key the cache on
+                key = cache_key(weights, col.id, data_sha[col.id], settings) if col.kind == "increment" else None
+                hit = _known_cell(cache, key, recorded, info.pruned)
+                if hit is not None:
+                    row[col.id] = hit
+                else:
+                    todo.setdefault(info.version, []).append((col, key))
     return scores, todo
 
 

@@ -292,9 +292,11 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
-    shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
+    with ws.verifying_many():
+        shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
+    tokenizer_sha = models.tokenizer_sha256(tokenizer)  # once: it serialises the whole tokenizer
     for inc, s in shards.items():
-        check_tokenizer(inc, s.manifest, models.tokenizer_sha256(tokenizer), plan.parent,
+        check_tokenizer(inc, s.manifest, tokenizer_sha, plan.parent,
                         "it cannot be trained into this line: ingest it into a workspace of its own")
     tok_inputs = tokenizer_inputs(tokenizer, recipe)
     torch.manual_seed(recipe.train.seed * 7919 + ctx.rank)  # dropout stream; masks use their own seeds

@@ -333,6 +333,8 @@ class WorkspaceLock:
 class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._cache: _VerifyCache | None = None  # read once per Workspace object, not once per folder
+        self._deferred = 0  # > 0 inside verifying_many(): the cache is saved once, at its end
 
     # layout
     @property
@@ -685,7 +687,7 @@ class Workspace:
             raise IntegrityError(f"{folder / MANIFEST}: lists no files; restore it or remove the folder")
         pruned = self.pruned(folder.name) if folder.parent == self.checkpoints else None
         removed = set(pruned.get("removed") or []) if pruned else set()
-        cache = _VerifyCache(self.staging / "verify-cache.json") if use_cache else None
+        cache = self._verify_cache() if use_cache else None
         for rel, rec in files.items():
             if rel in removed:  # gc took it away on purpose; what remains must still match
                 continue
@@ -709,9 +711,26 @@ class Workspace:
             if digest != rec.get("sha256"):
                 raise IntegrityError(f"{folder.name}: file {clip(rel)} does not match its sha256 in the manifest; "
                                      "it was altered")
-        if cache:
+        if cache and not self._deferred:
             cache.save()
         return manifest
+
+    def _verify_cache(self) -> _VerifyCache:
+        if self._cache is None:
+            self._cache = _VerifyCache(self.staging / "verify-cache.json")
+        return self._cache
+
+    @contextlib.contextmanager
+    def verifying_many(self) -> Iterator[None]:
+        """Verify several folders with one write of the verify cache at the end instead of one per
+        folder: a lineage of k increments would otherwise rewrite (and fsync) the cache k times."""
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+            if not self._deferred and self._cache is not None:
+                self._cache.save()
 
     def verify_version(self, version: str) -> dict[str, Any]:
         return self.verify_folder(self.version_dir(version))
@@ -787,3 +806,4 @@ class _VerifyCache:
         with contextlib.suppress(OSError, DiskFull):  # a cache: a full disk only costs hashing again
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.data))
+            self.dirty = False

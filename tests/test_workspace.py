@@ -208,3 +208,29 @@ def test_copy_to_takes_the_model_line_but_not_the_lock_or_staging(tiny_workspace
     assert (ws.resume_dir / "somekey").is_dir()  # the source is untouched
     with copy.lock("test"):  # the copy is a workspace of its own
         pass
+
+
+def test_verifying_many_folders_writes_the_verify_cache_once(two_increments, monkeypatch):
+    """A lineage's increments are verified with one write of the verify cache, not one per folder
+    (the cost that grew with history), and a file altered afterwards is still caught."""
+    import incr_cli.workspace as workspace
+
+    ws = Workspace.open(two_increments.root)
+    (ws.staging / "verify-cache.json").unlink(missing_ok=True)
+    writes, write = [], workspace.atomic_write_text
+    monkeypatch.setattr(workspace, "atomic_write_text", lambda path, text, what=None: (writes.append(path),
+                                                                                       write(path, text, what)))
+    folders = [*ws.increments(), *ws.versions()]
+    with ws.verifying_many():
+        for name in folders:
+            ws.verify_folder(ws.increment_dir(name) if name.startswith("d") else ws.version_dir(name))
+    assert writes == [ws.staging / "verify-cache.json"]
+    cached = json.loads((ws.staging / "verify-cache.json").read_text())
+    assert len(cached) == sum(len(ws.increment_manifest(d)["files"]) for d in ws.increments()) + sum(
+        len(ws.version_manifest(v)["files"]) for v in ws.versions())
+    heldout = ws.increment_dir(ws.increments()[0]) / "heldout.bin"
+    data = bytearray(heldout.read_bytes())
+    data[0] ^= 1
+    heldout.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its sha256"), ws.verifying_many():
+        ws.verify_increment(ws.increments()[0])
