@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from incr_cli.errors import UsageError
+from incr_cli import tracking
+from incr_cli.errors import IncrError, UsageError
+from incr_cli.recipe import TrackingConfig, load_recipe
+from incr_cli.reporting import Quiet, Reporter
 from incr_cli.workspace import Workspace, read_lines, rollback_chain
 
 
@@ -37,7 +40,7 @@ def check_target(ws: Workspace, version: str) -> None:
     ws.verify_folder(ws.version_dir(version), use_cache=False)
 
 
-def promote(ws: Workspace, spec: str, *, reason: str | None = None) -> Move:
+def promote(ws: Workspace, spec: str, *, reason: str | None = None, reporter: Reporter | None = None) -> Move:
     """Make ``spec`` (vNNNN or N) LATEST, whatever the gate said about it."""
     with ws.lock("promote"):
         completed = ws.finish_interrupted_move()
@@ -45,16 +48,42 @@ def promote(ws: Workspace, spec: str, *, reason: str | None = None) -> Move:
         check_target(ws, version)
         before = ws.latest_name()
         record = ws.move_latest(version, command="promote", reason=reason)
+        _follow_in_registry(ws, reporter or Quiet())
         return Move(version, before, record, completed, ws.pending(version))
 
 
-def rollback(ws: Workspace, *, reason: str | None = None) -> Move:
+def _follow_in_registry(ws: Workspace, reporter: Reporter) -> None:
+    """MLflow's registry alias follows LATEST (when MLflow is configured for the workspace)."""
+    if tracking.mlflow_configured(ws.root):
+        tracking.follow_latest(_tracking_config(ws, reporter), ws, reporter)
+
+
+def _tracking_config(ws: Workspace, reporter: Reporter) -> TrackingConfig:
+    """The workspace recipe's tracking section; its registered model, when unset there, is the one
+    the newest version was trained with (``tracking.registered_model=NAME`` given on the command line)."""
+    try:
+        config = load_recipe(ws.recipe_path, []).tracking
+    except IncrError as exc:
+        reporter.warn(f"tracking: {ws.recipe_path} cannot be read ({exc}); the defaults are used")
+        config = TrackingConfig()
+    if config.registered_model is None:
+        for version in reversed(ws.versions()):
+            recorded = ((ws.version_manifest(version).get("recipe") or {}).get("tracking") or {})
+            if recorded.get("registered_model"):
+                return TrackingConfig(config.sinks, config.mlflow_experiment, recorded["registered_model"],
+                                      config.flush_timeout)
+    return config
+
+
+def rollback(ws: Workspace, *, reason: str | None = None, reporter: Reporter | None = None) -> Move:
     """LATEST goes back to the version it named before the current one; repeat to go further back."""
+    reporter = reporter or Quiet()
     with ws.lock("rollback"):
         completed = ws.finish_interrupted_move()
         latest = ws.latest()
         if completed is not None and completed.get("command") == "rollback":
             # The rerun of a killed rollback finishes it; it does not roll back a second time.
+            _follow_in_registry(ws, reporter)
             return Move(latest, completed.get("from"), None, completed, ws.pending(latest))
         chain = rollback_chain(ws.history())
         if chain and chain[-1] != latest:  # LATEST was edited by hand: back to the last recorded one
@@ -69,6 +98,7 @@ def rollback(ws: Workspace, *, reason: str | None = None) -> Move:
                              f"`incr promote {ws.root} VERSION`")
         check_target(ws, target)
         record = ws.move_latest(target, command="rollback", reason=reason)
+        _follow_in_registry(ws, reporter)
         return Move(target, latest, record, completed, ws.pending(target))
 
 

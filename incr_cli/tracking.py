@@ -9,6 +9,11 @@ on with the version's run and skips the steps it already holds (after a kill -9 
 more than the resumable state). A sink that raises is dropped with one warning line; the version's
 own files (``metrics.json``, ``train_log.jsonl``) stay the record.
 
+Two calls only MLflow takes: ``reconcile(ws)``, first in every train-increment, promote and
+rollback, closes the runs of this workspace a killed command left RUNNING (completed from the
+version's files when it was written, else KILLED); ``follow_latest(ws)`` moves the registry's
+alias ``current`` to LATEST after promote / rollback.
+
 Names: ``train/<loss term>``, ``train/total``, ``train/grad_norm``, ``train/lr``,
 ``train/tokens_per_second``, ``train/mfu`` at each log step; ``eval/before/<increment>/<score>``,
 ``eval/after/...``, ``forgetting/<increment>`` and ``gate/passed`` (1 or 0) at the last step.
@@ -17,6 +22,7 @@ Names: ``train/<loss term>``, ``train/total``, ``train/grad_norm``, ``train/lr``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -27,9 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from incr_cli.errors import Interrupted
+from incr_cli.errors import IntegrityError, Interrupted
+from incr_cli.faults import fault_point
 from incr_cli.recipe import TrackingConfig
 from incr_cli.reporting import Reporter
+from incr_cli.workspace import Workspace, read_lines
 
 REGISTRY_ALIAS = "current"  # MLflow reserves "latest"; incr's `current` follows LATEST too
 _NOT_SCALARS = ("step", "tokens")
@@ -71,6 +79,20 @@ def version_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     out.update({f"forgetting/{inc}": float(v) for inc, v in metrics["forgetting"].items() if v is not None})
     out["gate/passed"] = 1.0 if metrics["gate"]["passed"] else 0.0
     return out
+
+
+def _written_by(ws: Workspace, version: str, key: str | None) -> dict[str, Any] | None:
+    """The metrics of ``version`` when the run with key ``key`` wrote it; None when it never got
+    written (or another run wrote it)."""
+    if version not in ws.versions():
+        return None
+    try:
+        if ws.version_manifest(version).get("run_key") != key:
+            return None
+        metrics = json.loads((ws.version_dir(version) / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, IntegrityError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -138,24 +160,33 @@ class MlflowSink:
 
     name = "mlflow"
 
-    def __init__(self, uri: str, experiment: str, registered_model: str | None, artifact_root: str | None):
+    def __init__(self, uri: str, experiment: str, registered_model: str | None, artifact_root: str | None,
+                 workspace: Path | None = None):
         self.uri, self.experiment, self.registered_model = uri, experiment, registered_model
         self.artifact_root = artifact_root
+        # tagged on each run, so a store shared by several workspaces reconciles only this one's runs
+        self.workspace = str(workspace.resolve()) if workspace is not None else None
         self.client: Any = None
+        self.exp_id = ""
         self.run_id: str | None = None
         self.logged_until = -1  # the last step the run already holds
         self.done = False
 
-    def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
+    def _connect(self) -> None:
+        if self.client is not None:
+            return
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ImportError("mlflow is not installed: pip install 'incr-cli[mlflow]'") from None
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(
             self.experiment, artifact_location=self.artifact_root)
-        self.run_id = self._open_run(exp_id, run, resuming=bool(history))
+
+    def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
+        self._connect()
+        self.run_id = self._open_run(self.exp_id, run, resuming=bool(history))
         for line in history:
             self.step(line)
 
@@ -164,7 +195,10 @@ class MlflowSink:
         version never wrote it: a fresh start, other data or another recipe, so they are deleted)."""
         from mlflow.entities import Param
 
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`incr.version` = '{run.version}'")
+        query = f"tags.`incr.version` = '{run.version}'"
+        if self.workspace:  # another workspace's runs in a shared store are none of this run's business
+            query += f" and tags.`incr.workspace` = '{self.workspace}'"
+        found = self.client.search_runs([exp_id], filter_string=query)
         for old in found:
             if resuming and old.data.tags.get("incr.run_key") == run.key and self.run_id is None:
                 self.run_id = old.info.run_id
@@ -177,6 +211,8 @@ class MlflowSink:
             return self.run_id
         tags = {"incr.version": run.version, "incr.parent": run.parent, "incr.run_key": run.key,
                 "incr.status": "training", "incr.new": ",".join(run.new)}
+        if self.workspace:
+            tags["incr.workspace"] = self.workspace
         run_id = self.client.create_run(exp_id, run_name=run.version, tags=tags).info.run_id
         params = [Param(f"{section}.{k}", str(v)) for section, keys in run.recipe.items() for k, v in keys.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -197,6 +233,7 @@ class MlflowSink:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def finish(self, metrics: dict[str, Any], version_dir: Path) -> None:
+        fault_point("tracking.finish")  # the version is written: a kill here leaves the run RUNNING
         self._log(version_scalars(metrics), metrics["steps"])
         self.client.set_tag(self.run_id, "incr.status", metrics["status"])
         for name in ("metrics.json", "manifest.json"):
@@ -206,14 +243,78 @@ class MlflowSink:
         self.client.set_terminated(self.run_id, "FINISHED")
         self.done = True
 
-    def _register(self, version: str, version_dir: Path) -> None:
+    def _register(self, version: str, version_dir: Path, run_id: str | None = None) -> None:
+        """The alias ``current`` on ``version``'s model version, registered first when it never was
+        (its source: the version folder, which is never modified)."""
         from mlflow.exceptions import MlflowException
 
         with contextlib.suppress(MlflowException):  # it exists already
             self.client.create_registered_model(self.registered_model)
-        model_version = self.client.create_model_version(self.registered_model, source=str(version_dir.resolve()),
-                                                         run_id=self.run_id, tags={"incr.version": version})
-        self.client.set_registered_model_alias(self.registered_model, REGISTRY_ALIAS, model_version.version)
+        source = str(version_dir.resolve())
+        known = [mv for mv in self.client.search_model_versions(f"name = '{self.registered_model}'")
+                 if mv.source == source]
+        if known:
+            number = max(int(mv.version) for mv in known)
+        else:
+            number = self.client.create_model_version(self.registered_model, source=source, run_id=run_id or self.run_id,
+                                                      tags={"incr.version": version}).version
+        self.client.set_registered_model_alias(self.registered_model, REGISTRY_ALIAS, number)
+
+    # ------------------------------------------------------------------------- after the run
+
+    def reconcile(self, ws: Workspace) -> None:
+        """Runs of this workspace a killed command left RUNNING (called under the workspace lock, so
+        none is really running): one whose version was written is completed from the version's own
+        files (the steps and scores it misses, artifacts, status; registered if it was promoted and is
+        LATEST or about to be) and FINISHED; one whose version never got written is KILLED (a resume
+        reopens it)."""
+        if not self.workspace:
+            return
+        self._connect()
+        stale = self.client.search_runs([self.exp_id], filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`incr.workspace` = '{self.workspace}'"))
+        for old in stale:
+            version, key = old.data.tags.get("incr.version", ""), old.data.tags.get("incr.run_key")
+            written = _written_by(ws, version, key)
+            if written is None:
+                self.client.set_terminated(old.info.run_id, "KILLED")
+                continue
+            self._complete(old, ws, version, written)
+
+    def _complete(self, old: Any, ws: Workspace, version: str, metrics: dict[str, Any]) -> None:
+        run_id, folder = old.info.run_id, ws.version_dir(version)
+        held = self.client.get_metric_history(run_id, "train/total")
+        until = max((m.step for m in held), default=-1)
+        log, _ = read_lines(folder / "train_log.jsonl")
+        self.run_id = run_id
+        for line in log:
+            if isinstance(line.get("step"), int) and line["step"] > until:
+                self._log(train_scalars(line), line["step"])
+        if "gate/passed" not in old.data.metrics:  # the scores are logged once
+            self._log(version_scalars(metrics), metrics["steps"])
+        self.client.set_tag(run_id, "incr.status", metrics["status"])
+        present = {a.path for a in self.client.list_artifacts(run_id)}
+        for name in ("metrics.json", "manifest.json"):
+            if name not in present:
+                self.client.log_artifact(run_id, str(folder / name))
+        # LATEST is the version, or still its parent when the kill came before LATEST moved (this
+        # command completes that move); a version LATEST has left since is not registered now
+        if metrics["promoted"] and self.registered_model and ws.latest() in (version, metrics.get("parent")):
+            self._register(version, folder, run_id)
+        self.client.set_terminated(run_id, "FINISHED")
+        self.run_id = None
+
+    def follow_latest(self, ws: Workspace) -> None:
+        """After promote / rollback: the alias ``current`` moves to LATEST, registering it when it
+        never was (a version the gate rejected, the root)."""
+        if not self.registered_model:
+            return
+        self._connect()
+        version = ws.latest()
+        manifest = ws.version_manifest(version)
+        runs = self.client.search_runs([self.exp_id], filter_string=(
+            f"tags.`incr.version` = '{version}' and tags.`incr.run_key` = '{manifest.get('run_key')}'"))
+        self._register(version, ws.version_dir(version), runs[0].info.run_id if runs else None)
 
     def close(self, status: str) -> None:
         if self.run_id is not None and not self.done:
@@ -245,6 +346,14 @@ class Tracker:
     def finish(self, metrics: dict[str, Any], version_dir: Path) -> None:
         self._put("finish", metrics, version_dir)
 
+    def reconcile(self, ws: Workspace) -> None:
+        """Close the runs a killed command left open (sinks that keep runs: MLflow)."""
+        self._put("reconcile", ws)
+
+    def follow_latest(self, ws: Workspace) -> None:
+        """Point the registry at LATEST after promote / rollback (MLflow)."""
+        self._put("follow_latest", ws)
+
     def close(self, status: str = "FINISHED") -> None:
         """Wait up to ``flush_timeout`` seconds for the sinks to send what is queued, then go on.
         ``status``: how the run ended (MLflow's FINISHED, FAILED or KILLED)."""
@@ -267,8 +376,11 @@ class Tracker:
         while (item := self._queue.get()) is not None:
             method, args = item
             for sink in list(self.sinks):
+                call = getattr(sink, method, None)
+                if call is None:  # a call only some sinks take (reconcile, follow_latest)
+                    continue
                 try:
-                    getattr(sink, method)(*args)
+                    call(*args)
                 except Exception as exc:  # noqa: BLE001 - a dashboard never fails an increment
                     self.sinks.remove(sink)
                     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -282,12 +394,33 @@ def build_sinks(config: TrackingConfig, workspace: Path) -> list[Sink]:
     if "tensorboard" in config.sinks:
         sinks.append(TensorBoardSink(workspace / "tensorboard"))
     if "mlflow" in config.sinks:
-        # default: everything inside the workspace; a server keeps the artifacts where it is told to
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
-        local = not uri.startswith(("http://", "https://", "databricks"))
-        artifacts = (workspace / "mlflow-artifacts").resolve().as_uri() if local else None
-        sinks.append(MlflowSink(uri, config.mlflow_experiment, config.registered_model, artifacts))
+        sinks.append(_mlflow_sink(config, workspace))
     return sinks
+
+
+def _mlflow_sink(config: TrackingConfig, workspace: Path) -> MlflowSink:
+    # default: everything inside the workspace; a server keeps the artifacts where it is told to
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workspace / 'mlflow.db').resolve()}"
+    local = not uri.startswith(("http://", "https://", "databricks"))
+    artifacts = (workspace / "mlflow-artifacts").resolve().as_uri() if local else None
+    return MlflowSink(uri, config.mlflow_experiment, config.registered_model, artifacts, workspace)
+
+
+def mlflow_configured(workspace: Path) -> bool:
+    """Whether the workspace has an MLflow store: $MLFLOW_TRACKING_URI, or WS/mlflow.db from a tracked run."""
+    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or (workspace / "mlflow.db").is_file()
+
+
+def follow_latest(config: TrackingConfig, ws: Workspace, reporter: Reporter) -> None:
+    """After promote / rollback, when MLflow is configured for the workspace: close the runs a killed
+    command left open and move the registry's alias ``current`` to LATEST (with
+    ``tracking.registered_model``). Bounded by ``tracking.flush_timeout``; a failure only warns."""
+    if not mlflow_configured(ws.root):
+        return
+    tracker = Tracker([_mlflow_sink(config, ws.root)], reporter, config.flush_timeout)
+    tracker.reconcile(ws)
+    tracker.follow_latest(ws)
+    tracker.close()
 
 
 @contextlib.contextmanager
@@ -305,5 +438,5 @@ def session(config: TrackingConfig, workspace: Path, reporter: Reporter, *, enab
     tracker.close("FINISHED")
 
 
-__all__ = ["RunInfo", "Sink", "Tracker", "TensorBoardSink", "MlflowSink", "build_sinks", "session",
-           "train_scalars", "version_scalars"]
+__all__ = ["RunInfo", "Sink", "Tracker", "TensorBoardSink", "MlflowSink", "build_sinks", "session", "follow_latest",
+           "mlflow_configured", "train_scalars", "version_scalars"]

@@ -160,15 +160,16 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
         plan = plan_increment(ws, recipe, parent, world_size=ctx.world_size)
         if dry_run:
             return TrainResult(plan, dry_run=True, message="dry run: nothing trained")
-        if plan.nothing_to_train:
-            return TrainResult(plan, message=f"nothing to train: every ingested increment is in {plan.parent}'s lineage")
-        key = run_key(plan, recipe, _weights_sha(ws, plan.parent))
-        finished = _finished_run(ws, plan, key, ctx, reporter)
-        if finished is not None:
-            return finished
-        if ctx.is_main:
-            ws.clean_staging()
         with tracking.session(recipe.tracking, ws.root, reporter, enabled=ctx.is_main) as tracker:
+            tracker.reconcile(ws)  # first: runs a killed command left open in the dashboards
+            if plan.nothing_to_train:
+                return TrainResult(plan, message=f"nothing to train: every ingested increment is in {plan.parent}'s lineage")
+            key = run_key(plan, recipe, _weights_sha(ws, plan.parent))
+            finished = _finished_run(ws, plan, key, ctx, reporter)
+            if finished is not None:
+                return finished
+            if ctx.is_main:
+                ws.clean_staging()
             return _train(ws, recipe, plan, key, ctx, reporter, tracker)
     finally:
         ctx.close()

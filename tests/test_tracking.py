@@ -270,3 +270,88 @@ def test_track_option_sets_the_sinks_and_rejects_unknown_ones(one_pending, monke
     board, mlflow = tracking.build_sinks(TrackingConfig(sinks=["tensorboard", "mlflow"]), one_pending.root)
     assert board.root == one_pending.root / "tensorboard"  # everything inside the workspace by default
     assert mlflow.uri == f"sqlite:///{(one_pending.root / 'mlflow.db').resolve()}"
+
+
+# ----------------------------------------------------------------------------- runs left open, the registry
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_version_was_written_is_finished_by_the_next_command(one_pending, mlflow_uri, monkeypatch):
+    """Killed while the sink sent the written version's scores: the run stays RUNNING; the next
+    train-increment (nothing left to train) completes it from the version's files, every step once."""
+    ws = one_pending
+    args = ["train.steps=4", "train.log_every=1", "tracking.sinks=[mlflow]", "tracking.registered_model=line"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    env = {**os.environ, "INCR_FAULT": "tracking.finish:kill"}
+    killed = subprocess.run([sys.executable, "-m", "incr_cli", "train-increment", str(ws.root), *args],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    (run,) = _runs(mlflow_uri, "v0001")
+    assert run.info.status == "RUNNING" and ws.latest() == "v0001"  # written and promoted, the run left open
+    assert "gate/passed" not in run.data.metrics
+
+    result = runner.invoke(app, ["train-increment", str(ws.root), *args])
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    (run,) = _runs(mlflow_uri, "v0001")  # still one run for the version, now complete
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert run.info.status == "FINISHED" and run.data.tags["incr.status"] == "promoted"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/total")) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gate/passed")] == [4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "manifest.json"}
+    current = client.get_model_version_by_alias("line", "current")
+    assert current.tags["incr.version"] == "v0001" and current.run_id == run.info.run_id
+
+
+def test_a_run_whose_version_never_got_written_is_killed_by_the_next_command(one_pending, mlflow_uri, tmp_path,
+                                                                            monkeypatch):
+    """A run left RUNNING by a process that died before writing its version is KILLED by the next
+    command of its workspace (here `incr promote`); a run of another workspace sharing the store is
+    not touched."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    artifacts = (tmp_path / "artifacts").as_uri()
+    for root in (one_pending.root, tmp_path / "another-workspace"):
+        sink = tracking.MlflowSink(mlflow_uri, "incr", None, artifacts, root)
+        sink.start(_run_info(), [])
+        sink.step(_line(1))  # and the process dies: no finish, no close
+    result = runner.invoke(app, ["promote", str(one_pending.root), "v0000"])
+    assert result.exit_code == 0 and "nothing moved" in result.output, result.output
+    status = {run.data.tags["incr.workspace"]: run.info.status for run in _runs(mlflow_uri, "v0001")}
+    assert status == {str(one_pending.root.resolve()): "KILLED", str((tmp_path / "another-workspace").resolve()): "RUNNING"}
+
+
+@pytest.mark.slow
+def test_promote_and_rollback_move_the_registry_alias(two_increments, mlflow_uri, monkeypatch):
+    """v0002 is rejected by the gate; `incr promote` registers it (with its run) and moves `current`
+    to it; `incr rollback` moves `current` back to v0001, registered then though it was trained
+    untracked; promoting v0002 again reuses its model version."""
+    ws = two_increments
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    args = [*ARGS, "tracking.sinks=[mlflow]", "tracking.registered_model=line", "gate.min_improvement=0.99"]
+    rejected = runner.invoke(app, ["train-increment", str(ws.root), *args])
+    assert rejected.exit_code == 3, rejected.output
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.search_model_versions("name = 'line'") == []  # a rejected version is not registered
+
+    def current() -> tuple[str, str]:
+        mv = client.get_model_version_by_alias("line", "current")
+        return mv.tags.get("incr.version"), mv.source
+
+    for command, expected in ((["promote", str(ws.root), "v0002", "--reason", "reviewed"], "v0002"),
+                              (["rollback", str(ws.root)], "v0001"), (["promote", str(ws.root), "v0002"], "v0002")):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0 and "warning" not in result.output, result.output
+        assert ws.latest() == expected
+        assert current() == (expected, str(ws.version_dir(expected).resolve()))
+    versions = {mv.tags.get("incr.version"): mv for mv in client.search_model_versions("name = 'line'")}
+    assert sorted(versions) == ["v0001", "v0002"]  # each registered once
+    (run,) = _runs(mlflow_uri, "v0002")
+    assert versions["v0002"].run_id == run.info.run_id and not versions["v0001"].run_id
+
+
+def test_a_failing_registry_only_warns_on_promote(one_pending, monkeypatch):
+    blocker = one_pending.root / "blocker"
+    blocker.write_text("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/sub/x.db")
+    result = runner.invoke(app, ["promote", str(one_pending.root), "v0000"])
+    assert result.exit_code == 0, result.output
+    assert "warning: tracking: mlflow failed and is off for this run (" in result.output

@@ -24,12 +24,14 @@ def promote(
     json_out: JsonOpt = False,
 ) -> None:
     """Make VERSION LATEST (a rejected one after review, or an earlier one); its files are verified first."""
-    _report_move(Output(json_out), lifecycle.promote(Workspace.open(workspace), version, reason=reason), "promote")
+    out = Output(json_out)
+    _report_move(out, lifecycle.promote(Workspace.open(workspace), version, reason=reason, reporter=out), "promote")
 
 
 def rollback(workspace: WorkspaceArg, reason: ReasonOpt = None, json_out: JsonOpt = False) -> None:
     """LATEST goes back to the version it named before the current one (repeat to go further back)."""
-    _report_move(Output(json_out), lifecycle.rollback(Workspace.open(workspace), reason=reason), "rollback")
+    out = Output(json_out)
+    _report_move(out, lifecycle.rollback(Workspace.open(workspace), reason=reason, reporter=out), "rollback")
 
 
 def _report_move(out: Output, move: Any, command: str) -> None:
