@@ -172,17 +172,22 @@ class MlflowSink:
         self.logged_until = -1  # the last step the run already holds
         self.done = False
 
-    def _connect(self) -> None:
-        if self.client is not None:
-            return
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ImportError("mlflow is not installed: pip install 'incr-cli[mlflow]'") from None
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
-        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            self.experiment, artifact_location=self.artifact_root)
+    def _connect(self, *, create: bool = True) -> bool:
+        """-> whether the experiment exists (made here with ``create``; the calls after promote and
+        rollback only look, so a store that never saw a run gets no experiment from them)."""
+        if self.client is None:
+            try:
+                from mlflow.tracking import MlflowClient
+            except ImportError:
+                raise ImportError("mlflow is not installed: pip install 'incr-cli[mlflow]'") from None
+            self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        if not self.exp_id:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                self.exp_id = exp.experiment_id
+            elif create:
+                self.exp_id = self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        return bool(self.exp_id)
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         self._connect()
@@ -268,9 +273,8 @@ class MlflowSink:
         files (the steps and scores it misses, artifacts, status; registered if it was promoted and is
         LATEST or about to be) and FINISHED; one whose version never got written is KILLED (a resume
         reopens it)."""
-        if not self.workspace:
+        if not self.workspace or not self._connect(create=False):
             return
-        self._connect()
         stale = self.client.search_runs([self.exp_id], filter_string=(
             f"attributes.status = 'RUNNING' and tags.`incr.workspace` = '{self.workspace}'"))
         for old in stale:
@@ -309,11 +313,12 @@ class MlflowSink:
         never was (a version the gate rejected, the root)."""
         if not self.registered_model:
             return
-        self._connect()
         version = ws.latest()
-        manifest = ws.version_manifest(version)
-        runs = self.client.search_runs([self.exp_id], filter_string=(
-            f"tags.`incr.version` = '{version}' and tags.`incr.run_key` = '{manifest.get('run_key')}'"))
+        runs = []
+        if self._connect(create=False):  # the version's run, when it was tracked
+            key = ws.version_manifest(version).get("run_key")
+            runs = self.client.search_runs([self.exp_id], filter_string=(
+                f"tags.`incr.version` = '{version}' and tags.`incr.run_key` = '{key}'"))
         self._register(version, ws.version_dir(version), runs[0].info.run_id if runs else None)
 
     def close(self, status: str) -> None:

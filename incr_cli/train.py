@@ -184,6 +184,8 @@ def _finished_run(ws: Workspace, plan: IncrementPlan, key: str, ctx: distributed
                   reporter: Reporter) -> TrainResult | None:
     """A version this exact run already wrote (a run killed before LATEST moved, or a rejected one)."""
     for version in reversed(ws.versions()):
+        if int(version[1:]) <= int(plan.parent[1:]):
+            break  # a run from the parent writes a newer version: the nightly case reads no manifest
         manifest = ws.version_manifest(version)
         if manifest.get("run_key") != key:
             continue
