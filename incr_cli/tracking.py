@@ -9,10 +9,11 @@ on with the version's run and skips the steps it already holds (after a kill -9 
 more than the resumable state). A sink that raises is dropped with one warning line; the version's
 own files (``metrics.json``, ``train_log.jsonl``) stay the record.
 
-Two calls only MLflow takes: ``reconcile(ws)``, first in every train-increment, promote and
-rollback, closes the runs of this workspace a killed command left RUNNING (completed from the
-version's files when it was written, else KILLED); ``follow_latest(ws)`` moves the registry's
-alias ``current`` to LATEST after promote / rollback.
+``reconcile(ws)``, first in every train-increment (and, MLflow only, promote and rollback),
+completes what a killed command left open: TensorBoard writes a version's folder that has no
+FINISHED mark again from the version's files; MLflow completes the workspace's RUNNING runs from
+them when the version was written, else marks them KILLED. ``follow_latest(ws)`` (MLflow) moves
+the registry's alias ``current`` to LATEST after promote / rollback.
 
 Names: ``train/<loss term>``, ``train/total``, ``train/grad_norm``, ``train/lr``,
 ``train/tokens_per_second``, ``train/mfu`` at each log step; ``eval/before/<increment>/<score>``,
@@ -37,7 +38,7 @@ from incr_cli.errors import IntegrityError, Interrupted
 from incr_cli.faults import fault_point
 from incr_cli.recipe import TrackingConfig
 from incr_cli.reporting import Reporter
-from incr_cli.workspace import Workspace, read_lines
+from incr_cli.workspace import VERSION_RE, Workspace, read_lines
 
 REGISTRY_ALIAS = "current"  # MLflow reserves "latest"; incr's `current` follows LATEST too
 _NOT_SCALARS = ("step", "tokens")
@@ -84,15 +85,20 @@ def version_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _written_by(ws: Workspace, version: str, key: str | None) -> dict[str, Any] | None:
     """The metrics of ``version`` when the run with key ``key`` wrote it; None when it never got
     written (or another run wrote it)."""
+    written = _written(ws, version)
+    return written[1] if written is not None and written[0].get("run_key") == key else None
+
+
+def _written(ws: Workspace, version: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(manifest, metrics) of a written version; None when ``version`` never got written."""
     if version not in ws.versions():
         return None
     try:
-        if ws.version_manifest(version).get("run_key") != key:
-            return None
+        manifest = ws.version_manifest(version)
         metrics = json.loads((ws.version_dir(version) / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, IntegrityError):
         return None
-    return metrics if isinstance(metrics, dict) else None
+    return (manifest, metrics) if isinstance(metrics, dict) else None
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -103,6 +109,7 @@ class TensorBoardSink:
     a ``ROOT/line`` run with the scores at step = version number: the line's history across versions."""
 
     name = "tensorboard"
+    FINISHED = "incr-finished"  # written last into a version's folder: without it a killed run left it
 
     def __init__(self, root: Path):
         self.root = root
@@ -124,6 +131,7 @@ class TensorBoardSink:
         self.writer.flush()
 
     def finish(self, metrics: dict[str, Any], version_dir: Path) -> None:
+        fault_point("tracking.finish")  # the version is written: a kill here leaves its folder without scores
         scalars = version_scalars(metrics)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, metrics["steps"])
@@ -137,6 +145,24 @@ class TensorBoardSink:
         for tag, value in scalars.items():
             line.add_scalar(tag, value, number)
         line.close()
+        (self.root / metrics["version"] / self.FINISHED).write_bytes(b"")
+
+    def reconcile(self, ws: Workspace) -> None:
+        """A version's folder a killed command left without its scores (no FINISHED mark) is written
+        again from the version's own files, when the version was written; else a resume rewrites it
+        or a fresh start replaces it."""
+        folders = sorted(self.root.iterdir()) if self.root.is_dir() else []
+        for folder in folders:
+            if not VERSION_RE.match(folder.name) or (folder / self.FINISHED).exists():
+                continue
+            written = _written(ws, folder.name)
+            if written is None:
+                continue
+            manifest, metrics = written
+            log, _ = read_lines(ws.version_dir(folder.name) / "train_log.jsonl")
+            self.start(RunInfo(folder.name, str(manifest.get("parent")), str(manifest.get("run_key")),
+                               list(manifest.get("new") or []), {}), log)
+            self.finish(metrics, ws.version_dir(folder.name))
 
     def close(self, status: str) -> None:
         if self.writer is not None:
@@ -352,7 +378,7 @@ class Tracker:
         self._put("finish", metrics, version_dir)
 
     def reconcile(self, ws: Workspace) -> None:
-        """Close the runs a killed command left open (sinks that keep runs: MLflow)."""
+        """Complete what a killed command left open in the dashboards (runs, a version's scores)."""
         self._put("reconcile", ws)
 
     def follow_latest(self, ws: Workspace) -> None:
@@ -382,7 +408,7 @@ class Tracker:
             method, args = item
             for sink in list(self.sinks):
                 call = getattr(sink, method, None)
-                if call is None:  # a call only some sinks take (reconcile, follow_latest)
+                if call is None:  # a call only some sinks take (follow_latest: MLflow only)
                     continue
                 try:
                     call(*args)

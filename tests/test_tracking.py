@@ -277,10 +277,12 @@ def test_track_option_sets_the_sinks_and_rejects_unknown_ones(one_pending, monke
 
 @pytest.mark.slow
 def test_kill_9_after_the_version_was_written_is_finished_by_the_next_command(one_pending, mlflow_uri, monkeypatch):
-    """Killed while the sink sent the written version's scores: the run stays RUNNING; the next
-    train-increment (nothing left to train) completes it from the version's files, every step once."""
+    """Killed while the sinks sent the written version's scores: the TensorBoard folder lacks them,
+    the MLflow run stays RUNNING; the next train-increment (nothing left to train) completes both
+    from the version's files, every step once."""
     ws = one_pending
-    args = ["train.steps=4", "train.log_every=1", "tracking.sinks=[mlflow]", "tracking.registered_model=line"]
+    args = ["train.steps=4", "train.log_every=1", "tracking.sinks=[tensorboard, mlflow]",
+            "tracking.registered_model=line"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     env = {**os.environ, "INCR_FAULT": "tracking.finish:kill"}
     killed = subprocess.run([sys.executable, "-m", "incr_cli", "train-increment", str(ws.root), *args],
@@ -289,6 +291,8 @@ def test_kill_9_after_the_version_was_written_is_finished_by_the_next_command(on
     (run,) = _runs(mlflow_uri, "v0001")
     assert run.info.status == "RUNNING" and ws.latest() == "v0001"  # written and promoted, the run left open
     assert "gate/passed" not in run.data.metrics
+    board = ws.root / "tensorboard"
+    assert not (board / "line").exists() and not (board / "v0001" / tracking.TensorBoardSink.FINISHED).exists()
 
     result = runner.invoke(app, ["train-increment", str(ws.root), *args])
     assert result.exit_code == 0 and "nothing to train" in result.output, result.output
@@ -300,6 +304,8 @@ def test_kill_9_after_the_version_was_written_is_finished_by_the_next_command(on
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"metrics.json", "manifest.json"}
     current = client.get_model_version_by_alias("line", "current")
     assert current.tags["incr.version"] == "v0001" and current.run_id == run.info.run_id
+    assert [s for s, _ in _scalars(board / "v0001", "train/total")] == [1, 2, 3, 4]
+    assert _scalars(board / "v0001", "gate/passed") == [(4, 1.0)] and _scalars(board / "line", "gate/passed") == [(1, 1.0)]
 
 
 def test_a_run_whose_version_never_got_written_is_killed_by_the_next_command(one_pending, mlflow_uri, tmp_path,
