@@ -25,6 +25,13 @@ def _cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device, "cpu_has_bf16_matmul", lambda: False)
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches a tracking server named by this machine's environment (promote and rollback
+    talk to MLflow whenever $MLFLOW_TRACKING_URI is set); tests that track set their own store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_recipe_path() -> Path:
     """recipes/cpu-tiny.yaml."""
