@@ -82,12 +82,14 @@ def open_increment(ws: Workspace, increment_id: str, *, verify: bool = True) -> 
     return IncrementShards(increment_id, train, heldout, manifest, pad_id, *words)
 
 
-def check_tokenizer(increment_id: str, manifest: dict[str, Any], tokenizer_sha: str, version: str,
+def check_tokenizer(increment_id: str, manifest: dict[str, Any], tokenizer_sha: str | list[str], version: str,
                     remedy: str) -> None:
     """InputError when ``increment_id`` (its ``manifest``) was tokenized by another tokenizer than
-    ``version``'s (``tokenizer_sha``): its ids mean other words to that model. ``remedy`` says what to do."""
+    ``version``'s (``tokenizer_sha``, or the sha256 of every revision of it, ``vocab.py``): its ids mean
+    other words to that model. ``remedy`` says what to do."""
     recorded = manifest.get("tokenizer_sha256")
-    if recorded and recorded != tokenizer_sha:
+    valid = [tokenizer_sha] if isinstance(tokenizer_sha, str) else tokenizer_sha
+    if recorded and recorded not in valid:
         raise InputError(f"{increment_id} was tokenized with a different tokenizer than {version}'s; {remedy}")
 
 

@@ -178,13 +178,16 @@ def heldout_embeddings(model: nn.Module, shards: dict[str, IncrementShards], rec
 
 
 def version_drift(ws: Workspace, parent: str, model: nn.Module, shards: dict[str, IncrementShards], recipe: Recipe, *,
-                  device: torch.device | str, precision: str) -> dict[str, Any] | None:
+                  device: torch.device | str, precision: str, growth: Any = None) -> dict[str, Any] | None:
     """Embedding drift of ``model`` (the new version) from ``parent`` on the held-out rows of ``shards``.
+    ``growth`` (a ``vocab.Growth``): the new version's vocabulary grew; the parent reads the new tokens
+    through the rows it would have started them with (the mean of their pieces' rows).
 
     -> {parent, pooling, max_sequences, increments: {id: drift}, all: drift over every row together}
     (see ``embedding_drift``), or None when ``drift.max_sequences`` is 0 or nothing is held out.
     """
     from incr_cli.models import load_version
+    from incr_cli.vocab import grow_embeddings
 
     if recipe.drift.max_sequences == 0:
         return None
@@ -192,6 +195,8 @@ def version_drift(ws: Workspace, parent: str, model: nn.Module, shards: dict[str
     if not after:
         return None
     parent_model, _ = load_version(ws, parent, recipe=recipe, device=str(device), verify=False)
+    if growth is not None:
+        grow_embeddings(parent_model, growth)
     before = heldout_embeddings(parent_model, {inc: shards[inc] for inc in after}, recipe, device=device,
                                 precision=precision)
     del parent_model

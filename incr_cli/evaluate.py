@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from incr_cli import FORMAT_VERSION, __version__
-from incr_cli.data import check_tokenizer, open_increment
+from incr_cli import FORMAT_VERSION, __version__, vocab
+from incr_cli.data import open_increment
 from incr_cli.device import autocast, inference, resolve_device, resolve_precision
 from incr_cli.diskspace import disk_writes
 from incr_cli.errors import IntegrityError, UsageError, clip, shown
@@ -45,6 +45,7 @@ from incr_cli.workspace import Workspace, atomic_write_text, finite_json, sha256
 CACHE_FORMAT = 1  # bump when scoring changes, so older cached cells are never reused
 MASK_CHUNK = 64  # rows masked per generator seed; independent of eval.batch_size
 SCORE_KEYS = ("loss", "perplexity", "accuracy", "top5", "tokens")
+CELL_KEYS = (*SCORE_KEYS, "coverage")  # coverage: the share of masked positions scored (see score_sequences)
 # Files of a version folder that do not change its scores (logs, metrics, EWC statistics).
 _NOT_WEIGHTS = ("fisher.safetensors",)
 
@@ -77,7 +78,9 @@ def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torc
 def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe,
                     special_ids: Sequence[int] | torch.Tensor, mask_token_id: int, vocab_size: int,
                     device: torch.device | str, precision: str, pad_id: int | None = None,
-                    word_starts: torch.Tensor | None = None, continues: np.ndarray | None = None) -> dict[str, Any]:
+                    word_starts: torch.Tensor | None = None, continues: np.ndarray | None = None,
+                    unk_id: int | None = None, model_vocab: int | None = None,
+                    valid_below: int | None = None) -> dict[str, Any]:
     """Held-out MLM scores of ``head`` on the first ``recipe.eval.max_sequences`` rows of ids (N, T).
 
     -> {loss: summed cross-entropy / masked tokens, perplexity: exp(loss), accuracy: top-1 share,
@@ -85,6 +88,13 @@ def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, r
     (no rows). ``pad_id`` defaults to the model config's; ``word_starts`` (V,) is needed for
     whole-word masking, ``continues`` (N, T) are a segmented increment's word-continuation bits.
     The head's training flag is restored afterwards.
+
+    ``vocab_size`` is the increment's vocabulary (random replacements of the masks come from it, so
+    masks never depend on the version). A version with a smaller vocabulary (``model_vocab``: it
+    predates the tokens an increment added) reads the ids it lacks as ``unk_id``, predicts over its
+    own ``model_vocab`` logits, and is not scored at positions whose target it lacks; ``valid_below``
+    excludes the positions whose target id is at or above it (to compare two versions on the
+    positions valid for both). ``coverage`` is the share of the masked positions that were scored.
     """
     rows = np.asarray(ids[: recipe.eval.max_sequences])
     if rows.ndim != 2:
@@ -100,32 +110,60 @@ def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, r
                                    continues=bits)
     pad = pad_id if pad_id is not None else getattr(head.model.config, "pad_token_id", None)
     attention = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    masked_total = int(positions.sum())
+    positions, masked = _restrict(input_ids, masked, positions, unk_id if unk_id is not None else mask_token_id,
+                                  model_vocab, valid_below)
 
+    loss_sum, top1, top5 = _score_batches(head, input_ids, masked, attention, positions, device=device,
+                                          precision=precision, batch_size=recipe.eval.batch_size,
+                                          model_vocab=model_vocab)
+    tokens = int(positions.sum())
+    coverage = tokens / masked_total if masked_total else None
+    if tokens == 0:
+        return {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0, "coverage": coverage}
+    loss = float(loss_sum) / tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "accuracy": int(top1) / tokens, "top5": int(top5) / tokens, "tokens": tokens, "coverage": coverage}
+
+
+def _score_batches(head: MaskedLMHead, input_ids: torch.Tensor, masked: torch.Tensor, attention: torch.Tensor,
+                   positions: torch.Tensor, *, device: torch.device, precision: str, batch_size: int,
+                   model_vocab: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, T) ids, masked input, attention and scored positions -> (summed loss, top-1 hits, top-5
+    hits), on the device; logits cut to ``model_vocab`` when given."""
     # Sums stay on the device; one sync at the end.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
-    step = recipe.eval.batch_size
     # The wrapped model's flag, not the wrapper's: a fresh MaskedLMHead says "training" even
     # around a model in eval mode, and restoring that would switch dropout on for the caller.
     with inference(getattr(head, "model", head)):
-        for start in range(0, input_ids.shape[0], step):
-            sl = slice(start, start + step)
+        for start in range(0, input_ids.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
             pos = positions[sl]
             if not bool(pos.any()):
                 continue
             targets = input_ids[sl][pos].to(device)  # (n,) row-major like the head's logits
             with autocast(device, precision):
                 logits, _ = head(masked[sl].to(device), attention[sl].to(device), pos.to(device))  # (n, V)
+            if model_vocab is not None:
+                logits = logits[:, :model_vocab]  # the version's own vocabulary
             loss_sum += mlm_loss_sum(logits, targets).double()
             top1 += topk_correct(logits, targets, 1)
             top5 += topk_correct(logits, targets, 5)
-    tokens = int(positions.sum())
-    if tokens == 0:
-        return {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0}
-    loss = float(loss_sum) / tokens
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
-            "accuracy": int(top1) / tokens, "top5": int(top5) / tokens, "tokens": tokens}
+    return loss_sum, top1, top5
+
+
+def _restrict(ids: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, unk_id: int,
+              model_vocab: int | None, valid_below: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, masked, positions (N, T) -> (positions scored, masked input as the version reads it): targets
+    at or above ``model_vocab`` / ``valid_below`` are not scored; input ids the version lacks read as unk_id."""
+    limits = [v for v in (model_vocab, valid_below) if v is not None]
+    if limits:
+        positions = positions & (ids < min(limits))
+    if model_vocab is not None:
+        masked = torch.where(masked >= model_vocab, torch.full_like(masked, unk_id), masked)
+    return positions, masked
 
 
 def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> dict[str, Any]:
@@ -138,7 +176,7 @@ def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> dict[str, Any]:
     never_masked = set(tokenizer.all_special_ids) | ({tokenizer.unk_token_id} - {None})
     return {"special_ids": torch.tensor(sorted(never_masked), dtype=torch.long),
             "mask_token_id": int(tokenizer.mask_token_id), "vocab_size": len(tokenizer),
-            "pad_id": tokenizer.pad_token_id,
+            "pad_id": tokenizer.pad_token_id, "unk_id": tokenizer.unk_token_id,
             "word_starts": word_start_table(tokenizer) if recipe.masking.whole_word else None}
 
 
@@ -221,7 +259,7 @@ class ScoreCache:
                 scores = data["scores"]
                 if data.get("key") == key and all(k in scores for k in SCORE_KEYS):
                     self.hits += 1
-                    return {k: scores[k] for k in SCORE_KEYS}
+                    return {k: scores[k] for k in CELL_KEYS if k in scores}
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         self.misses += 1
@@ -256,7 +294,7 @@ class ScoreBook:
 
     def put(self, weights_sha: str, version: str, increment: str, scores: dict[str, Any]) -> None:
         if all(k in scores for k in SCORE_KEYS):
-            self.cache.put(self.key(weights_sha, increment), {k: scores[k] for k in SCORE_KEYS},
+            self.cache.put(self.key(weights_sha, increment), {k: scores[k] for k in CELL_KEYS if k in scores},
                            {"version": version, "column": increment, "settings": self.settings})
 
 
@@ -512,18 +550,20 @@ def _score_cells(ws: Workspace, todo: Cells, scores: dict[str, dict[str, dict[st
             model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
             head = MaskedLMHead(model)
             inputs = tokenizer_inputs(tokenizer, recipe)
+            revision = vocab.version_revision(ws, version, tokenizer)
             for col, key in cells:
+                args = dict(inputs)
                 if col.kind == "increment":
-                    check_tokenizer(col.id, ws.increment_manifest(col.id), models.tokenizer_sha256(tokenizer),
-                                    version, "its scores would be meaningless: leave it out with --data or "
-                                    "that version with --versions")
+                    args.update(vocab.scoring_vocab(
+                        ws.increment_manifest(col.id), col.id, revision, "its scores would be meaningless: leave "
+                        "it out with --data or that version with --versions"))
                     if col.id not in heldout:
                         heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
                     ids, words = heldout[col.id]
                 else:
                     ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
                 result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
-                                         precision=precision, continues=words, **inputs)
+                                         precision=precision, continues=words, **args)
                 scores[version][col.id] = result
                 if key:
                     cache.put(key, result, {"version": version, "column": col.id, "settings": settings})

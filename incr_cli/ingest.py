@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from incr_cli import readers
+from incr_cli import readers, vocab
 from incr_cli.coverage import Coverage, check_coverage
 from incr_cli.diskspace import disk_writes, is_disk_full
 from incr_cli.errors import DiskFull, InputError, IntegrityError, UsageError, clip, shown
@@ -303,6 +303,7 @@ class IngestResult:
     seconds: float = 0.0
     unknown: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the increment
     segmenter: str | None = None  # what gave the Chinese word boundaries (segment.py), if any
+    vocab: dict[str, Any] = field(default_factory=dict)  # vocabulary growth: candidates, added words, tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -529,21 +530,83 @@ def _nothing_new_message(p1: _Pass1) -> str:
     return f"nothing new: all {p1.duplicate:,} documents are already in {where or 'this ingest'}"
 
 
+# ----------------------------------------------------------------------------- vocabulary growth
+
+
+class _DryRun(Exception):
+    """Raised inside the staged folder after the candidates are known: nothing is kept."""
+
+
+@dataclass
+class _Growing:
+    """An ingest's vocabulary growth: how many words were asked for, and what happened (the report)."""
+
+    wanted: int
+    dry_run: bool
+    revision: vocab.Revision | None  # the revision ingest starts from (None: a tokenizer passed in)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _count_words(spool: Path, cutoff: float, tokenizer: Any) -> vocab.WordCounts:
+    """The spooled documents' words, per split (the held-out ones never choose a token)."""
+    counts = vocab.WordCounts()
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "rb") as hash_file:
+        for line in text_file:
+            counts.add(tokenizer, line.rstrip("\n"), hash_unit(hash_file.read(16)) < cutoff)
+    return counts
+
+
+def _grow_tokenizer(tmp: Path, spool: Path, cutoff: float, tokenizer: Any, recipe: Recipe, grow: _Growing,
+                    reporter: Reporter) -> Any:
+    """The tokenizer this increment is tokenized with: ``tokenizer``, or a revision of it grown by the
+    increment's most frequent multi-piece words (stored in ``tmp/tokenizer``). Fills ``grow.report``;
+    raises _DryRun after the report on a dry run."""
+    from incr_cli.models import tokenizer_sha256
+
+    counts = _count_words(spool, cutoff, tokenizer)
+    found = vocab.candidates(counts, tokenizer, recipe.vocab)
+    chosen = found[:grow.wanted]
+    grow.report = {"requested": grow.wanted, "candidates": len(found), "added": [c.to_dict() for c in chosen],
+                   "min_frequency": recipe.vocab.min_frequency, "min_pieces": recipe.vocab.min_pieces}
+    if grow.dry_run:
+        raise _DryRun()
+    if len(found) < grow.wanted:
+        reporter.warn(f"--extend-vocab {grow.wanted}: only {len(found)} word(s) occur at least "
+                      f"{recipe.vocab.min_frequency} times and are cut into {recipe.vocab.min_pieces}+ pieces; "
+                      f"adding {len(found)}")
+    if not chosen:
+        return tokenizer
+    start = len(tokenizer)
+    grown = vocab.extend_tokenizer(tokenizer, [c.token for c in chosen], tmp / vocab.TOKENIZER_DIR)
+    parent = grow.revision.lineage if grow.revision else [tokenizer_sha256(tokenizer)]
+    sha = tokenizer_sha256(grown)
+    grow.report.update(
+        sha256=sha, lineage=[*parent, sha], revision=len(parent), base_size=start, size=len(grown),
+        added=[{**c.to_dict(), "id": start + i} for i, c in enumerate(chosen)],
+        tokens=vocab.token_counts(counts, tokenizer, grown))
+    return grown
+
+
 # ----------------------------------------------------------------------------- the entry point
 
 
 def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt: str = "auto",
            text_field: str = "text", recipe: Recipe, reporter: Reporter | None = None,
-           tokenizer: Any = None, allow_unknown: bool = False) -> IngestResult:
+           tokenizer: Any = None, allow_unknown: bool = False, extend_vocab: int | None = None,
+           dry_run: bool = False) -> IngestResult:
     """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``. The caller holds the lock.
 
     ``tokenizer`` defaults to the tokenizer of the workspace's LATEST version. Returns an
     ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is written then).
     Raises ``InputError`` when no path gave any readable text or the tokenizer cannot represent it
     (see ``coverage``; ``allow_unknown`` lifts the data.unknown_max limit), ``UsageError`` for a bad
-    name or format.
+    name or format, or for ``extend_vocab`` on a tokenizer that cannot grow.
+
+    ``tokenizer`` defaults to the line's newest tokenizer revision (``vocab.line_tokenizer``).
+    ``extend_vocab`` (default ``vocab.max_new_tokens``) adds up to that many new words as tokens
+    (``vocab.py``); ``dry_run`` then reports the candidates and writes nothing.
     """
-    from incr_cli import models  # loads transformers: only when an ingest actually runs
 
     reporter = reporter or Quiet()
     started = time.perf_counter()
@@ -553,18 +616,24 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     if fmt not in FORMATS:
         raise UsageError(f"--format {shown(fmt)}: use one of {', '.join(FORMATS)}")
     increment = ws.next_increment(name or readers.default_name(paths[0]))
-    if tokenizer is None:
-        tokenizer = models.load_tokenizer(ws, ws.latest())
+    line = vocab.line_tokenizer(ws)
+    tokenizer, revision = line if tokenizer is None else (tokenizer, None)
+    grow = _Growing(recipe.vocab.max_new_tokens if extend_vocab is None else extend_vocab, dry_run, revision)
+    if grow.wanted:
+        vocab.growable_kind(tokenizer)  # refuse before reading anything
+    elif dry_run:
+        raise UsageError("--dry-run shows the words --extend-vocab N would add; give --extend-vocab N "
+                         "(or vocab.max_new_tokens) with it")
 
     ws.clean_staging()
     with disk_writes(f"increment {increment}", ws.data):
         return _ingest_into(ws, increment, paths, recipe, tokenizer, reporter, started, fmt=fmt,
-                            text_field=text_field, allow_unknown=allow_unknown)
+                            text_field=text_field, allow_unknown=allow_unknown, grow=grow)
 
 
 def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe, tokenizer: Any,
                  reporter: Reporter, started: float, *, fmt: str, text_field: str,
-                 allow_unknown: bool) -> IngestResult:
+                 allow_unknown: bool, grow: _Growing) -> IngestResult:
     conn = open_index(ws)
     try:
         gone, added = recover_index(ws, conn)
@@ -584,7 +653,11 @@ def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe
         try:
             manifest = _write_increment(ws, conn, increment, files, p1, fmt=fmt, text_field=text_field,
                                         recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter,
-                                        allow_unknown=allow_unknown)
+                                        allow_unknown=allow_unknown, grow=grow)
+        except _DryRun:
+            return IngestResult(None, _dry_run_message(grow.report), sources=p1.sources,
+                                documents=_documents(p1, tally), seconds=time.perf_counter() - started,
+                                vocab=grow.report)
         except _NothingNew:
             return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
                                 documents=_documents(p1, tally), skipped=_skipped_summary(tally),
@@ -599,7 +672,8 @@ def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe
     return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
                         skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
                         bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
-                        unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"))
+                        unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"),
+                        vocab=manifest.get("vocab") or {})
 
 
 def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
@@ -629,16 +703,14 @@ def _already_ingested(conn: sqlite3.Connection, files: list[tuple[SourceFile, st
 
 def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, files: list[tuple[SourceFile, str]],
                      p1: _Pass1, *, fmt: str, text_field: str, recipe: Recipe, tokenizer: Any, tally: Tally,
-                     reporter: Reporter, allow_unknown: bool) -> dict[str, Any]:
+                     reporter: Reporter, allow_unknown: bool, grow: _Growing) -> dict[str, Any]:
     """Both passes inside a staged folder and one index transaction; return the sealed manifest.
 
-    Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing.
+    Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing
+    (``_DryRun`` after choosing the words of a vocabulary dry run).
     """
-    from incr_cli.models import tokenizer_sha256
-
     cls_id, sep_id, pad_id = _special_ids(tokenizer)
-    vocab_size = len(tokenizer)
-    dtype, seq_len = token_dtype(vocab_size), recipe.model.max_seq_len
+    seq_len = recipe.model.max_seq_len
     conn.execute("BEGIN IMMEDIATE")
     try:
         with ws.staged_folder(ws.increment_dir(increment)) as tmp:
@@ -650,6 +722,9 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
                 raise _NothingNew()
             units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
             cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
+            if grow.wanted:
+                tokenizer = _grow_tokenizer(tmp, spool, cutoff, tokenizer, recipe, grow, reporter)
+            ids, dtype = _tokenizer_fields(tokenizer, grow), token_dtype(len(tokenizer))
             segmenter = _segmenter(recipe, spool)
             splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
             coverage = Coverage(tokenizer.unk_token_id)
@@ -665,13 +740,10 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
                            refuse_above=recipe.data.unknown_max, allow_unknown=allow_unknown, reporter=reporter)
             spool.with_suffix(".txt").unlink()
             spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
-            conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
-                             [(s["sha256"], increment, s["reader"]) for s in p1.sources])
-            conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
+            _record_sources(conn, increment, p1)
             manifest = seal_folder(tmp, base_manifest(
                 "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
-                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, vocab_size=vocab_size,
-                tokenizer_sha256=tokenizer_sha256(tokenizer), reader={"format": fmt, "text_field": text_field},
+                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **ids, reader={"format": fmt, "text_field": text_field},
                 sources=p1.sources, documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
                 sequences={"train": train.rows, "heldout": heldout.rows},
                 tokens={"train": train.tokens, "heldout": heldout.tokens},
@@ -686,6 +758,29 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
             conn.execute("ROLLBACK")
         raise
     return manifest
+
+
+def _record_sources(conn: sqlite3.Connection, increment: str, p1: _Pass1) -> None:
+    conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
+                     [(s["sha256"], increment, s["reader"]) for s in p1.sources])
+    conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
+
+
+def _tokenizer_fields(tokenizer: Any, grow: _Growing) -> dict[str, Any]:
+    """The manifest's record of the tokenizer the ids come from: vocabulary size, sha256, the lineage
+    of revisions it extends (vocab.py), and what this ingest added (``vocab``; None when nothing)."""
+    from incr_cli.models import tokenizer_sha256
+
+    grown = bool(grow.report.get("sha256"))
+    lineage = (grow.report["lineage"] if grown else grow.revision.lineage if grow.revision
+               else [tokenizer_sha256(tokenizer)])
+    return {"vocab_size": len(tokenizer), "tokenizer_sha256": lineage[-1], "tokenizer_lineage": lineage,
+            "vocab": grow.report if grown else None}
+
+
+def _dry_run_message(report: dict[str, Any]) -> str:
+    n, found = len(report["added"]), report["candidates"]
+    return f"dry run: {n} of {found} candidate word(s) would be added to the vocabulary; nothing was written"
 
 
 def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:

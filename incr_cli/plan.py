@@ -20,7 +20,7 @@ from incr_cli.strategy import get_strategy
 from incr_cli.workspace import Workspace
 
 # Recipe keys that do not change the trained weights: left out of the resume key.
-_NOT_IN_KEY = {"eval", "gate", "tracking", "retention"}  # what is measured, reported or kept, not trained
+_NOT_IN_KEY = {"eval", "gate", "tracking", "retention", "vocab"}  # measured, reported, kept or ingest-only
 _RUNTIME_IN_KEY = ("device", "precision")
 
 

@@ -180,6 +180,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class VocabConfig:
+    max_new_tokens: int = knob(0, "Ingest adds up to this many of the increment's most frequent words that the tokenizer splits into several pieces (or maps to [UNK]) as new tokens; 0 = off; `--extend-vocab N` sets it.", lo=0)
+    min_frequency: int = knob(5, "A word must occur at least this many times in the increment's training documents to be added.", lo=1)
+    min_pieces: int = knob(2, "A word must be cut into at least this many pieces (or be [UNK]) to be added.", lo=2)
+
+
+@dataclass(frozen=True)
 class MaskingConfig:
     probability: float = knob(0.15, "Share of (non-special) tokens masked per sequence.", lo=0.0, hi=1.0, lo_open=True)
     per_sequence: Optional[int] = knob(None, "Mask exactly this many tokens per sequence instead (like max_predictions_per_seq).", lo=1)
@@ -287,6 +294,7 @@ class RetentionConfig:
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -348,10 +348,12 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
 
 def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementShards],
               replay: list[IncrementShards], recipe: Recipe, plan: IncrementPlan, *, device: torch.device,
-              precision: str, ctx: distributed.DistContext, reporter: Reporter) -> tuple[Run, int]:
-    """Teacher (a frozen copy of ``model`` as it is now), student, optimizer and sampler -> (run, trainable)."""
+              precision: str, ctx: distributed.DistContext, reporter: Reporter,
+              shared_vocab: int | None = None) -> tuple[Run, int]:
+    """Teacher (a frozen copy of ``model`` as it is now), student, optimizer and sampler -> (run, trainable).
+    ``shared_vocab``: the model grew from a vocabulary of that size, which distillation compares over."""
     has_replay = plan.replay_per_batch > 0
-    terms = get_strategy(recipe.strategy.name).loss_terms(recipe, has_replay)
+    terms = get_strategy(recipe.strategy.name).loss_terms(recipe, has_replay, shared_vocab=shared_vocab)
     teacher = None
     if any(term.needs_teacher for term in terms):
         teacher_model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -132,12 +132,21 @@ class MlmReplay:
 
 @dataclass
 class LogitDistill:
+    """KL between teacher and student at the masked positions. After vocabulary growth
+    (``shared_vocab``: the teacher's vocabulary size) both distributions are softmaxes over the ids
+    they share, the teacher's vocabulary: the student's is renormalised over those ids, and the new
+    tokens' logits get no gradient from this term (learning them is the MLM terms' job)."""
+
     weight: float
     temperature: float
+    shared_vocab: int | None = None
     name, needs_teacher, needs_hidden = "distill", True, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        return kd_loss_sum(out.student_logits, out.teacher_logits, self.temperature) / out.norm.masked_targets
+        student, teacher = out.student_logits, out.teacher_logits  # (n, V)
+        if self.shared_vocab is not None:
+            student, teacher = student[:, :self.shared_vocab], teacher[:, :self.shared_vocab]
+        return kd_loss_sum(student, teacher, self.temperature) / out.norm.masked_targets
 
 
 @dataclass
@@ -219,13 +228,14 @@ class Strategy:
         """From ``parent``: new = its pending increments, replay = its lineage's, start from its weights."""
         return TrainingData(ws.pending(parent), ws.trained_on(parent))
 
-    def loss_terms(self, recipe: Recipe, has_replay: bool) -> list[LossTerm]:
-        """The terms of the loop; a zero weight builds no term (and no teacher when none needs one)."""
+    def loss_terms(self, recipe: Recipe, has_replay: bool, shared_vocab: int | None = None) -> list[LossTerm]:
+        """The terms of the loop; a zero weight builds no term (and no teacher when none needs one).
+        ``shared_vocab``: the student grew from the teacher's vocabulary of that size (``LogitDistill``)."""
         terms: list[LossTerm] = [MlmNew()]
         if has_replay:
             terms.append(MlmReplay(recipe.replay.weight))
         if recipe.distill.alpha > 0:
-            terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature))
+            terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature, shared_vocab))
         if recipe.distill.hidden_weight > 0:
             terms.append(HiddenDistill(recipe.distill.hidden_weight, recipe.distill.hidden_loss))
         return terms

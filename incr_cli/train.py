@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from incr_cli import device as devices
-from incr_cli import distributed, embed, tracking
+from incr_cli import distributed, embed, tracking, vocab
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
-from incr_cli.evaluate import SCORE_KEYS, score_sequences, tokenizer_inputs
+from incr_cli.evaluate import CELL_KEYS, score_sequences, tokenizer_inputs
 from incr_cli.faults import fault_point
 from incr_cli.plan import IncrementPlan, plan_increment, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
@@ -36,23 +36,31 @@ from incr_cli.workspace import Workspace, finite_json
 
 
 def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: list[str], recipe: Recipe,
-                     tok_inputs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """Held-out scores of the student now (``evaluate.SCORE_KEYS``), per increment with held-out rows."""
+                     tok_inputs: dict[str, Any], *, model_vocab: int | None = None,
+                     valid_below: int | None = None) -> dict[str, dict[str, float | None]]:
+    """Held-out scores of the student now (``evaluate.CELL_KEYS``), per increment with held-out rows.
+
+    Masks come from each increment's own vocabulary; ``model_vocab`` scores the student as the version
+    it grew from (the parent's vocabulary: the "before" of a run that grows it), ``valid_below`` only
+    at positions whose target id is below it (see ``evaluate.score_sequences``)."""
     scores = {}
     for inc in increments:
         if len(shards[inc].heldout) == 0:
             continue
+        args = {**tok_inputs, "vocab_size": int(shards[inc].manifest.get("vocab_size") or tok_inputs["vocab_size"])}
         s = score_sequences(run.student_head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
-                            precision=run.precision, continues=shards[inc].heldout_words, **tok_inputs)
-        scores[inc] = {k: finite_json(s[k]) for k in SCORE_KEYS}
+                            precision=run.precision, continues=shards[inc].heldout_words, model_vocab=model_vocab,
+                            valid_below=valid_below, **args)
+        scores[inc] = {k: finite_json(s[k]) for k in CELL_KEYS}
     return scores
 
 
 def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], plan: IncrementPlan,
-                  recipe: Recipe, tok_inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                  recipe: Recipe, tok_inputs: dict[str, Any], parent_vocab: int | None = None) -> dict[str, dict[str, Any]]:
     """The parent's scores on the gate's increments (``evaluate.gate_sample``): read from the score
     book where recorded (the parent's own "after", or an eval), scored now (and recorded) only where
-    not; each entry says which ("source": "recorded" or "scored")."""
+    not; each entry says which ("source": "recorded" or "scored"). ``parent_vocab``: the student
+    was grown from the parent's vocabulary of that size, and is scored as the parent (``incr eval``'s cell)."""
     from incr_cli.evaluate import ScoreBook, gate_sample, weights_checksum
 
     book = ScoreBook(ws, recipe, run.precision)
@@ -64,7 +72,7 @@ def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], p
             missing.append(inc)
         else:
             before[inc] = {**hit, "source": "recorded"}
-    for inc, scores in evaluate_lineage(run, shards, missing, recipe, tok_inputs).items():
+    for inc, scores in evaluate_lineage(run, shards, missing, recipe, tok_inputs, model_vocab=parent_vocab).items():
         book.put(parent_sha, plan.parent, inc, scores)
         before[inc] = {**scores, "source": "scored"}
     return before
@@ -91,8 +99,8 @@ def _gate_sample(recipe: Recipe, plan: IncrementPlan, shards: dict[str, Incremen
 
 
 def _shown(scores: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Scores as metrics.json keeps them: loss, perplexity, accuracy."""
-    return {inc: {k: s.get(k) for k in ("loss", "perplexity", "accuracy")} for inc, s in scores.items()}
+    """Scores as metrics.json keeps them: loss, perplexity, accuracy, coverage."""
+    return {inc: {k: s.get(k) for k in ("loss", "perplexity", "accuracy", "coverage")} for inc, s in scores.items()}
 
 
 def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], pending: list[str],
@@ -255,6 +263,7 @@ class Session:
     store: ResumeStore
     tracker: tracking.Tracker  # TensorBoard / MLflow sinks (rank 0; a no-op elsewhere)
     resumed_from: int | None = None  # the step a resumed run continued from
+    growth: vocab.Growth | None = None  # the vocabulary the student grew by (vocab.py), if it grew
 
     def strategy_inputs(self, reporter: Reporter) -> StrategyInputs:
         return StrategyInputs(self.ws, self.recipe, self.plan.parent, self.plan.new, self.plan.replay,
@@ -286,7 +295,6 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
 def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
             reporter: Reporter, tracker: tracking.Tracker) -> Session:
     """Load the parent (student and teacher), open the data, build the run and the strategy's extra terms."""
-    from incr_cli import models
 
     started = time.perf_counter()
     device = ctx.device
@@ -294,17 +302,14 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
     devices.configure_threads(_threads_per_rank(recipe))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
+    model, tokenizer, growth = _load_parent(ws, recipe, plan, device, ctx, reporter)
     with ws.verifying_many():
         shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
-    tokenizer_sha = models.tokenizer_sha256(tokenizer)  # once: it serialises the whole tokenizer
-    for inc, s in shards.items():
-        check_tokenizer(inc, s.manifest, tokenizer_sha, plan.parent,
-                        "it cannot be trained into this line: ingest it into a workspace of its own")
     tok_inputs = tokenizer_inputs(tokenizer, recipe)
     torch.manual_seed(recipe.train.seed * 7919 + ctx.rank)  # dropout stream; masks use their own seeds
     run, trainable = build_run(model, tok_inputs, [shards[d] for d in plan.new], [shards[d] for d in plan.replay],
-                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=reporter)
+                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=reporter,
+                               shared_vocab=growth.parent_size if growth else None)
     reporter.log(f"training {', '.join(plan.new)} into {plan.parent}'s line: {plan.steps} steps, "
                  f"{trainable:,} trainable parameters, {device} {precision}"
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
@@ -312,7 +317,7 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
     _log_full_head(run, reporter)
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
     session = Session(ws, recipe, plan, key, ctx, reporter, started, precision, run, trainable, shards, tokenizer,
-                      tok_inputs, get_strategy(recipe.strategy.name), store, tracker)
+                      tok_inputs, get_strategy(recipe.strategy.name), store, tracker, growth=growth)
     # The student still holds the parent's weights: the EWC anchor (and, next, the "before" scores).
     run.terms += session.strategy.extra_terms(session.strategy_inputs(reporter))
     if ctx.is_main:
@@ -321,6 +326,26 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
                     f"resumable state of an interrupted run from {plan.parent} with other data or settings")
             reporter.log(f"{other['path']}: {what}; this run starts afresh and removes it when it writes its version")
     return session
+
+
+def _load_parent(ws: Workspace, recipe: Recipe, plan: IncrementPlan, device: torch.device,
+                 ctx: distributed.DistContext, reporter: Reporter) -> tuple[Any, Any, vocab.Growth | None]:
+    """The parent's model and tokenizer, grown to the newest tokenizer revision of the new increments
+    (``vocab.py``) -> (model, tokenizer, growth or None); every increment's ids checked against it."""
+    from incr_cli import models
+
+    model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
+    revision = vocab.version_revision(ws, plan.parent, tokenizer)
+    growth = vocab.training_growth(ws, revision, plan.new, plan.replay)
+    if growth is not None:
+        vocab.grow_embeddings(model, growth)
+        tokenizer, revision = growth.tokenizer, growth.revision
+        reporter.log(f"vocabulary: {growth.parent_size:,} -> {len(tokenizer):,} tokens (revision {revision.number}); "
+                     "new rows start as the mean of their pieces' rows, the teacher keeps its vocabulary")
+    for inc in dict.fromkeys([*plan.earlier, *plan.new]):
+        check_tokenizer(inc, ws.increment_manifest(inc), revision.lineage, plan.parent,
+                        "it cannot be trained into this line: ingest it into a workspace of its own")
+    return model, tokenizer, growth
 
 
 def _resume_or_score_parent(s: Session) -> TrainState:
@@ -332,7 +357,8 @@ def _resume_or_score_parent(s: Session) -> TrainState:
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     if s.store.current() is None:
         if s.ctx.is_main:
-            state.eval_before = before_scores(s.ws, run, s.shards, plan, s.recipe, s.tok_inputs)
+            state.eval_before = before_scores(s.ws, run, s.shards, plan, s.recipe, s.tok_inputs,
+                                              s.growth.parent_size if s.growth else None)
         if plan.init_from:
             models.load_weights_into(run.model, s.ws, plan.init_from, s.recipe, device)
     loaded = s.store.load(run.model, device)
@@ -475,10 +501,11 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     before = state.eval_before or {}
     after = evaluate_lineage(run, s.shards, [d for d in plan.trained_on if d in before], recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
-    passed, checks, ppl_change = gate_checks(recipe, before, after, plan.pending, plan.earlier)
+    shared = _shared_scores(s, after)
+    passed, checks, ppl_change = gate_checks(recipe, before, {**after, **shared}, plan.pending, plan.earlier)
     # on the gate's sample, like the scores: a cost that stays bounded as the lineage grows
     drift = embed.version_drift(ws, plan.parent, run.model, {d: s.shards[d] for d in after}, recipe,
-                                device=run.device, precision=s.precision)
+                                device=run.device, precision=s.precision, growth=s.growth)
     checks += embed.drift_checks(recipe, drift)
     passed = all(c["passed"] for c in checks)
     version = ws.next_version()
@@ -501,7 +528,8 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "precision_choice": _precision_choice(recipe, run.device),
         "trainable_parameters": s.trainable, "total_parameters": sum(p.numel() for p in run.model.parameters()),
         "loss": {k: finite_json(v) for k, v in losses.items()},
-        "eval": {"before": _shown(before), "after": _shown(after)}, "forgetting": ppl_change, "embedding_drift": drift,
+        "eval": {"before": _shown(before), "after": _shown(after), "after_shared_vocab": _shown(shared)},
+        "forgetting": ppl_change, "embedding_drift": drift, "vocab": _growth_record(s.growth),
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
         "resumed_from_step": s.resumed_from,
         "head": {"kind": run.student_head.kind, "masked_last_layer": run.student_head.masked_last_layer},
@@ -523,6 +551,30 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
                        resumed_from=s.resumed_from)
 
 
+def _shared_scores(s: Session, after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """After vocabulary growth: the new version's scores on the pending increments at the positions
+    whose target the parent has too, so the gate compares both versions on the same positions."""
+    if s.growth is None:
+        return {}
+    pending = [d for d in s.plan.pending if d in after]
+    return evaluate_lineage(s.run, s.shards, pending, s.recipe, s.tok_inputs, valid_below=s.growth.parent_size)
+
+
+def _growth_record(growth: vocab.Growth | None) -> dict[str, Any] | None:
+    """What the manifest and metrics say about the vocabulary a version grew (None: it did not grow)."""
+    if growth is None:
+        return None
+    return {**growth.revision.to_dict(), "parent_size": growth.parent_size, "tokens_added": len(growth.added),
+            "added": [{k: a[k] for k in ("token", "id", "frequency", "piece_ids")} for a in growth.added]}
+
+
+def _tokenizer_record(s: Session) -> dict[str, Any]:
+    """The version manifest's ``tokenizer``: its revision (sha256, lineage, number, size)."""
+    if s.growth is not None:
+        return s.growth.revision.to_dict()
+    return vocab.version_revision(s.ws, s.plan.parent, s.tokenizer).to_dict()
+
+
 def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) -> dict[str, Any]:
     """The new version's manifest (``models.save_version`` adds the files and their checksums)."""
     from incr_cli import models
@@ -537,7 +589,8 @@ def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) ->
             "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
             "software": models.software_versions(), "device": str(s.run.device), "precision": s.precision,
             "precision_choice": metrics["precision_choice"],
-            "world_size": s.run.ctx.world_size, "steps": state.step, "run_key": s.key}
+            "world_size": s.run.ctx.world_size, "steps": state.step, "run_key": s.key,
+            "tokenizer": _tokenizer_record(s), "vocab_growth": metrics["vocab"]}
 
 
 __all__ = ["TrainResult", "train_increment", "evaluate_lineage", "gate_checks"]

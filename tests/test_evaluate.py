@@ -99,7 +99,7 @@ def test_max_sequences_and_empty_input(three, eval_recipe):
     assert 0 < few["tokens"] < full["tokens"]
     empty = ev.score_sequences(head, ids[:0], increment_id=d1, recipe=eval_recipe, device="cpu",
                                precision="fp32", **inputs)
-    assert empty == {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0}
+    assert empty == {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0, "coverage": None}
 
 
 def test_bf16_autocast_path_runs_and_stays_close(three, eval_recipe):

@@ -40,6 +40,12 @@ def ingest_cmd(
     allow_unknown: Annotated[bool, typer.Option(
         "--allow-unknown", help="Ingest even when more than data.unknown_max of the tokens are unknown ([UNK]) "
                                 "or of the characters map to no token.")] = False,
+    extend_vocab: Annotated[int | None, typer.Option(
+        "--extend-vocab", metavar="N", min=0,
+        help="Add up to N of the increment's most frequent words that the tokenizer cuts into several pieces "
+             "(or maps to [UNK]) as new tokens (default: vocab.max_new_tokens).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --extend-vocab: print the words that would be added; write nothing.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Clean, deduplicate, split (held-out by document hash), tokenize and pack PATH... into data/dNNNN-NAME/.
@@ -57,12 +63,17 @@ def ingest_cmd(
     resolved = load_recipe(recipe or ws.recipe_path, overrides)
     with ws.lock("ingest"):
         result = ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out,
-                        allow_unknown=allow_unknown)
+                        allow_unknown=allow_unknown, extend_vocab=extend_vocab, dry_run=dry_run)
     if json_out:
         out.emit_json({"workspace": str(ws.root), **result.to_dict()})
         return
     if result.increment is None and not result.sources and not result.skipped:
         out.log(result.message)  # the early no-op: nothing was read
+        return
+    if result.vocab.get("added") or dry_run:
+        _vocab_tables(out, result.vocab)
+    if dry_run:
+        out.log(result.message)
         return
     rows = _summary_rows(result)
     out.table(result.increment or "nothing written", ["", ""], rows)
@@ -93,6 +104,20 @@ def _summary_rows(result: Any) -> list[list[str]]:
     rate = result.bytes_read / 1e6 / result.seconds if result.seconds else 0.0
     rows.append(["time", f"{result.seconds:.1f} s ({rate:.1f} MB/s)"])
     return rows
+
+
+def _vocab_tables(out: Output, report: dict[str, Any]) -> None:
+    """The words added (or, on a dry run, that would be), and tokens per document before and after."""
+    added = report.get("added") or []
+    rows = [[escape(a["word"]), f"{a['frequency']:,}", f"{len(a['pieces'])} -> 1", escape(" ".join(a["pieces"]))]
+            for a in added]
+    title = f"new tokens: {len(added)} of {report.get('candidates', 0)} candidates ({report.get('requested', 0)} asked)"
+    out.table(title, ["word", "frequency", "tokens", "pieces before"], rows)
+    tokens = report.get("tokens")
+    if tokens:
+        out.table("tokens per document", ["split", "documents", "before", "after"],
+                  [[split, f"{t['documents']:,}", f"{t['per_document_before']}", f"{t['per_document_after']}"]
+                   for split, t in tokens.items() if t["documents"]])
 
 
 def _unknown_row(unknown: dict) -> str:
