@@ -53,22 +53,29 @@ def matrix_table(result: EvalResult, metric: str) -> tuple[str, list[str], list[
     """(title, columns, rows) of one metric: versions as rows, columns as in the result.
 
     A cell is marked ``*`` when the version's lineage was trained on that increment, and is bold
-    (on a terminal) when the version itself trained on it.
+    (on a terminal) when the version itself trained on it. A cell scored on part of the masked
+    positions (the version lacks tokens the increment's tokenizer revision added) says which share.
     """
     title, _ = METRICS[metric]
     columns = ["version", *[c.id for c in result.columns]]
     rows = []
+    partial = False
     for info in result.versions:
         cells = [row_label(result, info.version)]
         for col in result.columns:
             text = fmt(metric, result.value(info.version, col.id, metric))
+            coverage = result.value(info.version, col.id, "coverage")
+            if coverage is not None and coverage < 1:
+                text += f" ({coverage:.0%})"
+                partial = True
             if col.id in info.trained_on:
                 text += MARK_TRAINED
             if col.id in info.new:
                 text = f"[bold]{text}[/bold]"
             cells.append(text)
         rows.append(cells)
-    return f"{title}; {MARK_TRAINED} = trained on", columns, rows
+    note = "; (N%) = share of the masked positions the version's vocabulary can score" if partial else ""
+    return f"{title}; {MARK_TRAINED} = trained on{note}", columns, rows
 
 
 def summary_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]]:

@@ -409,8 +409,19 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
+def _grown_rows(fisher: dict[str, torch.Tensor], trainable: dict[str, nn.Parameter]) -> None:
+    """In place: a Fisher of a parent whose vocabulary the student grew from (vocab.py) gets zero rows
+    for the new tokens' rows (embeddings, output projection and bias): EWC holds only what the
+    parent had."""
+    for name, p in trainable.items():
+        f = fisher.get(name)
+        if f is not None and f.dim() == p.dim() and f.shape[0] < p.shape[0] and f.shape[1:] == p.shape[1:]:
+            fisher[name] = torch.cat([f, f.new_zeros((p.shape[0] - f.shape[0], *f.shape[1:]))])
+
+
 def _check_fisher(fisher: dict[str, torch.Tensor], trainable: dict[str, nn.Parameter], parent: str) -> None:
     """IntegrityError when a stored Fisher does not fit the model it is to anchor."""
+    _grown_rows(fisher, trainable)
     for name, p in trainable.items():
         if name in fisher and fisher[name].shape != p.shape:
             raise IntegrityError(f"{parent}/{FISHER_FILE}: {name} has shape {tuple(fisher[name].shape)}, the "

@@ -97,8 +97,9 @@ def test_distillation_is_over_the_teachers_vocabulary_with_the_student_renormali
 # ----------------------------------------------------------------------------- a grown line end to end
 
 
-def _grown_line(tmp_path: Path, family: str) -> tuple[Workspace, list[str]]:
-    """v0001 trained on an Austen excerpt; d0002 (Python docs) ingested with NEW_WORDS new tokens."""
+def _grown_line(tmp_path: Path, family: str, first: tuple[str, ...] = ()) -> tuple[Workspace, list[str]]:
+    """v0001 trained on an Austen excerpt (recipe overrides ``first``); d0002 (Python docs) ingested
+    with NEW_WORDS new tokens."""
     base = "scratch:tiny" if family == "bert" else str(write_family_dir(tmp_path / "base", family))
     root = tmp_path / "ws"
     init_workspace(root, base, load_recipe(REPO / "recipes" / "cpu-tiny.yaml", TINY))
@@ -107,11 +108,11 @@ def _grown_line(tmp_path: Path, family: str) -> tuple[Workspace, list[str]]:
     texts.mkdir()
     recipe = load_recipe(ws.recipe_path)
     with ws.lock("test"):
-        first = ingest(ws, [str(excerpt("austen.txt", slice(0, 120), texts))], recipe=recipe).increment
-        train_increment(ws, recipe)
+        first_inc = ingest(ws, [str(excerpt("austen.txt", slice(0, 120), texts))], recipe=recipe).increment
+        train_increment(ws, load_recipe(ws.recipe_path, list(first)))
         second = ingest(ws, [str(excerpt("pydocs.txt", slice(0, 300), texts))], recipe=recipe,
                         extend_vocab=NEW_WORDS).increment
-    return ws, [first, second]
+    return ws, [first_inc, second]
 
 
 @pytest.mark.slow
@@ -146,6 +147,8 @@ def test_a_grown_line_trains_scores_comparably_and_loads_with_transformers(tmp_p
     assert scores.scores["v0002"][austen]["coverage"] == 1.0
     assert scores.summaries["perplexity"].to_dict([austen, pydocs])  # forgetting etc. computed
     assert runner.invoke(app, ["verify", str(ws.root), "--all"]).exit_code == 0
+    shown = runner.invoke(app, ["eval", str(ws.root)])  # cached cells: nothing scored again
+    assert shown.exit_code == 0 and f"({before[pydocs]['coverage']:.0%})" in shown.output, shown.output
 
     folder = str(ws.version_dir("v0002"))
     tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForMaskedLM.from_pretrained(folder)
@@ -156,6 +159,18 @@ def test_a_grown_line_trains_scores_comparably_and_loads_with_transformers(tmp_p
     fill = pipeline("fill-mask", model=folder, tokenizer=folder, device="cpu")
     predictions = fill(f"The {fill.tokenizer.mask_token} of {word} is here.", top_k=3)
     assert len(predictions) == 3
+
+
+@pytest.mark.slow
+def test_ewc_holds_only_the_parents_rows_and_joint_refuses_a_grown_vocabulary(tmp_path):
+    ws, _ = _grown_line(tmp_path, "bert", first=("strategy.name=ewc",))
+    assert (ws.version_dir("v0001") / "fisher.safetensors").is_file()
+    joint = runner.invoke(app, ["train-increment", str(ws.root), "strategy.name=joint"])
+    assert joint.exit_code == 2 and "architecture" in joint.output and ws.versions() == ["v0000", "v0001"]
+    ewc = runner.invoke(app, ["train-increment", str(ws.root), "strategy.name=ewc"])
+    assert ewc.exit_code == 0, ewc.output
+    assert "ewc" in ws.version_manifest("v0002")["recipe"]["strategy"]["name"]
+    assert json.loads((ws.version_dir("v0002") / "metrics.json").read_text())["vocab"]["tokens_added"] == NEW_WORDS
 
 
 @pytest.mark.slow
