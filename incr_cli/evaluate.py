@@ -201,10 +201,12 @@ def heldout_words(ws: Workspace, increment_id: str) -> np.ndarray | None:
 
 def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe: Recipe, tokenizer: Any,
                     device: torch.device | str, precision: str) -> dict[str, Any]:
-    """score_sequences on an increment's held-out split (its checksum checked first)."""
+    """score_sequences on an increment's held-out split (its checksum checked first), masked over the
+    increment's own vocabulary like ``incr eval``."""
+    inputs = tokenizer_inputs(tokenizer, recipe)
+    inputs["vocab_size"] = int(ws.increment_manifest(increment_id).get("vocab_size") or inputs["vocab_size"])
     return score_sequences(head, read_heldout(ws, increment_id), increment_id=increment_id, recipe=recipe,
-                           device=device, precision=precision, continues=heldout_words(ws, increment_id),
-                           **tokenizer_inputs(tokenizer, recipe))
+                           device=device, precision=precision, continues=heldout_words(ws, increment_id), **inputs)
 
 
 def held_out_scores(model: torch.nn.Module, tokenizer: Any, ws: Workspace, increments: list[str], recipe: Recipe,

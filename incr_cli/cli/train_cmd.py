@@ -102,13 +102,14 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
         out.emit_json(metrics)
         return
     before, after = metrics["eval"]["before"], metrics["eval"]["after"]
+    shared = metrics["eval"].get("after_shared_vocab") or {}
     new = set(metrics["data"]["new"])
     rows = []
     for inc in [*metrics["data"].get("earlier", metrics["data"]["replay"]), *metrics["data"]["new"]]:
         if inc not in after:
             rows.append([inc, "new" if inc in new else "earlier", "-", "-", "-", "no held-out data"])
             continue
-        b, a = before.get(inc, {}), after[inc]
+        b, a = before.get(inc, {}), shared.get(inc, after[inc])  # like with like after vocabulary growth
         change = (a["perplexity"] / b["perplexity"] - 1) if b.get("perplexity") and a.get("perplexity") else None
         rows.append([inc, "new" if inc in new else "earlier",
                      fmt("perplexity", b.get("perplexity")), fmt("perplexity", a.get("perplexity")),
@@ -116,6 +117,10 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
                      f"{fmt('accuracy', b.get('accuracy'))} -> {fmt('accuracy', a.get('accuracy'))}"])
     out.table(f"{metrics['version']} vs {metrics['parent']}: held-out perplexity",
               ["increment", "data", "before", "after", "change", "accuracy"], rows)
+    for inc, s in shared.items():
+        out.log(f"{inc}: compared on the {s.get('coverage') or 0:.0%} of masked positions whose target {metrics['parent']} "
+                f"has too (the vocabulary grew); on every position {fmt('perplexity', after[inc]['perplexity'])}, "
+                f"accuracy {fmt('accuracy', after[inc]['accuracy'])}")
     gate = metrics["gate"]
     for check in gate["checks"]:
         mark = "ok" if check["passed"] else "FAILED"
