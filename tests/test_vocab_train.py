@@ -1,7 +1,7 @@
 """Vocabulary growth in training and evaluation (issue 15, parts 3-5): the student grows to the
 newest tokenizer revision with new rows at the mean of their pieces, distillation compares over the
 teacher's vocabulary, scores stay comparable across vocabularies, and the version folder loads with
-transformers. Tiny BERT (WordPiece) and RoBERTa (byte-level BPE) models, shipped sample text."""
+transformers. Tiny BERT (WordPiece), RoBERTa (byte-level BPE) and XLM-R (Unigram) models, shipped sample text."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def _grown_line(tmp_path: Path, family: str, first: tuple[str, ...] = ()) -> tup
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta"])
 def test_a_grown_line_trains_scores_comparably_and_loads_with_transformers(tmp_path, family):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
