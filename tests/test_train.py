@@ -304,7 +304,7 @@ def test_two_increments_end_to_end(tiny_workspace, tmp_path):
     assert set(metrics["loss"]) >= {"mlm_new", "mlm_replay", "distill", "total"}
     assert all(metrics["loss"][k] > 0 for k in ("mlm_new", "mlm_replay", "distill", "total"))
     assert set(metrics["eval"]["before"]) == set(metrics["eval"]["after"]) == set(ws.increments())
-    assert set(metrics["eval"]["after"][ws.increments()[0]]) == {"loss", "perplexity", "accuracy"}
+    assert set(metrics["eval"]["after"][ws.increments()[0]]) == {"loss", "perplexity", "accuracy", "coverage"}
     assert list(metrics["forgetting"]) == [ws.increments()[0]]
     assert metrics["gate"]["passed"] and metrics["gate"]["checks"][0]["check"] == "max_forgetting"
     assert metrics["steps"] == 6 and metrics["tokens"] > 0 and metrics["tokens_per_second"] > 0
