@@ -35,7 +35,7 @@ from incr_cli.data import IncrementShards, open_increment
 from incr_cli.errors import UsageError
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
-from incr_cli.workspace import Workspace, fsync_dir, fsync_tree
+from incr_cli.workspace import Workspace, folder_beside
 
 _LAYER_RE = re.compile(r"(\.(?:layer|layers)\.)(\d+)(\.)")
 
@@ -212,11 +212,7 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
     built beside it and renamed into place, so it appears whole or not at all."""
     from incr_cli.models import save_version
 
-    for stale in into.parent.glob(f".{into.name}.tmp-*"):  # left by a killed compress into the same name
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = into.parent / f".{into.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    with folder_beside(into, "tmp") as tmp:
         new = Workspace(tmp)
         shutil.copy2(ws.recipe_path, new.recipe_path)
         _copy_data(ws, new)
@@ -224,12 +220,6 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
                      {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
         new.move_latest("v0000", command="compress", reason=f"student distilled from {ws.root}")
         shutil.rmtree(new.staging, ignore_errors=True)  # its verify cache names the temporary paths
-        fsync_tree(tmp)
-        os.rename(tmp, into)
-        fsync_dir(into.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def check_destination(into: Path) -> None:

@@ -26,6 +26,7 @@ import datetime as _dt
 import errno
 import fcntl
 import getpass
+import glob
 import hashlib
 import json
 import math
@@ -222,6 +223,41 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(path)
 
 
+@contextlib.contextmanager
+def _filled_then_renamed(tmp: Path, final: Path, ready: Callable[[], None] | None = None) -> Iterator[Path]:
+    """The one way a folder appears whole or not at all: make ``tmp``, yield it to be filled, fsync
+    it, call ``ready`` (last checks), rename it to ``final`` and fsync both folders. On any
+    exception ``tmp`` is removed and ``final`` is untouched."""
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if ready is not None:
+            ready()
+        os.rename(tmp, final)  # a non-empty ``final`` created meanwhile makes this fail: nothing is overwritten
+        fsync_dir(final.parent)  # the new entry...
+        if tmp.parent != final.parent:
+            fsync_dir(tmp.parent)  # ...and the one that left
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def folder_beside(final: Path, tag: str) -> Iterator[Path]:
+    """Yield an empty hidden folder beside ``final`` (``.NAME.TAG-XXXXXXXX``, on the same filesystem);
+    on success it is fsynced and renamed to ``final``, so ``final`` appears whole or not at all.
+
+    For folders outside a workspace (``incr export``'s OUT, ``incr compress``'s new line). The
+    leftovers of a writer killed while it built the same ``final`` are removed first; on any
+    exception the folder is removed. ``final`` must not exist (or be an empty folder)."""
+    prefix = f".{final.name}.{tag}-"
+    for stale in final.parent.glob(glob.escape(prefix) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    with _filled_then_renamed(final.parent / f"{prefix}{uuid.uuid4().hex[:8]}", final) as tmp:
+        yield tmp
+
+
 def safe_relpath(folder: Path, rel: str) -> Path:
     """``folder / rel``, refusing absolute paths and anything that escapes ``folder``."""
     if not isinstance(rel, str) or "\x00" in rel:
@@ -404,22 +440,16 @@ class Workspace:
         On any exception the staged folder is removed and ``final`` is untouched. ``final`` must not exist.
         """
         self.staging.mkdir(parents=True, exist_ok=True)
-        tmp = self.staging / f"tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            fsync_tree(tmp)
+
+        def ready() -> None:
             if not final.parent.is_dir():
                 final.parent.mkdir(parents=True)
                 fsync_dir(final.parent.parent)  # the new folder's own entry
             if final.exists():
                 raise IntegrityError(f"{final}: already exists; versions and increments are never overwritten")
-            os.rename(tmp, final)
-            fsync_dir(final.parent)  # the new entry...
-            fsync_dir(tmp.parent)  # ...and the one that left staging/
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        with _filled_then_renamed(self.staging / f"tmp-{final.name}-{uuid.uuid4().hex[:8]}", final, ready) as tmp:
+            yield tmp
 
     def copy_to(self, dest: Path | str) -> Workspace:
         """A copy of this workspace at ``dest`` (a branch of the model line to try something on).

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from incr_cli.errors import IntegrityError, UsageError, WorkspaceLocked
-from incr_cli.workspace import Workspace, base_manifest, seal_folder
+from incr_cli.workspace import Workspace, base_manifest, folder_beside, seal_folder
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
@@ -234,3 +234,17 @@ def test_verifying_many_folders_writes_the_verify_cache_once(two_increments, mon
     heldout.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match its sha256"), ws.verifying_many():
         ws.verify_increment(ws.increments()[0])
+
+
+def test_folder_beside_appears_whole_or_not_at_all(tmp_path):
+    """export's OUT and compress's new line: built in a hidden folder beside the final name, renamed."""
+    final = tmp_path / "out"
+    (tmp_path / ".out.job-dead0000").mkdir()  # left by a writer killed while it built the same name
+    with pytest.raises(RuntimeError), folder_beside(final, "job") as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the failed folder and the leftover are gone
+    with folder_beside(final, "job") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.job-")
+        (tmp / "whole.bin").write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (final / "whole.bin").read_bytes() == b"x"
