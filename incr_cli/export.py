@@ -1,18 +1,29 @@
-"""`incr export`: one version as a self-contained Hugging Face folder with a model card.
+"""`incr export`: one version as a self-contained folder with a model card, for serving.
 
 One path for every format: ``export_version`` checks the version (checksums, not pruned), loads it,
-converts the weights with ``convert_weights`` (where a new format is added: a name in
-``EXPORT_DTYPES`` and a branch there), writes weights, config, tokenizer and a Hub-format
-``README.md`` into a temporary folder beside OUT, fsyncs it and renames it to OUT. OUT appears whole
+writes its weights with ``write_weights`` (where a new format is added: a name in ``EXPORT_DTYPES``
+or ``QUANTIZATIONS`` and a branch there), then config, tokenizer and a Hub-format ``README.md``,
+into a folder built beside OUT and renamed to it (``workspace.folder_beside``). OUT appears whole
 or not at all, and is never overwritten. Export reads the workspace only: it takes no lock.
+
+Formats: safetensors in fp32 (as trained), fp16 or bf16 (``--dtype``), loadable by ``transformers``;
+or ``--quantize int8``: two ONNX graphs with int8 weights (ONNX Runtime's dynamic quantisation:
+weights int8 ahead of time, activations quantised per batch at run time), for CPU serving with ONNX
+Runtime, no torch needed:
+- ``model.onnx``: fill-mask; ``input_ids``, ``attention_mask`` (B, T) int64 -> ``logits`` (B, T, V);
+- ``encoder.onnx``: features; the same inputs -> ``last_hidden_state`` (B, T, H) and ``sentence_embedding``
+  (B, H), mean-pooled and L2-normalised as ``incr embed`` does by default (no vocabulary head run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import shutil
-import uuid
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,23 +33,31 @@ import yaml
 from incr_cli import __version__
 from incr_cli.errors import UsageError
 from incr_cli.faults import fault_point
-from incr_cli.workspace import Workspace, folder_bytes, fsync_dir, fsync_tree
+from incr_cli.workspace import Workspace, folder_beside, folder_bytes
 
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
-_LEFTOVER = ".{name}.incr-export-"  # the temporary folder of an export killed halfway
+QUANTIZATIONS = ("int8",)
+ONNX_EXTRA_HINT = "install the onnx extra: pip install 'incr-cli[onnx]'"
+FILL_MASK_GRAPH, ENCODER_GRAPH = "model.onnx", "encoder.onnx"
+ONNX_INPUTS = ("input_ids", "attention_mask")
+ONNX_OPSET = 18
 
 
 @dataclass
 class ExportResult:
     out: Path
     version: str
-    dtype: str
+    dtype: str  # fp32, fp16, bf16 or int8
     bytes: int
     files: list[str]
 
+    @property
+    def format(self) -> str:
+        return "onnx" if self.dtype in QUANTIZATIONS else "safetensors"
+
     def to_json(self) -> dict[str, Any]:
-        return {"out": str(self.out), "version": self.version, "dtype": self.dtype, "bytes": self.bytes,
-                "files": self.files}
+        return {"out": str(self.out), "version": self.version, "dtype": self.dtype, "format": self.format,
+                "bytes": self.bytes, "files": self.files}
 
 
 def convert_weights(model: Any, dtype: str) -> Any:
@@ -49,13 +68,28 @@ def convert_weights(model: Any, dtype: str) -> Any:
     return model.to(casts[dtype])
 
 
-def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype: str = "fp32") -> ExportResult:
+def check_format(dtype: str, quantize: str | None) -> str:
+    """The format's name ("fp32", "fp16", "bf16" or "int8"), or a UsageError for a bad combination or a
+    missing extra (checked before anything is loaded or written)."""
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    if quantize is None:
+        return dtype
+    if quantize not in QUANTIZATIONS:
+        raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZATIONS)}")
+    if dtype != "fp32":
+        raise UsageError(f"--quantize {quantize} starts from the fp32 weights: leave out --dtype {dtype}")
+    require_onnx()
+    return quantize
+
+
+def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype: str = "fp32",
+                   quantize: str | None = None) -> ExportResult:
     """Write ``version`` (LATEST by default) to the new folder ``out`` -> what was written."""
     from incr_cli import models
 
     out = Path(out)
-    if dtype not in EXPORT_DTYPES:
-        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    fmt = check_format(dtype, quantize)
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out}: already exists; export never overwrites: choose a new folder or remove it")
     if not out.parent.is_dir():
@@ -63,31 +97,113 @@ def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype
     name = ws.resolve_version(version)
     ws.require_weights(name)
     model, tokenizer = models.load_version(ws, name)  # checksums first
-    model = convert_weights(model, dtype)
-    card = model_card(ws, name, dtype)
-    for stale in out.parent.glob(_LEFTOVER.format(name=out.name) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f"{_LEFTOVER.format(name=out.name)}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with models.quiet_transformers():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+    card = model_card(ws, name, fmt)
+    with folder_beside(out, "incr-export") as tmp:
+        write_weights(model, tokenizer, tmp, fmt)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         fault_point("export.write")
-        fsync_tree(tmp)
-        os.rename(tmp, out)  # an OUT created meanwhile makes this fail: nothing is overwritten
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(out, name, dtype, folder_bytes(out), sorted(p.name for p in out.iterdir()))
+    return ExportResult(out, name, fmt, folder_bytes(out), sorted(p.name for p in out.iterdir()))
+
+
+def write_weights(model: Any, tokenizer: Any, folder: Path, fmt: str) -> None:
+    """Weights, config and tokenizer of ``model`` in format ``fmt`` into ``folder``."""
+    from incr_cli.models import quiet_transformers
+
+    with quiet_transformers():
+        if fmt in QUANTIZATIONS:
+            write_onnx(model, folder, quantize=fmt)
+            model.config.save_pretrained(folder)
+        else:
+            convert_weights(model, fmt).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def require_onnx() -> Any:
+    """The onnxruntime package (and torch's ONNX exporter's needs), or a UsageError naming the extra."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--quantize needs ONNX Runtime ({e.name} is not installed): {ONNX_EXTRA_HINT}") from None
+    return onnxruntime
+
+
+def _graphs(model: Any) -> dict[str, Any]:
+    """{file name: module} of the two graphs: (ids, mask) -> logits, and -> (hidden states, embedding)."""
+    from torch import nn
+
+    from incr_cli.embed import encoder_of, pool
+
+    class FillMask(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder_of(model)
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+            return hidden, pool(hidden, attention_mask, "mean")  # (B, H)
+
+    return {FILL_MASK_GRAPH: (FillMask(), ["logits"]), ENCODER_GRAPH: (Encoder(), ["last_hidden_state", "sentence_embedding"])}
+
+
+def write_onnx(model: Any, folder: Path, *, quantize: str | None) -> list[Path]:
+    """model.onnx and encoder.onnx of ``model`` (fp32, eval mode) in ``folder``: fp32 graphs as
+    torch exports them, or with ``quantize="int8"`` their dynamically quantised versions. -> the files."""
+    model = model.float().eval()
+    with _quiet_exporter():
+        return _write_graphs(model, folder, quantize)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter prints progress to stdout (which --json owns), warns and logs; none of it is for the user."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _write_graphs(model: Any, folder: Path, quantize: str | None) -> list[Path]:
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # (B, T) examples, both axes dynamic in the graph; two tensors: one passed twice would tie the inputs
+    example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    written = []
+    with tempfile.TemporaryDirectory(prefix="incr-onnx-") as scratch:
+        for name, (graph, outputs) in _graphs(model).items():
+            target = folder / name
+            raw = target if quantize is None else Path(scratch) / name
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+            torch.onnx.export(graph, example, str(raw), input_names=list(ONNX_INPUTS),
+                              output_names=outputs, opset_version=ONNX_OPSET, dynamo=True, external_data=False,
+                              dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                              verbose=False)
+            if quantize is not None:
+                quantize_dynamic(str(raw), str(target), weight_type=QuantType.QInt8)
+            written.append(target)
+    return written
 
 
 # ----------------------------------------------------------------------------- the model card
 
 
-def model_card(ws: Workspace, version: str, dtype: str) -> str:
+def model_card(ws: Workspace, version: str, fmt: str) -> str:
     """README.md in the Hub's format: YAML metadata, then lineage, data, recipe, scores, forgetting."""
     manifest = ws.version_manifest(version)
     lineage = ws.lineage(version)
@@ -100,14 +216,31 @@ def model_card(ws: Workspace, version: str, dtype: str) -> str:
     parts = [f"---\n{front}---\n",
              f"# {ws.root.name} {version}\n",
              f"A masked-language model trained continually with incr {__version__}: {len(lineage) - 1} increment(s) "
-             f"on top of {_describe(source)}. Weights exported as {dtype}.\n",
-             "## Use\n", "```python\nfrom transformers import pipeline\n\nfill = pipeline(\"fill-mask\", "
-             "model=\"PATH/TO/THIS/FOLDER\")\n```\n",
+             f"on top of {_describe(source)}. {_FORMATS.get(fmt, f'Weights exported as {fmt}.')}\n",
+             "## Use\n", _ONNX_USE if fmt in QUANTIZATIONS else _HF_USE,
              "## Lineage\n", _lineage_table(ws, lineage),
              "## Data increments\n", _data_table(ws, manifest.get("trained_on") or []),
              "## Held-out scores and forgetting\n", _scores_table(ws, lineage),
              "## Recipe\n", "```yaml\n" + yaml.safe_dump(manifest.get("recipe") or {}, sort_keys=False) + "```\n"]
     return "\n".join(parts)
+
+
+_FORMATS = {"int8": "Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU "
+                    "serving: `model.onnx` gives fill-mask logits, `encoder.onnx` hidden states and mean-pooled, "
+                    "L2-normalised embeddings."}
+_HF_USE = ("```python\nfrom transformers import pipeline\n\nfill = pipeline(\"fill-mask\", "
+           "model=\"PATH/TO/THIS/FOLDER\")\n```\n")
+_ONNX_USE = """```python
+import onnxruntime as ort
+from transformers import AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+enc = tok(["the [MASK] of it"], padding=True, return_tensors="np")
+inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+logits = ort.InferenceSession("PATH/TO/THIS/FOLDER/model.onnx").run(["logits"], inputs)[0]  # (B, T, vocab)
+emb = ort.InferenceSession("PATH/TO/THIS/FOLDER/encoder.onnx").run(["sentence_embedding"], inputs)[0]  # (B, hidden)
+```
+"""
 
 
 def _describe(source: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -299,3 +300,61 @@ def test_export_refuses_an_existing_out_a_pruned_version_and_a_kill_leaves_nothi
     bad = cli("export", line.root, tmp_path / "int4", "--dtype", "int4")
     assert bad.exit_code == 2
     assert_one_error_line(bad.stderr, "--dtype int4")
+
+
+@pytest.mark.slow
+def test_export_int8_onnx_serves_fill_mask_and_embeddings_like_fp32(line, tmp_path):
+    """--quantize int8 writes two ONNX graphs that ONNX Runtime loads with README's lines; their
+    logits and embeddings stay close to the fp32 model's."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from incr_cli.embed import embed_ids
+
+    out = tmp_path / "int8"
+    result = cli("export", line.root, out, "--quantize", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # stdout holds the JSON alone: the exporter's own output is kept off it
+    assert doc["dtype"] == "int8" and doc["format"] == "onnx" and doc["version"] == "v0002"
+    assert {"model.onnx", "encoder.onnx", "config.json", "README.md"} <= set(doc["files"])
+    assert not any(name.endswith(".safetensors") for name in doc["files"])
+    card = (out / "README.md").read_text()
+    assert "int8" in card and "onnxruntime" in card and "sentence_embedding" in card
+
+    tok = AutoTokenizer.from_pretrained(str(out))  # the README's lines, as a user runs them
+    enc = tok(["the cat sat on the mat and looked at the door", f"it was a {tok.mask_token} day"],
+              padding=True, return_tensors="np")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    logits = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], inputs)[0]
+    emb = ort.InferenceSession(str(out / "encoder.onnx")).run(["sentence_embedding"], inputs)[0]
+
+    model = AutoModelForMaskedLM.from_pretrained(str(line.version_dir("v0002"))).eval()
+    ids, att = torch.from_numpy(enc["input_ids"]), torch.from_numpy(enc["attention_mask"])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=att).logits.numpy()  # (B, T, V)
+    ref_emb = embed_ids(model, ids, att.bool())  # incr embed's default pooling
+    assert logits.shape == ref.shape and emb.shape == ref_emb.shape
+    assert np.abs(logits - ref).max() < 0.1 * np.abs(ref).max()  # int8 weights: close, not equal
+    assert (np.sum(emb * ref_emb, axis=1) > 0.99).all()  # cosine to the fp32 embeddings
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+def test_export_int8_bad_input_is_one_line_and_writes_nothing(line, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    exists = cli("export", line.root, out, "--quantize", "int8")
+    assert exists.exit_code == 2
+    assert_one_error_line(exists.stderr, f"{out}: already exists")
+    for args, fragment in [(["--quantize", "int4"], "--quantize int4: choose one of int8"),
+                           (["--quantize", "int8", "--dtype", "fp16"], "leave out --dtype fp16"),
+                           (["--quantize", "int8", "--version", "v0042"], "v0042")]:
+        bad = cli("export", line.root, tmp_path / "new", *args)
+        assert bad.exit_code == 2, (args, bad.output)
+        assert_one_error_line(bad.stderr, fragment)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra not installed: its import fails
+    missing = cli("export", line.root, tmp_path / "new", "--quantize", "int8")
+    assert missing.exit_code == 2
+    assert_one_error_line(missing.stderr, "--quantize needs ONNX Runtime", "pip install 'incr-cli[onnx]'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ws"]  # nothing written, nothing left beside

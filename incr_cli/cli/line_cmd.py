@@ -102,20 +102,29 @@ def export(
     version: Annotated[str | None, typer.Option("--version", help="The version to export (default: LATEST).",
                                                 show_default=False)] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights as fp32, fp16 or bf16.")] = "fp32",
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="int8: ONNX graphs with int8 weights for ONNX Runtime on CPU (extra `onnx`).",
+        show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a version as a self-contained Hugging Face folder (weights, config, tokenizer, model card)."""
+    """Write a version as a self-contained folder (weights, config, tokenizer, model card): Hugging Face
+    safetensors, or with --quantize int8 ONNX graphs for fill-mask and embeddings."""
     from incr_cli.export import export_version
 
     out = Output(json_out)
-    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype)
+    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype, quantize=quantize)
     if json_out:
         out.emit_json(result.to_json())
         return
     out.log(f"exported {result.version} ({result.dtype}, {human_bytes(result.bytes)}) to {result.out}: "
             f"{', '.join(result.files)}")
-    out.log(f"load it with AutoModelForMaskedLM.from_pretrained({str(result.out)!r}) or "
-            f"pipeline('fill-mask', model={str(result.out)!r})")
+    where = str(result.out)
+    if result.format == "onnx":
+        out.log(f"load it with onnxruntime.InferenceSession({where + '/model.onnx'!r}) (fill-mask logits) or "
+                f"{where + '/encoder.onnx'!r} (embeddings); README.md in it shows how")
+    else:
+        out.log(f"load it with AutoModelForMaskedLM.from_pretrained({where!r}) or "
+                f"pipeline('fill-mask', model={where!r})")
 
 
 def register(app: typer.Typer) -> None:
