@@ -8,8 +8,8 @@ or not at all, and is never overwritten. Export reads the workspace only: it tak
 
 Formats: safetensors in fp32 (as trained), fp16 or bf16 (``--dtype``), loadable by ``transformers``;
 or ``--quantize int8``: two ONNX graphs with int8 weights (ONNX Runtime's dynamic quantisation:
-weights int8 ahead of time, activations quantised per batch at run time), for CPU serving with ONNX
-Runtime, no torch needed:
+weights int8 ahead of time, one scale per output channel, activations quantised per batch at run
+time), for CPU serving with ONNX Runtime, no torch needed:
 - ``model.onnx``: fill-mask; ``input_ids``, ``attention_mask`` (B, T) int64 -> ``logits`` (B, T, V);
 - ``encoder.onnx``: features; the same inputs -> ``last_hidden_state`` (B, T, H) and ``sentence_embedding``
   (B, H), mean-pooled and L2-normalised as ``incr embed`` does by default (no vocabulary head run).
@@ -195,7 +195,9 @@ def _write_graphs(model: Any, folder: Path, quantize: str | None) -> list[Path]:
                               dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                               verbose=False)
             if quantize is not None:
-                quantize_dynamic(str(raw), str(target), weight_type=QuantType.QInt8)
+                # One scale per output channel: on MiniLM the embeddings' cosine to fp32 went from 0.981
+                # (one scale per tensor) to 0.997, for 0.1 MB more.
+                quantize_dynamic(str(raw), str(target), weight_type=QuantType.QInt8, per_channel=True)
             written.append(target)
     return written
 
