@@ -62,9 +62,10 @@ gpu-check: $(BENCH_STAMP)
 	PYTHON=$(PY) bash scripts/gpu_check.sh
 
 # Every strategy (naive, replay, distill, replay+distill, ewc, joint) on austen -> pydocs -> fortunes
-# with MiniLM-L6, on CPU: results/experiment.md (table) and results/experiment.png. STEPS=N to change.
+# with MiniLM-L6, on CPU, 3 seeds (mean and spread): results/experiment.md and results/experiment.png.
+# STEPS=N, SEEDS=K to change (SEEDS=1: a third of the time).
 experiment: $(STAMP)
-	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS))
+	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS))
 
 docs: $(STAMP)
 	$(PY) scripts/gen_recipe_reference.py --write README.md

@@ -151,7 +151,7 @@ class Meter:
     """What one training run computes per row and masked position, and the peak it is measured against."""
 
     shape: ModelShape
-    teacher: bool  # a frozen teacher's forward runs on every row
+    teacher: float  # share of the rows a frozen teacher's forward runs on (0 or False = no teacher)
     last_layer_masked: bool  # the masked-only last layer (incr's MaskedLMHead on BERT / RoBERTa)
     head_all_positions: bool  # the vocabulary head runs at every position (a model without the split head)
     peak_flops_per_s: float | None  # per device; None = unknown
@@ -161,9 +161,13 @@ class Meter:
     def flops(self, rows: float, seq: int, masked: float) -> float:
         """Model FLOPs of ``rows`` packed rows of length ``seq`` with ``masked`` masked positions (all steps)."""
         head = rows * seq if self.head_all_positions else masked
-        return step_flops(self.shape, rows, seq, head_positions=head,
-                          teacher_positions=head if self.teacher else None,
-                          last_layer_rows=masked if self.last_layer_masked else None)["total"]
+        last = masked if self.last_layer_masked else None
+        total = step_flops(self.shape, rows, seq, head_positions=head, last_layer_rows=last)["total"]
+        if self.teacher:  # its rows and their masked positions: the share of the batch it runs on
+            share = float(self.teacher)
+            total += step_flops(self.shape, rows * share, seq, head_positions=0.0, teacher_positions=head * share,
+                                last_layer_rows=None if last is None else last * share)["teacher"]
+        return total
 
     def mfu(self, rows: float, seq: int, masked: float, seconds: float) -> float | None:
         """Model FLOP/s over ``seconds`` of all devices / their peak; None when the peak is unknown."""

@@ -218,16 +218,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    alpha: float = knob(0.5, "Weight of the KL term between the frozen parent (teacher) and the student at masked positions.", lo=0.0)
+    alpha: float = knob(0.33, "Weight of the KL term between the frozen parent (teacher) and the student at the masked positions of `rows` (0.33 = replay.ratio / (1 - replay.ratio) at the default ratio: a replayed token weighs what a new one does; 0.5 before issue 16).", lo=0.0)
     temperature: float = knob(2.0, "Softmax temperature T of distillation (the term is scaled by T^2).", lo=0.0, lo_open=True)
     hidden_weight: float = knob(0.0, "Weight of the hidden-state term between student and teacher (0 = off).", lo=0.0)
     hidden_loss: str = knob("mse", "Distance of the hidden-state term.", choices=["mse", "cosine"])
+    rows: str = knob("replay", "Rows the KL term distils on: replay (the replayed rows only, so the new text is learned "
+                   "as a plain fine-tune would; no replay rows = no KL term), new (the new rows only) or all (every "
+                   "row, the behaviour before issue 16: it holds the new rows to the teacher too).",
+                   choices=["replay", "new", "all"])
 
 
 @dataclass(frozen=True)
 class ReplayConfig:
     ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
-    weight: float = knob(1.0, "Weight of the MLM loss on replayed sequences.", lo=0.0)
+    weight: float = knob(0.33, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 0.33 = ratio / (1 - ratio) at the default ratio, so a replayed token weighs what a new one does (1.0 before issue 16: the replayed rows weighed as much as the new ones, whatever their share). Change it with `ratio`.", lo=0.0)
 
 
 @dataclass(frozen=True)

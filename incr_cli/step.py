@@ -3,8 +3,11 @@
 Loss of one optimizer step (sums over the accumulation window, each divided by its own token count
 over the whole window and all ranks, so micro-batch boundaries do not change the result):
 
-    L = mlm(new)/n_new + replay.weight * mlm(replay)/n_replay + alpha * kd(all masked)/n_masked
+    L = mlm(new)/n_new + replay.weight * mlm(replay)/n_replay + alpha * kd(rows)/n_rows
         + hidden_weight * hidden(all tokens)/n_tokens
+
+kd's rows are ``distill.rows``'s: the replayed rows (the default; the teacher then runs on them only),
+the new rows, or all of them (n_rows: their masked targets).
 
 With alpha = hidden_weight = 0 and replay.ratio = 0 this is exactly plain MLM fine-tuning. Each
 term is a small object (``strategy.LossTerm``), so a strategy such as EWC plugs in as one more term.
@@ -39,7 +42,14 @@ from incr_cli.plan import IncrementPlan
 from incr_cli.recipe import Recipe, TrainConfig
 from incr_cli.reporting import Reporter
 from incr_cli.schedule import lr_factor, warmup_steps
-from incr_cli.strategy import LossTerm, MicroOutputs, Normalisers, get_strategy, reported_loss_names
+from incr_cli.strategy import (
+    LossTerm,
+    MicroOutputs,
+    Normalisers,
+    get_strategy,
+    reported_loss_names,
+    teacher_rows,
+)
 from incr_cli.workspace import finite_json
 
 TAIL_FRACTION = 0.1  # metrics' losses average the last 10% of steps
@@ -145,14 +155,14 @@ def train_step(run: Run, state: TrainState, *, check_loss: bool) -> float | None
         state.window[name] = state.window.get(name, 0) + value
         if in_tail:
             state.tail[name] = state.tail.get(name, 0) + value
-    _count_for_log(state, grad_norm, [masked.input_ids for masked, _, _ in micros], n_masked)
+    _count_for_log(state, grad_norm, [masked.input_ids for masked, *_ in micros], n_masked)
     return total
 
 
-def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Tensor, int]], Normalisers, float]:
+def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Tensor, int, int]], Normalisers, float]:
     """Draw and mask the whole accumulation window first: its token counts normalise every term.
 
-    -> ([(masked batch, attention mask (B, T), masked targets of new rows)] per micro-batch,
+    -> ([(masked batch, attention mask (B, T), masked targets of new rows, new rows)] per micro-batch,
     normalisers, masked positions of the window on all ranks).
     """
     t, dev = run.train, run.device
@@ -176,21 +186,23 @@ def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Ten
     per_micro_new, (n_new, n_replay, n_tokens) = host[:-3], host[-3:]
     _require_targets(run, state, n_new + n_replay)
     norm = Normalisers(max(n_new, 1.0), max(n_replay, 1.0), max(n_new + n_replay, 1.0), max(n_tokens, 1.0))
-    micros = [(masked, attention, int(k)) for (masked, attention, _), k in zip(micros, per_micro_new)]
+    micros = [(masked, attention, int(k), rows) for (masked, attention, rows), k in zip(micros, per_micro_new)]
     return micros, norm, n_new + n_replay
 
 
-def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int]], norm: Normalisers
+def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int, int]], norm: Normalisers
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Forward (student, and teacher when a term needs it) and backward per micro-batch.
+    """Forward (student, and teacher when a term needs it: on the rows ``teacher_rows`` says) and
+    backward per micro-batch.
 
     -> (each term's sum over the window, the weighted total), on the device."""
     dev = run.device
     need_teacher = any(term.needs_teacher for term in run.terms)
     need_hidden = any(term.needs_hidden for term in run.terms)
+    on = teacher_rows(run.terms)
     step_terms = _zeros(run, run.term_names)
     step_total = torch.zeros((), dtype=torch.float32, device=dev)
-    for m, (masked, attention, n_new_targets) in enumerate(micros):
+    for m, (masked, attention, n_new_targets, n_new_rows) in enumerate(micros):
         sync = run.ddp.no_sync() if run.ddp is not None and m < len(micros) - 1 else nullcontext()
         with sync:
             with devices.autocast(dev, run.precision):
@@ -198,10 +210,11 @@ def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int]], nor
             out = MicroOutputs(logits, masked.targets, n_new_targets, attention, norm, run.model, m,
                                len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
+                rows = {"all": slice(None), "new": slice(None, n_new_rows), "replay": slice(n_new_rows, None)}[on]
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
-                    t_logits, t_hidden = run.teacher(masked.input_ids, attention, masked.positions,
+                    t_logits, t_hidden = run.teacher(masked.input_ids[rows], attention[rows], masked.positions[rows],
                                                      output_hidden=need_hidden)
-                out.teacher_logits, out.teacher_hidden = t_logits, t_hidden  # the losses detach them
+                out.teacher_logits, out.teacher_hidden, out.teacher_rows = t_logits, t_hidden, on  # losses detach
             loss = torch.zeros((), dtype=torch.float32, device=dev)
             for term in run.terms:
                 value = term(out)
@@ -392,7 +405,9 @@ def _meter(run: Run, *, compiled: bool) -> Meter | None:
         return None
     need_hidden = any(term.needs_hidden for term in run.terms)
     peak, source = device_peak(run.device, run.precision)
-    return Meter(shape, teacher=run.teacher is not None,
+    share = {"all": 1.0, "new": run.sampler.n_new, "replay": run.sampler.n_replay}[teacher_rows(run.terms)]
+    share = share if share == 1.0 else share / (run.sampler.n_new + run.sampler.n_replay)
+    return Meter(shape, teacher=share if run.teacher is not None else 0.0,
                  last_layer_masked=run.student_head.masked_last_layer and not need_hidden and not compiled,
                  head_all_positions=run.student_head.kind == "full", peak_flops_per_s=peak, peak_source=source,
                  devices=run.ctx.world_size)

@@ -88,7 +88,8 @@ class MicroOutputs:
     micro: int
     n_micro: int
     world_size: int
-    teacher_logits: torch.Tensor | None = None  # (N, V)
+    teacher_logits: torch.Tensor | None = None  # (N, V), or the targets of ``teacher_rows`` only
+    teacher_rows: str = "all"  # the rows the teacher ran on: "all", "new" or "replay" (``teacher_rows(terms)``)
     student_hidden: torch.Tensor | None = None  # (B, T, H)
     teacher_hidden: torch.Tensor | None = None  # (B, T, H)
 
@@ -132,21 +133,28 @@ class MlmReplay:
 
 @dataclass
 class LogitDistill:
-    """KL between teacher and student at the masked positions. After vocabulary growth
-    (``shared_vocab``: the teacher's vocabulary size) both distributions are softmaxes over the ids
-    they share, the teacher's vocabulary: the student's is renormalised over those ids, and the new
-    tokens' logits get no gradient from this term (learning them is the MLM terms' job)."""
+    """KL between teacher and student at the masked positions of the rows ``rows`` names
+    (``distill.rows``): "all", the "new" rows or the "replay" rows, divided by that set's target
+    count over the window. After vocabulary growth (``shared_vocab``: the teacher's vocabulary size)
+    both distributions are softmaxes over the ids they share, the teacher's vocabulary: the
+    student's is renormalised over those ids, and the new tokens' logits get no gradient from this
+    term (learning them is the MLM terms' job)."""
 
     weight: float
     temperature: float
     shared_vocab: int | None = None
+    rows: str = "all"
     name, needs_teacher, needs_hidden = "distill", True, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        student, teacher = out.student_logits, out.teacher_logits  # (n, V)
+        k = out.n_new_targets
+        picked = {"all": slice(None), "new": slice(None, k), "replay": slice(k, None)}[self.rows]
+        student = out.student_logits[picked]  # (n, V)
+        teacher = out.teacher_logits if out.teacher_rows == self.rows else out.teacher_logits[picked]
         if self.shared_vocab is not None:
             student, teacher = student[:, :self.shared_vocab], teacher[:, :self.shared_vocab]
-        return kd_loss_sum(student, teacher, self.temperature) / out.norm.masked_targets
+        count = {"all": out.norm.masked_targets, "new": out.norm.new_targets, "replay": out.norm.replay_targets}
+        return kd_loss_sum(student, teacher, self.temperature) / count[self.rows]
 
 
 @dataclass
@@ -178,6 +186,14 @@ class EwcPenalty:
 
 
 BASE_LOSS_NAMES = ("mlm_new", "mlm_replay", "distill", "hidden")  # what ``Strategy.loss_terms`` may build
+
+
+def teacher_rows(terms: list[LossTerm]) -> str:
+    """The rows the teacher must run on for ``terms``: "new" or "replay" when every term that needs
+    it reads only those rows' logits (``distill.rows``), else "all". A teacher forward over a quarter
+    of the batch (the replayed rows) costs a quarter of one over all of it."""
+    wanted = {getattr(term, "rows", "all") if not term.needs_hidden else "all" for term in terms if term.needs_teacher}
+    return wanted.pop() if len(wanted) == 1 else "all"
 
 
 # ----------------------------------------------------------------------------- what a strategy sees
@@ -223,6 +239,8 @@ class Strategy:
     preset: ClassVar[dict[str, Any]] = {}  # recipe keys it fixes ("section.key": value)
     extra_loss_names: ClassVar[tuple[str, ...]] = ()  # names of the terms ``extra_terms`` may add
     trains_from_root: ClassVar[bool] = False  # starts from the lineage's root: retention keeps that version
+    earlier_behaviour: ClassVar[dict[str, Any]] = {}  # keys that give back how it trained before its defaults changed
+    earlier_behaviour_note: ClassVar[str] = ""  # when and why they changed (the recipe reference prints both)
 
     def training_data(self, ws: Workspace, recipe: Recipe, parent: str) -> TrainingData:
         """From ``parent``: new = its pending increments, replay = its lineage's, start from its weights."""
@@ -234,8 +252,9 @@ class Strategy:
         terms: list[LossTerm] = [MlmNew()]
         if has_replay:
             terms.append(MlmReplay(recipe.replay.weight))
-        if recipe.distill.alpha > 0:
-            terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature, shared_vocab))
+        if recipe.distill.alpha > 0 and (has_replay or recipe.distill.rows != "replay"):
+            terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature, shared_vocab,
+                                      recipe.distill.rows))
         if recipe.distill.hidden_weight > 0:
             terms.append(HiddenDistill(recipe.distill.hidden_weight, recipe.distill.hidden_loss))
         return terms
@@ -267,13 +286,19 @@ class Replay(Strategy):
 class Distill(Strategy):
     """MLM on the new rows plus distillation from the parent (the teacher)."""
 
-    name, preset = "distill", {"replay.ratio": 0.0}
+    name, preset = "distill", {"replay.ratio": 0.0, "distill.rows": "all"}
 
 
 class ReplayDistill(Strategy):
-    """Replay and distillation, with the recipe's own ``replay.ratio`` and ``distill.alpha``."""
+    """Replay and distillation, with the recipe's own ``replay.*`` and ``distill.*``: by default the
+    KL term reads only the replayed rows (``distill.rows=replay``), so the new rows are learned as a
+    plain fine-tune learns them and the teacher runs on the replayed rows alone."""
 
     name = "replay+distill"
+    earlier_behaviour = {"distill.rows": "all", "distill.alpha": 0.5, "replay.weight": 1.0}
+    earlier_behaviour_note = ("issue 16: distilling on the new rows too, and replayed rows weighing as much as the new "
+                              "ones, learned the new domain far less than a plain fine-tune; the demo and experiment "
+                              "recipes had distill.alpha=1; see README, Strategies")
 
 
 class Ewc(Strategy):
@@ -458,4 +483,4 @@ def load_fisher(ws: Workspace, version: str, device: torch.device | str = "cpu")
 
 __all__ = ["FISHER_FILE", "STRATEGIES", "EwcPenalty", "HiddenDistill", "LogitDistill", "LossTerm", "MicroOutputs",
            "MlmNew", "MlmReplay", "Normalisers", "Strategy", "StrategyInputs", "TrainingData", "fisher_bytes",
-           "fisher_diagonal", "get_strategy", "load_fisher", "reported_loss_names", "root_version"]
+           "fisher_diagonal", "get_strategy", "load_fisher", "reported_loss_names", "root_version", "teacher_rows"]

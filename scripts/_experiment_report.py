@@ -25,9 +25,19 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}%"
 
 
+def _cell(doc: dict[str, Any], name: str, key: str, fmt: Any) -> str | None:
+    """One summary: the seed's value, or "mean ± std" over the seeds (``doc["spread"]``)."""
+    stats = doc.get("spread", {}).get(name, {}).get(key)
+    if stats is None or len(stats["values"]) < 2:
+        return None
+    return f"{fmt(stats['mean'])} ± {fmt(stats['std']).lstrip('+')}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    """Settings line, the summary table, and final perplexity per domain."""
+    """Settings line, the summary table, and final perplexity per domain (mean ± std over the seeds
+    when there are several)."""
     s = doc["settings"]
+    seeds = s.get("seeds", [0])
     r = s["recipe"]
     t = r["train"]
     m = s["machine"]
@@ -38,8 +48,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Base `{s['base']}`; stream {domains} (samples/); {s['steps_per_increment']} steps per increment "
         f"(joint: k x {s['steps_per_increment']} at its k-th domain, retraining all from v0000); "
         f"batch {t['batch_size']}, seq {r['model']['max_seq_len']}, lr {t['lr']:g} ({t['schedule']}, warm-up "
-        f"{t['warmup_ratio']:g}), seed {t['seed']}; distill alpha {r['distill']['alpha']:g} T "
-        f"{r['distill']['temperature']:g}; replay ratio {r['replay']['ratio']:g}; ewc weight {r['ewc']['weight']:g}, "
+        f"{t['warmup_ratio']:g}), " + (f"seeds {', '.join(map(str, seeds))} (train.seed; tables: mean ± sample std)"
+                                       if len(seeds) > 1 else f"seed {seeds[0]}") + "; distill alpha "
+        f"{r['distill']['alpha']:g} T {r['distill']['temperature']:g} on the {r['distill'].get('rows', 'all')} rows; "
+        f"replay ratio {r['replay']['ratio']:g} weight {r['replay']['weight']:g}; ewc weight {r['ewc']['weight']:g}, "
         f"{r['ewc']['fisher_batches']} Fisher batches; eval: the first {r['eval']['max_sequences']} held-out "
         f"sequences per domain, masks seeded ({r['eval']['seed']}). Increment 1 ({s['domains'][0]}) is shared: "
         f"one {s['shared_first_increment']} fine-tune from v0000 ({s['shared_seconds']:.0f} s). "
@@ -52,10 +64,15 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for name, res in doc["strategies"].items():
         ppl, acc = res["perplexity"], res["accuracy"]
-        lines.append(f"| {name} | {_num(ppl['final_average'])} | {_pct(acc['final_average'])} | "
-                     f"{_num(ppl['average_forgetting'], signed=True)} | {_num(ppl['bwt'], signed=True)} | "
-                     f"{_pct(acc['average_forgetting'], signed=True)} | {_num(ppl['new_domain'])} | "
-                     f"{sum(res['train_seconds']):.0f} |")
+        cells = [(f"perplexity.{k}", ppl[k], (lambda x, sg=sg: _num(x, signed=sg))) for k, sg in
+                 (("final_average", False),)]
+        cells += [("accuracy.final_average", acc["final_average"], _pct)]
+        cells += [(f"perplexity.{k}", ppl[k], (lambda x: _num(x, signed=True))) for k in ("average_forgetting", "bwt")]
+        cells += [("accuracy.average_forgetting", acc["average_forgetting"], (lambda x: _pct(x, signed=True))),
+                  ("perplexity.new_domain", ppl["new_domain"], _num),
+                  ("train_seconds", sum(res["train_seconds"]), (lambda x: f"{x:.0f}"))]
+        lines.append(f"| {name} | " + " | ".join(_cell(doc, name, key, fmt) or fmt(value)
+                                                for key, value, fmt in cells) + " |")
     lines += [
         "",
         "Final average: mean over the three domains of the last version's held-out perplexity / accuracy. "
@@ -73,7 +90,8 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for name, res in doc["strategies"].items():
         last = res["perplexity"]["matrix"][-1]
-        lines.append(f"| {name} | " + " | ".join(_num(x) for x in last) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(doc, name, f"final_perplexity.{d}", _num) or _num(x)
+                                                for d, x in zip(res["increments"], last)) + " |")
     return "\n".join(lines) + "\n"
 
 

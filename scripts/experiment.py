@@ -1,6 +1,6 @@
 """`make experiment`: every continual-learning strategy on one stream of three real domains.
 
-    python scripts/experiment.py [--steps N] [--quick] [--out-dir results] [--work-dir DIR]
+    python scripts/experiment.py [--steps N] [--seeds K] [--quick] [--out-dir results] [--work-dir DIR]
 
 The stream is austen -> pydocs -> fortunes (samples/), on MiniLM-L6 (``--base minilm-l6``) with
 recipes/experiment-minilm.yaml. Protocol, the same for every strategy:
@@ -15,6 +15,11 @@ recipes/experiment-minilm.yaml. Protocol, the same for every strategy:
 3. score every version on every domain with ``incr_cli.evaluate`` (one eval cache shared by the
    copies, so the shared versions are scored once), summarise with ``incr_cli.metrics.summarize``,
    write OUT/experiment.md (tables), OUT/experiment.png (plot) and OUT/experiment.json (everything).
+
+4. ``--seeds K`` (3, the documented setting) repeats 1-3 with ``train.seed`` = 0 .. K-1 (sampling,
+   masks, dropout; the eval masks and MiniLM's head initialisation stay fixed) and reports each
+   summary as mean and sample standard deviation over the seeds; the matrices and the plot are
+   seed 0's, every seed's summaries are in the JSON.
 
 Everything is seeded (sampling, masks, dropout, eval masks); a rerun on the same machine gives the
 same numbers, wall times aside. ``--quick`` runs the same protocol on a tiny scratch model and
@@ -86,6 +91,8 @@ class Log:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="Steps per increment (default: the recipe's train.steps).")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="Repeat with train.seed 0..K-1; the tables give mean and spread (default 3).")
     parser.add_argument("--quick", action="store_true", help="A tiny scratch model on excerpts, a few steps (tests).")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results", help="Where the table, plot and JSON go.")
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -101,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     return args
 
 
@@ -192,6 +201,53 @@ def summarise(ws: Workspace, versions: list[str], increments: list[str],
     return out
 
 
+def run_seed(seed: int, args: argparse.Namespace, overrides: list[str], steps: int, work: Path,
+             log: Log) -> tuple[dict[str, Any], float]:
+    """Steps 1-3 of the protocol with ``train.seed=seed`` in ``work`` -> ({strategy: results}, shared seconds)."""
+    mode = QUICK if args.quick else FULL
+    seeded = [*overrides, f"train.seed={seed}"]
+    base_recipe = load_recipe(RECIPE, seeded)
+
+    def recipe_for(strategy: str, n: int) -> Recipe:
+        return load_recipe(RECIPE, [*seeded, f"strategy.name={strategy}", f"train.steps={n}"])
+
+    domains = domain_files(args.quick, work / "texts")
+    shared_dir = work / "shared"
+    log.log(f"seed {seed}: init {shared_dir} from {mode['base']}; {steps} steps per increment")
+    init_workspace(shared_dir, mode["base"], recipe_for(SHARED_FIRST, steps), reporter=log)
+    shared = Workspace.open(shared_dir)
+    add_domain(shared, *domains[0], base_recipe, log)
+    _, first_seconds = train(shared, recipe_for(SHARED_FIRST, steps), log)
+    add_domain(shared, *domains[1], base_recipe, log)
+    runs = {name: run_strategy(name, shared_dir, work, domains[2], recipe_for, steps, log) for name in args.strategies}
+    cache = work / "eval-cache"
+    results = {name: {**score(run["workspace"], base_recipe, cache, log), "train_seconds": run["train_seconds"]}
+               for name, run in runs.items()}
+    return results, first_seconds
+
+
+SPREAD_KEYS = (("perplexity", "final_average"), ("perplexity", "average_forgetting"), ("perplexity", "bwt"),
+               ("perplexity", "new_domain"), ("accuracy", "final_average"), ("accuracy", "average_forgetting"))
+
+
+def spread(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """{strategy: {"metric.key": {mean, std (sample; 0 for one seed), values}}} over the seeds'
+    results, for the summaries of SPREAD_KEYS, each domain's final perplexity and the train time."""
+    out: dict[str, Any] = {}
+    for name in per_seed[0]:
+        values: dict[str, list[float]] = {}
+        for results in per_seed:
+            r = results[name]
+            for metric, key in SPREAD_KEYS:
+                values.setdefault(f"{metric}.{key}", []).append(r[metric][key])
+            for domain, ppl in zip(r["increments"], r["perplexity"]["matrix"][-1]):
+                values.setdefault(f"final_perplexity.{domain}", []).append(ppl)
+            values.setdefault("train_seconds", []).append(sum(r["train_seconds"]))
+        out[name] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                         "values": v} for k, v in values.items() if None not in v}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -200,45 +256,34 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     base_recipe = load_recipe(RECIPE, overrides)
     steps = args.steps or mode["steps"] or base_recipe.train.steps
-
-    def recipe_for(strategy: str, n: int) -> Recipe:
-        return load_recipe(RECIPE, [*overrides, f"strategy.name={strategy}", f"train.steps={n}"])
+    seeds = list(range(args.seeds))
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="incr-experiment-"))
     if args.work_dir and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    per_seed, shared_seconds = [], []
     try:
-        domains = domain_files(args.quick, work / "texts")
-        shared_dir = work / "shared"
-        log.log(f"init {shared_dir} from {mode['base']}; {steps} steps per increment")
-        init_workspace(shared_dir, mode["base"], recipe_for(SHARED_FIRST, steps), reporter=log)
-        shared = Workspace.open(shared_dir)
-        add_domain(shared, *domains[0], base_recipe, log)
-        _, first_seconds = train(shared, recipe_for(SHARED_FIRST, steps), log)
-        add_domain(shared, *domains[1], base_recipe, log)
-
-        runs = {}
-        for name in args.strategies:
-            runs[name] = run_strategy(name, shared_dir, work, domains[2], recipe_for, steps, log)
-        cache = work / "eval-cache"
-        results = {}
-        for name, run in runs.items():
-            results[name] = {**score(run["workspace"], base_recipe, cache, log),
-                             "train_seconds": run["train_seconds"]}
+        for seed in seeds:  # seed 0 in WORK itself (what --work-dir keeps), the others beside it
+            results, first = run_seed(seed, args, overrides, steps, work if seed == 0 else work / f"seed{seed}", log)
+            per_seed.append(results)
+            shared_seconds.append(first)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
 
     settings = {
         "base": mode["base"], "quick": args.quick, "domains": [d for d, _ in DOMAINS],
-        "steps_per_increment": steps, "shared_first_increment": SHARED_FIRST,
+        "steps_per_increment": steps, "shared_first_increment": SHARED_FIRST, "seeds": seeds,
         "recipe": recipe_to_dict(base_recipe), "recipe_file": str(RECIPE.relative_to(REPO)),
         "overrides": overrides, "machine": machine(),
-        "shared_seconds": round(first_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "shared_seconds": round(shared_seconds[0], 1), "total_seconds": round(time.perf_counter() - started, 1),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"settings": settings, "strategies": results}
+    doc = {"settings": settings, "strategies": per_seed[0], "spread": spread(per_seed),
+           "per_seed": {str(seed): {name: {k: v for k, v in r.items() if k in ("perplexity", "accuracy",
+                                                                                "train_seconds")}
+                                    for name, r in results.items()} for seed, results in zip(seeds, per_seed)}}
     (args.out_dir / "experiment.json").write_text(json.dumps(finite_json(doc), indent=2) + "\n", encoding="utf-8")
     (args.out_dir / "experiment.md").write_text(report.markdown(doc), encoding="utf-8")
     report.plot(doc, args.out_dir / "experiment.png")

@@ -22,7 +22,8 @@ STEPS = "2"
 def quick_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("experiment")
     out, work = root / "results", root / "work"
-    assert experiment.main(["--quick", "--steps", STEPS, "--out-dir", str(out), "--work-dir", str(work), "--quiet"]) == 0
+    assert experiment.main(["--quick", "--steps", STEPS, "--seeds", "1", "--out-dir", str(out), "--work-dir", str(work),
+                            "--quiet"]) == 0
     return out, work
 
 
@@ -67,9 +68,35 @@ def test_each_strategy_trained_as_it_should(quick_run):
 def test_rerun_gives_the_same_numbers(quick_run, tmp_path):
     out, _ = quick_run
     again = tmp_path / "again"
-    assert experiment.main(["--quick", "--steps", STEPS, "--out-dir", str(again), "--strategies", "naive,ewc",
-                            "--quiet"]) == 0
+    assert experiment.main(["--quick", "--steps", STEPS, "--seeds", "1", "--out-dir", str(again), "--strategies",
+                            "naive,ewc", "--quiet"]) == 0
     first = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
     second = json.loads((again / "experiment.json").read_text(encoding="utf-8"))
     for name in ("naive", "ewc"):
         assert numbers(second, name) == numbers(first, name), name
+
+
+def test_seeds_give_mean_and_sample_spread(quick_run):
+    """--seeds K: each summary is the mean and sample std over the seeds' values; one seed has std 0."""
+    out, _ = quick_run
+    one = json.loads((out / "experiment.json").read_text(encoding="utf-8"))
+    first = one["strategies"]["naive"]
+    fake = {"naive": {**first, "perplexity": {**first["perplexity"], "final_average": 3.0}}}
+    real = {"naive": {**first, "perplexity": {**first["perplexity"], "final_average": 1.0}}}
+    stats = experiment.spread([real, fake])["naive"]["perplexity.final_average"]
+    assert stats == {"mean": 2.0, "std": pytest.approx(2 ** 0.5), "values": [1.0, 3.0]}
+    assert one["spread"]["naive"]["perplexity.final_average"]["std"] == 0.0
+    assert one["settings"]["seeds"] == [0]
+
+
+def test_ablation_quick_writes_its_table(tmp_path):
+    """scripts/ablation.py on a tiny scratch model: one shift, naive and the default, ratios to naive."""
+    import ablation
+
+    out = tmp_path / "ablation.md"
+    assert ablation.main(["--quick", "--steps", "2", "--first-steps", "2", "--shifts", "austen:pydocs",
+                          "--candidates", "naive,distill on replay", "--out", str(out), "--quiet"]) == 0
+    table = out.read_text(encoding="utf-8")
+    assert "## austen -> pydocs" in table and "| naive | " in table and "| distill on replay | " in table
+    doc = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+    assert set(doc["shifts"]["austen->pydocs"]) == {"naive", "distill on replay"}

@@ -293,3 +293,80 @@ def test_train_increment_accepts_every_strategy_on_the_command_line(two_incremen
     assert plan["new"] == ([first, second] if name == "joint" else [second])
     assert plan["init_from"] == ("v0000" if name == "joint" else None)
     assert (plan["replay_per_batch"] > 0) == (name in ("replay", "replay+distill"))
+
+
+# ----------------------------------------------------------------------------- distill.rows
+
+
+def micro_outputs(teacher_rows: str = "all"):
+    """5 masked positions, the first 3 from new rows; window counts 6 new, 4 replay targets."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn((5, 11), generator=g), torch.randn((5, 11), generator=g)
+    picked = {"all": slice(None), "new": slice(None, 3), "replay": slice(3, None)}[teacher_rows]
+    norm = strategy.Normalisers(new_targets=6.0, replay_targets=4.0, masked_targets=10.0, tokens=40.0)
+    out = strategy.MicroOutputs(student, torch.zeros(5, dtype=torch.long), 3, torch.ones((2, 4)), norm, tiny_model(),
+                                0, 1, 1, teacher_logits=teacher[picked], teacher_rows=teacher_rows)
+    return out, student, teacher
+
+
+@pytest.mark.parametrize("on", ["all", "new", "replay"])
+def test_distill_on_picks_its_rows_and_divides_by_their_target_count(on):
+    """distill.rows=all: KL over every masked position / all targets (the behaviour before the key);
+    new: the new rows' positions / new targets; replay: the replayed rows' / replay targets. The
+    same whether the teacher ran on every row or only on those rows."""
+    from incr_cli.losses import kd_loss_sum
+
+    rows, count = {"all": (slice(None), 10.0), "new": (slice(None, 3), 6.0), "replay": (slice(3, None), 4.0)}[on]
+    out, student, teacher = micro_outputs()
+    expected = kd_loss_sum(student[rows], teacher[rows], 2.0) / count
+    torch.testing.assert_close(strategy.LogitDistill(1.0, 2.0, rows=on)(out), expected)
+    only_those, _, _ = micro_outputs(teacher_rows=on)
+    torch.testing.assert_close(strategy.LogitDistill(1.0, 2.0, rows=on)(only_those), expected)
+
+
+def test_distill_on_sets_the_terms_and_the_teachers_rows():
+    """The default distils on the replayed rows; with no replay there is then no KL term (and no
+    teacher); the distill preset (LwF) distils on every row; hidden states need every row."""
+    recipe = build_recipe({})
+    assert recipe.strategy.name == "replay+distill" and recipe.distill.rows == "replay"
+    terms = strategy.get_strategy("replay+distill").loss_terms(recipe, has_replay=True)
+    kd = next(t for t in terms if t.name == "distill")
+    assert kd.rows == "replay" and strategy.teacher_rows(terms) == "replay"
+    assert "distill" not in [t.name for t in strategy.get_strategy("replay+distill").loss_terms(recipe, False)]
+    lwf = build_recipe({"distill": {"rows": "replay"}}, overrides=["strategy.name=distill"])
+    assert lwf.distill.rows == "all"
+    assert strategy.teacher_rows(strategy.get_strategy("distill").loss_terms(lwf, False)) == "all"
+    old = build_recipe({"distill": {"rows": "all"}})
+    assert strategy.teacher_rows(strategy.get_strategy("replay+distill").loss_terms(old, True)) == "all"
+    hidden = build_recipe({"distill": {"hidden_weight": 0.5}})
+    assert strategy.teacher_rows(strategy.get_strategy("replay+distill").loss_terms(hidden, True)) == "all"
+
+
+def replay_distill_step(tmp_path, *, teacher_on_every_row: bool):
+    """One SGD loop step of replay+distill with distill.rows=replay (4 new + 4 replayed rows, 2 micro-batches)."""
+    recipe = build_recipe({**SGD, "strategy": {"name": "replay+distill"}, "replay": {"ratio": 0.5},
+                           "distill": {"alpha": 1.0, "rows": "replay"}})
+    new, old = hand_increment(tmp_path / "new"), hand_increment(tmp_path / "old", tag=21)
+    plan = IncrementPlan("v0000", [new.id], [old.id], 40, 40, 2, 2, 1, 3, 0, T)
+    run, _ = build_run(tiny_model(), TOK_INPUTS, [new], [old], recipe, plan, device=CPU, precision="fp32",
+                       ctx=DistContext(0, 1, CPU), reporter=Quiet())
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a student that differs from its teacher (the parent's copy)
+        for p in run.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
+    if teacher_on_every_row:  # a zero-weight term that reads every row makes the teacher run on all of them
+        run.terms.append(strategy.LogitDistill(0.0, 2.0, rows="all"))
+    state = TrainState(first_bad_step=torch.tensor(-1))
+    train_step(run, state, check_loss=True)
+    return {n: p.detach().clone() for n, p in run.model.named_parameters()}, state
+
+
+def test_a_teacher_on_the_replayed_rows_only_gives_the_same_step(tmp_path):
+    """distill.rows=replay runs the teacher on the replayed rows only (a quarter of the default's batch):
+    the step equals one whose teacher ran on every row and whose KL kept the replayed rows."""
+    sliced, state = replay_distill_step(tmp_path / "a", teacher_on_every_row=False)
+    full, _ = replay_distill_step(tmp_path / "b", teacher_on_every_row=True)
+    assert float(state.window["distill"]) > 0
+    for name in sliced:
+        torch.testing.assert_close(sliced[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
