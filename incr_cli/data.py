@@ -211,10 +211,14 @@ class BatchSampler:
         return batch
 
 
-def split_batch_size(batch_size: int, ratio: float, has_replay: bool) -> tuple[int, int]:
-    """-> (n_new, n_replay) rows of a micro-batch: ``round(batch_size * ratio)`` replayed when there
-    is replay data, always keeping at least one new row."""
+def split_batch_size(batch_size: int, ratio: float, has_replay: bool, on_top: bool = False) -> tuple[int, int]:
+    """-> (n_new, n_replay) rows of a micro-batch when there is replay data: ``round(batch_size *
+    ratio)`` of the batch replayed, always keeping at least one new row; ``on_top``: ``batch_size``
+    new rows plus ``round(batch_size * ratio / (1 - ratio))`` replayed (at least one), so that the
+    replayed rows are still ``ratio`` of the larger batch."""
     if not has_replay or ratio <= 0:
         return batch_size, 0
+    if on_top:
+        return batch_size, max(round(batch_size * ratio / (1.0 - ratio)), 1)
     n_replay = min(round(batch_size * ratio), batch_size - 1)
     return batch_size - n_replay, n_replay

@@ -81,7 +81,7 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
         new_sequences = min(new_sequences, recipe.data.sample)
     replay_sequences = sum(count[d] for d in replay)
     t = recipe.train
-    n_new, n_replay = split_batch_size(t.batch_size, recipe.replay.ratio, replay_sequences > 0)
+    n_new, n_replay = split_batch_size(t.batch_size, recipe.replay.ratio, replay_sequences > 0, recipe.replay.on_top)
     plan = IncrementPlan(parent, new, replay, new_sequences, replay_sequences, n_new, n_replay, world_size,
                          0, 0, seq_len, earlier, init_from, retrained)
     if not new:
@@ -89,7 +89,7 @@ def plan_increment(ws: Workspace, recipe: Recipe, parent: str | None = None, *, 
     if new_sequences == 0:
         raise InputError(f"the pending increments ({', '.join(new)}) hold no training sequences (everything went "
                          "to the held-out split); ingest more text or lower data.heldout_fraction")
-    rows_per_step = t.batch_size * t.grad_accum * world_size
+    rows_per_step = (n_new + n_replay) * t.grad_accum * world_size
     steps = t.steps or math.ceil(t.epochs * new_sequences / (n_new * t.grad_accum * world_size))
     if t.max_tokens is not None:
         affordable = t.max_tokens // (rows_per_step * seq_len)

@@ -200,7 +200,7 @@ class TrainConfig:
     steps: Optional[int] = knob(None, "Optimizer steps for one increment; when unset, `epochs` over the new data decides.", lo=1)
     epochs: float = knob(1.0, "Passes over the new data when `steps` is unset.", lo=0.0, lo_open=True)
     max_tokens: Optional[int] = knob(None, "Cap on tokens processed in one increment (new + replay).", lo=1)
-    batch_size: int = knob(32, "Sequences per micro-batch (new + replay).", lo=1)
+    batch_size: int = knob(32, "Sequences per micro-batch (new + replay; with `replay.on_top`, the new ones, the replayed ones coming on top).", lo=1)
     grad_accum: int = knob(1, "Micro-batches per optimizer step.", lo=1)
     lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
     weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
@@ -231,6 +231,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class ReplayConfig:
     ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
+    on_top: bool = knob(False, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the compute per step.")
     weight: float = knob(0.33, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 0.33 = ratio / (1 - ratio) at the default ratio, so a replayed token weighs what a new one does (1.0 before issue 16: the replayed rows weighed as much as the new ones, whatever their share). Change it with `ratio`.", lo=0.0)
 
 

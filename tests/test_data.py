@@ -90,6 +90,12 @@ def test_split_batch_size():
     assert split_batch_size(8, 0.0, has_replay=True) == (8, 0)
     assert split_batch_size(2, 0.9, has_replay=True) == (1, 1)  # at least one new row
     assert split_batch_size(32, 0.25, has_replay=True) == (24, 8)
+    # on top: the whole batch stays new, and the replayed rows are still `ratio` of the larger one
+    assert split_batch_size(32, 0.25, has_replay=True, on_top=True) == (32, 11)
+    assert split_batch_size(16, 0.2, has_replay=True, on_top=True) == (16, 4)
+    assert split_batch_size(2, 0.1, has_replay=True, on_top=True) == (2, 1)  # at least one replayed row
+    assert split_batch_size(32, 0.25, has_replay=False, on_top=True) == (32, 0)
+    assert split_batch_size(32, 0.0, has_replay=True, on_top=True) == (32, 0)
 
 
 def test_same_seed_same_batches_and_state_resumes_exactly(ws):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from incr_cli import step as step_mod
 from incr_cli.cli.app import app
-from incr_cli.data import open_increment
+from incr_cli.data import BatchSampler, open_increment
 from incr_cli.distributed import DistContext
 from incr_cli.plan import IncrementPlan, plan_increment
 from incr_cli.recipe import build_recipe, load_recipe
@@ -179,6 +179,27 @@ def test_plan_budget_from_epochs_tokens_and_sample(two_increments):
     assert sampled.new_sequences == 12 and sampled.steps == 2
     first = plan_increment(ws, load_recipe(ws.recipe_path), "v0000")  # an older parent: both are new
     assert first.new == ["d0001-austen", "d0002-fortunes"] and first.replay_per_batch == 0
+    on_top = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", "replay.on_top=true"]))
+    assert (on_top.new_per_batch, on_top.replay_per_batch) == (8, 3)  # 8 new + round(8 * 0.25 / 0.75)
+    assert on_top.steps == int(np.ceil(seqs / 8)) and on_top.tokens == on_top.steps * 11 * 64
+
+
+def test_replay_on_top_trains_on_a_plain_fine_tunes_new_rows(two_increments):
+    """replay.on_top adds the replayed rows to the batch: the new rows of every step are the plain
+    fine-tune's (same seed), where the default share gives a quarter of them to replay."""
+    ws = two_increments
+
+    def sampler(*overrides: str) -> BatchSampler:
+        plan = plan_increment(ws, load_recipe(ws.recipe_path, list(overrides)))
+        replay = [open_increment(ws, d) for d in plan.replay] if plan.replay_per_batch else []
+        return BatchSampler([open_increment(ws, d) for d in plan.new], replay, n_new=plan.new_per_batch,
+                            n_replay=plan.replay_per_batch, seed=0)
+
+    naive, share, on_top = sampler("strategy.name=naive"), sampler(), sampler("replay.on_top=true")
+    for _ in range(6):
+        plain, shared, added = naive.next_batch(), share.next_batch(), on_top.next_batch()
+        np.testing.assert_array_equal(added.new_ids, plain.new_ids)
+        assert added.replay_ids.shape[0] == 3 and shared.new_ids.shape[0] == 6 and shared.replay_ids.shape[0] == 2
 
 
 def test_nothing_to_train_exits_0_and_writes_nothing(one_pending):
