@@ -1,10 +1,10 @@
 """Why the replay+distill default learns the new domain less than a plain fine-tune: one ablation.
 
     python scripts/ablation.py [--steps N] [--first-steps M] [--shifts a:b,c:d] [--candidates x,y]
-                               [--seed S] [--out results/ablation.md]
+                               [--recipe FILE] [--seed S] [--out results/ablation.md]
 
 For each shift A -> B (default: austen -> pydocs and pydocs -> fortunes, from samples/), on
-MiniLM-L6 with recipes/experiment-minilm.yaml:
+MiniLM-L6 with recipes/experiment-minilm.yaml (``--recipe``: another one, e.g. the demo's):
 
 1. v0001 = a plain fine-tune of MiniLM-L6 (``--first-steps`` steps) on A, shared by every candidate
    (MiniLM ships without an MLM head, so distilling here would distil from a random head);
@@ -37,7 +37,9 @@ import experiment as exp  # noqa: E402
 
 from incr_cli.evaluate import evaluate  # noqa: E402
 from incr_cli.models import init_workspace  # noqa: E402
+from incr_cli.plan import plan_increment  # noqa: E402
 from incr_cli.recipe import load_recipe  # noqa: E402
+from incr_cli.strategy import get_strategy, teacher_rows  # noqa: E402
 from incr_cli.workspace import Workspace, finite_json  # noqa: E402
 
 REPO = exp.REPO
@@ -49,12 +51,12 @@ SHIFTS = [("austen", "pydocs"), ("pydocs", "fortunes")]
 # candidate changes one or two things. alpha 0.25 at T 2 is the KL without its T^2 factor;
 # replay.weight 0.33 = ratio / (1 - ratio) weighs a replayed token as a new one (each term is a mean
 # over its own tokens), i.e. one mixed batch's loss; alpha 0.33 does the same for the KL.
-_RD = ["strategy.name=replay+distill", "distill.temperature=2", "replay.ratio=0.25"]
+_RD = ["strategy.name=replay+distill", "distill.temperature=2", "replay.ratio=0.25", "replay.on_top=false"]
 CANDIDATES: dict[str, list[str]] = {
     "naive": ["strategy.name=naive"],
     "old default": [*_RD, "distill.rows=all", "distill.alpha=1", "replay.weight=1"],
-    "replay": ["strategy.name=replay", "replay.ratio=0.25", "replay.weight=1"],
-    "replay w 0.33": ["strategy.name=replay", "replay.ratio=0.25", "replay.weight=0.33"],
+    "replay": ["strategy.name=replay", "replay.ratio=0.25", "replay.weight=1", "replay.on_top=false"],
+    "replay w 0.33": ["strategy.name=replay", "replay.ratio=0.25", "replay.weight=0.33", "replay.on_top=false"],
     "distill on all no T^2": [*_RD, "distill.rows=all", "distill.alpha=0.25", "replay.weight=1"],
     "distill on new": [*_RD, "distill.rows=new", "distill.alpha=1", "replay.weight=1"],
     "distill on replay": [*_RD, "distill.rows=replay", "distill.alpha=1", "replay.weight=1"],
@@ -62,6 +64,9 @@ CANDIDATES: dict[str, list[str]] = {
     "distill on replay ratio 0.125": [*_RD, "distill.rows=replay", "distill.alpha=1", "replay.weight=1",
                                       "replay.ratio=0.125"],
     "distill on replay w 0.33 alpha 0.33": [*_RD, "distill.rows=replay", "distill.alpha=0.33", "replay.weight=0.33"],
+    "on top": [*_RD, "distill.rows=replay", "distill.alpha=0.33", "replay.weight=0.33", "replay.on_top=true"],
+    "on top ratio 0.2": [*_RD, "distill.rows=replay", "distill.alpha=0.25", "replay.weight=0.25", "replay.ratio=0.2",
+                         "replay.on_top=true"],
     "joint": ["strategy.name=joint"],
 }
 DEFAULT = "distill on replay w 0.33 alpha 0.33"  # what recipes/*.yaml and the schema now set
@@ -73,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--first-steps", type=int, default=60, help="Steps of the shared plain fine-tune on A.")
     parser.add_argument("--shifts", default=",".join(f"{a}:{b}" for a, b in SHIFTS), help="Comma list of A:B.")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="Comma list (default: all).")
+    parser.add_argument("--recipe", type=Path, default=exp.RECIPE, help="The recipe under every run's overrides.")
     parser.add_argument("--seed", type=int, default=0, help="train.seed of every run.")
     parser.add_argument("--threads", type=int, default=None, help="runtime.num_threads (default: all cores).")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ablation.md", help="Table (and .json).")
@@ -101,7 +107,7 @@ def run_shift(a: str, b: str, args: argparse.Namespace, work: Path, log: exp.Log
             *([f"runtime.num_threads={args.threads}"] if args.threads else [])]
 
     def recipe(extra: list[str], steps: int):
-        return load_recipe(exp.RECIPE, [*base, *extra, f"train.steps={steps}"])
+        return load_recipe(args.recipe, [*base, *extra, f"train.steps={steps}"])
 
     texts = dict(exp.domain_files(args.quick, work / "texts"))
     shared_dir = work / f"{a}-{b}" / "shared"
@@ -123,6 +129,7 @@ def run_shift(a: str, b: str, args: argparse.Namespace, work: Path, log: exp.Log
             shutil.rmtree(copy, ignore_errors=True)
             ws = Workspace(shared_dir).copy_to(copy)
             version, seconds = exp.train(ws, recipe(CANDIDATES[name], steps), log)
+        rows = student_and_teacher_rows(ws, recipe(CANDIDATES[name], steps), "v0001")
         if cache.is_dir():
             shutil.copytree(cache, ws.eval_dir / "cache", dirs_exist_ok=True)
         result = evaluate(ws, ["v0001", version], ws.increments(), recipe([], 1), reporter=log)
@@ -130,15 +137,40 @@ def run_shift(a: str, b: str, args: argparse.Namespace, work: Path, log: exp.Log
         (da, db) = ws.increments()
         ppl = {v: {d: result.scores[v][d]["perplexity"] for d in (da, db)} for v in ("v0001", version)}
         out[name] = {"a_before": ppl["v0001"][da], "a_after": ppl[version][da], "b_after": ppl[version][db],
-                     "seconds": seconds, "steps": steps}
+                     "seconds": seconds, "steps": steps, "rows": rows}
     return out
+
+
+def student_and_teacher_rows(ws: Workspace, recipe: Any, parent: str) -> list[int]:
+    """[student rows, teacher rows] of one step of the increment ``recipe`` trains from ``parent``."""
+    plan = plan_increment(ws, recipe, parent)
+    terms = get_strategy(recipe.strategy.name).loss_terms(recipe, plan.replay_per_batch > 0)
+    student = plan.new_per_batch + plan.replay_per_batch
+    if not any(term.needs_teacher for term in terms):
+        return [student, 0]
+    return [student, {"all": student, "new": plan.new_per_batch, "replay": plan.replay_per_batch}[teacher_rows(terms)]]
+
+
+def compute(r: dict[str, Any]) -> float:
+    """Training compute in student-row steps: a teacher forward costs about a third of a student's
+    forward + backward (runs without ``rows``, from before it was recorded, count as one row each)."""
+    student, teacher = r.get("rows", [1, 0])
+    return r["steps"] * (student + teacher / 3)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def table(doc: dict[str, Any]) -> str:
     s = doc["settings"]
     lines = [
         "# Why the default learned the new domain less: the ablation (`scripts/ablation.py`)", "",
-        f"Base `{s['base']}`, recipes/experiment-minilm.yaml (batch 16, seq 64, lr 3e-4, cosine, warm-up 0.1); "
+        f"Base `{s['base']}`, {s.get('recipe', 'recipes/experiment-minilm.yaml (batch 16, seq 64, lr 3e-4, cosine, warm-up 0.1)')}; "
         f"v0001 = {s['first_steps']} plain fine-tune steps on A, shared; then one increment of {s['steps']} steps "
         f"on B per candidate (joint: {2 * s['steps']} from v0000 on A+B); seed {s['seed']}; eval on the first "
         f"{s['eval_sequences']} held-out sequences. "
@@ -146,7 +178,8 @@ def table(doc: dict[str, Any]) -> str:
            if "runs" in s else f"Whole run {s['total_seconds'] / 60:.1f} min."), "",
         "forgetting = A's held-out perplexity change from v0001; the ratios are to naive's "
         "(targets: new ppl <= 1.10x, forgetting <= 0.3x when naive forgets) and to joint's A perplexity "
-        "(target <= 1.05x).", "",
+        "(target <= 1.05x). compute = steps x (student rows + teacher rows / 3) per step, to naive's "
+        "(a teacher forward costs about a third of a student's forward + backward).", "",
     ]
     for shift, rows in doc["shifts"].items():
         a, b = shift.split("->")
@@ -156,15 +189,16 @@ def table(doc: dict[str, Any]) -> str:
             continue
         nf = naive["a_after"] / naive["a_before"] - 1
         lines += [f"## {a} -> {b}", "",
-                  f"| candidate | {b} ppl | x naive | {a} ppl | forgetting | x naive | {a} x joint | time (s) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  f"| candidate | {b} ppl | x naive | {a} ppl | forgetting | x naive | {a} x joint | compute x naive "
+                  "| time (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, r in rows.items():
             f = r["a_after"] / r["a_before"] - 1
             fx = f"{f / nf:.2f}" if nf > 0 else "n/a"
             jx = f"{r['a_after'] / joint['a_after']:.2f}" if joint else "n/a"
             shown = f"**{name}** (the default)" if name == DEFAULT else name
             lines.append(f"| {shown} | {r['b_after']:.1f} | {r['b_after'] / naive['b_after']:.2f} | "
-                         f"{r['a_after']:.1f} | {f:+.1%} | {fx} | {jx} | {r['seconds']:.0f} |")
+                         f"{r['a_after']:.1f} | {f:+.1%} | {fx} | {jx} | {compute(r) / compute(naive):.2f} | "
+                         f"{r['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -180,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    recipe = load_recipe(exp.RECIPE, (exp.QUICK if args.quick else exp.FULL)["overrides"])
+    recipe = load_recipe(args.recipe, (exp.QUICK if args.quick else exp.FULL)["overrides"])
+    t = recipe.train
     settings = {"base": (exp.QUICK if args.quick else exp.FULL)["base"], "steps": args.steps,
+                "recipe": f"{_shown(args.recipe)} (batch {t.batch_size}, seq {recipe.model.max_seq_len}, lr {t.lr:g}, "
+                          f"{t.schedule}, warm-up {t.warmup_ratio:g})",
                 "first_steps": args.first_steps, "seed": args.seed, "eval_sequences": recipe.eval.max_sequences,
                 "candidates": {c: CANDIDATES[c] for c in args.candidates}, "machine": exp.machine(),
                 "total_seconds": round(time.perf_counter() - started, 1)}

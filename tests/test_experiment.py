@@ -95,8 +95,12 @@ def test_ablation_quick_writes_its_table(tmp_path):
 
     out = tmp_path / "ablation.md"
     assert ablation.main(["--quick", "--steps", "2", "--first-steps", "2", "--shifts", "austen:pydocs",
-                          "--candidates", "naive,distill on replay", "--out", str(out), "--quiet"]) == 0
+                          "--candidates", "naive,distill on replay,on top", "--recipe", "recipes/demo-minilm.yaml",
+                          "--out", str(out), "--quiet"]) == 0
     table = out.read_text(encoding="utf-8")
     assert "## austen -> pydocs" in table and "| naive | " in table and "| distill on replay | " in table
+    assert "recipes/demo-minilm.yaml (batch 8, seq 64," in table  # the recipe, with --quick's batch
     doc = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
-    assert set(doc["shifts"]["austen->pydocs"]) == {"naive", "distill on replay"}
+    assert set(doc["shifts"]["austen->pydocs"]) == {"naive", "distill on replay", "on top"}
+    rows = {name: r["rows"] for name, r in doc["shifts"]["austen->pydocs"].items()}
+    assert rows == {"naive": [8, 0], "distill on replay": [8, 2], "on top": [11, 3]}  # teacher on the replayed rows
