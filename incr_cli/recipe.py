@@ -231,7 +231,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class ReplayConfig:
     ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
-    on_top: bool = knob(False, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the compute per step.")
+    on_top: bool = knob(True, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the student compute per step (false: the replayed rows take `ratio` of the batch, the behaviour before issue 16's second round, which learned the Python docs to 1.15x the plain fine-tune's perplexity).")
     weight: float = knob(0.33, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 0.33 = ratio / (1 - ratio) at the default ratio, so a replayed token weighs what a new one does (1.0 before issue 16: the replayed rows weighed as much as the new ones, whatever their share). Change it with `ratio`.", lo=0.0)
 
 

@@ -69,7 +69,7 @@ CANDIDATES: dict[str, list[str]] = {
                          "replay.on_top=true"],
     "joint": ["strategy.name=joint"],
 }
-DEFAULT = "distill on replay w 0.33 alpha 0.33"  # what recipes/*.yaml and the schema now set
+DEFAULT = "on top"  # what recipes/*.yaml and the schema now set
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

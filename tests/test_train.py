@@ -171,22 +171,22 @@ def test_plan_budget_from_epochs_tokens_and_sample(two_increments):
     plan = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", "train.epochs=2",
                                                            "train.grad_accum=2"]))
     assert (plan.parent, plan.new, plan.replay) == ("v0001", ["d0002-fortunes"], ["d0001-austen"])
-    assert (plan.new_per_batch, plan.replay_per_batch) == (6, 2)  # batch 8, replay.ratio 0.25
-    assert plan.steps == int(np.ceil(2 * seqs / (6 * 2)))
-    capped = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", f"train.max_tokens={3 * 8 * 64}"]))
-    assert capped.steps == 3 and capped.tokens == 3 * 8 * 64
+    assert (plan.new_per_batch, plan.replay_per_batch) == (8, 3)  # batch 8 + round(8 * 0.25 / 0.75) replayed on top
+    assert plan.steps == int(np.ceil(2 * seqs / (8 * 2)))
+    capped = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", f"train.max_tokens={3 * 11 * 64}"]))
+    assert capped.steps == 3 and capped.tokens == 3 * 11 * 64
     sampled = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", "data.sample=12"]))
     assert sampled.new_sequences == 12 and sampled.steps == 2
     first = plan_increment(ws, load_recipe(ws.recipe_path), "v0000")  # an older parent: both are new
     assert first.new == ["d0001-austen", "d0002-fortunes"] and first.replay_per_batch == 0
-    on_top = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", "replay.on_top=true"]))
-    assert (on_top.new_per_batch, on_top.replay_per_batch) == (8, 3)  # 8 new + round(8 * 0.25 / 0.75)
-    assert on_top.steps == int(np.ceil(seqs / 8)) and on_top.tokens == on_top.steps * 11 * 64
+    share = plan_increment(ws, load_recipe(ws.recipe_path, ["train.steps=null", "replay.on_top=false"]))
+    assert (share.new_per_batch, share.replay_per_batch) == (6, 2)  # a quarter of the batch of 8 replayed
+    assert share.steps == int(np.ceil(seqs / 6)) and share.tokens == share.steps * 8 * 64
 
 
 def test_replay_on_top_trains_on_a_plain_fine_tunes_new_rows(two_increments):
-    """replay.on_top adds the replayed rows to the batch: the new rows of every step are the plain
-    fine-tune's (same seed), where the default share gives a quarter of them to replay."""
+    """replay.on_top (the default) adds the replayed rows to the batch: the new rows of every step are
+    the plain fine-tune's (same seed), where on_top=false gives a quarter of them to replay."""
     ws = two_increments
 
     def sampler(*overrides: str) -> BatchSampler:
@@ -195,7 +195,7 @@ def test_replay_on_top_trains_on_a_plain_fine_tunes_new_rows(two_increments):
         return BatchSampler([open_increment(ws, d) for d in plan.new], replay, n_new=plan.new_per_batch,
                             n_replay=plan.replay_per_batch, seed=0)
 
-    naive, share, on_top = sampler("strategy.name=naive"), sampler(), sampler("replay.on_top=true")
+    naive, share, on_top = sampler("strategy.name=naive"), sampler("replay.on_top=false"), sampler()
     for _ in range(6):
         plain, shared, added = naive.next_batch(), share.next_batch(), on_top.next_batch()
         np.testing.assert_array_equal(added.new_ids, plain.new_ids)
