@@ -200,7 +200,7 @@ class TrainConfig:
     steps: Optional[int] = knob(None, "Optimizer steps for one increment; when unset, `epochs` over the new data decides.", lo=1)
     epochs: float = knob(1.0, "Passes over the new data when `steps` is unset.", lo=0.0, lo_open=True)
     max_tokens: Optional[int] = knob(None, "Cap on tokens processed in one increment (new + replay).", lo=1)
-    batch_size: int = knob(32, "Sequences per micro-batch (new + replay; with `replay.on_top`, the new ones, the replayed ones coming on top).", lo=1)
+    batch_size: int = knob(32, "New sequences per micro-batch, the replayed ones coming on top (`replay.on_top`, the default); with `replay.on_top=false`, new + replayed.", lo=1)
     grad_accum: int = knob(1, "Micro-batches per optimizer step.", lo=1)
     lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
     weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
