@@ -180,4 +180,5 @@ class StopSignal:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python
+            if signal.getsignal(sig) == self._handle:  # still ours: a handler set inside the block stays
+                signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python

@@ -8,6 +8,7 @@ code reads the same either way.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class DistContext:
             timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
             why = (f"no answer within runtime.collective_timeout={self.timeout_s:g}s" if timed_out
                    else "the connection to another rank broke")
+            _ignore_sigterm()
             raise RankLost(f"rank {self.rank} of {self.world_size}: {why} during {what} ({first}); a rank died, "
                            "hung or was stopped; nothing was promoted: rerun the same command to resume from "
                            "the last saved state") from exc
@@ -97,6 +99,15 @@ class DistContext:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ignore_sigterm() -> None:
+    """This rank is failing with its one line: once a rank died, torchrun stops the others with
+    SIGTERM, which must not cut that line off (torchrun still kills a rank that does not exit)."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 _RANK_FAILURE_TEXTS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out",

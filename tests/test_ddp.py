@@ -24,8 +24,8 @@ def test_two_gloo_processes_train_one_version(tmp_path, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout)  # rank 0 alone prints (and writes)
     assert metrics["world_size"] == 2 and metrics["promoted"] and metrics["steps"] == 3
-    # Each rank took its own 6 new + 2 replay rows of every global batch of 16.
-    assert 0 < metrics["tokens"] <= 3 * 2 * 8 * 64
+    # Each rank took its own 8 new + 3 replayed rows (on top) of every global batch of 22.
+    assert 0 < metrics["tokens"] <= 3 * 2 * (8 + 3) * 64
     assert ws.versions() == ["v0000", "v0001", "v0002"] and ws.latest() == "v0002"
     manifest = ws.verify_version("v0002")
     assert manifest["world_size"] == 2 and manifest["replay"] == ["d0001-austen"]

@@ -175,3 +175,25 @@ def test_a_changed_command_leaves_the_old_state_then_removes_it_with_its_version
     assert result.exit_code == 0, result.output
     assert "starts afresh" in result.output and "resuming" not in result.output
     assert ws.latest() == "v0002" and ws.resume_states() == []
+
+
+def test_stop_signal_restores_its_handlers_but_leaves_one_set_inside_it():
+    """SIGTERM/SIGINT are caught inside the loop and given back after it, unless something inside
+    changed them on purpose: a torchrun rank that lost a peer ignores SIGTERM while it reports."""
+    import signal
+
+    from incr_cli.checkpointing import StopSignal
+    from incr_cli.distributed import _ignore_sigterm
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with StopSignal():
+            _ignore_sigterm()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler or signal.SIG_DFL)
