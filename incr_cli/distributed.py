@@ -96,8 +96,17 @@ class DistContext:
                            "hung or was stopped; nothing was promoted: rerun the same command to resume from "
                            "the last saved state") from exc
 
-    def close(self) -> None:
+    def close(self, *, together: bool = False) -> None:
+        """Leave the process group; ``together`` (every rank ends the command the same way): after a
+        barrier, so that no rank tears gloo down while a peer is still finishing the last collective
+        (that race aborted a rank at exit: "terminate called without an active exception")."""
         if self.owns_group and dist.is_initialized():
+            if together:
+                try:
+                    with self.collective("the last barrier"):
+                        dist.barrier()
+                except RankLost:
+                    pass  # a peer is gone: leave anyway
             dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -180,7 +181,8 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
                 ws.clean_staging()
             return _train(ws, recipe, plan, key, ctx, reporter, tracker)
     finally:
-        ctx.close()
+        # Returns and GateRejected end every rank alike (the result is broadcast); other errors may not.
+        ctx.close(together=sys.exc_info()[0] in (None, GateRejected))
 
 
 def _weights_sha(ws: Workspace, version: str) -> str:
