@@ -48,6 +48,8 @@ from incr_cli.strategy import (
     Normalisers,
     get_strategy,
     reported_loss_names,
+    rows_count,
+    rows_slice,
     teacher_rows,
 )
 from incr_cli.workspace import finite_json
@@ -210,7 +212,7 @@ def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int, int]]
             out = MicroOutputs(logits, masked.targets, n_new_targets, attention, norm, run.model, m,
                                len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
-                rows = {"all": slice(None), "new": slice(None, n_new_rows), "replay": slice(n_new_rows, None)}[on]
+                rows = rows_slice(on, n_new_rows)
                 with torch.inference_mode(), devices.autocast(dev, run.precision):
                     t_logits, t_hidden = run.teacher(masked.input_ids[rows], attention[rows], masked.positions[rows],
                                                      output_hidden=need_hidden)
@@ -405,8 +407,8 @@ def _meter(run: Run, *, compiled: bool) -> Meter | None:
         return None
     need_hidden = any(term.needs_hidden for term in run.terms)
     peak, source = device_peak(run.device, run.precision)
-    share = {"all": 1.0, "new": run.sampler.n_new, "replay": run.sampler.n_replay}[teacher_rows(run.terms)]
-    share = share if share == 1.0 else share / (run.sampler.n_new + run.sampler.n_replay)
+    n_new, n_replay = run.sampler.n_new, run.sampler.n_replay
+    share = rows_count(teacher_rows(run.terms), n_new, n_replay) / (n_new + n_replay)
     return Meter(shape, teacher=share if run.teacher is not None else 0.0,
                  last_layer_masked=run.student_head.masked_last_layer and not need_hidden and not compiled,
                  head_all_positions=run.student_head.kind == "full", peak_flops_per_s=peak, peak_source=source,

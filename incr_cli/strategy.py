@@ -147,8 +147,7 @@ class LogitDistill:
     name, needs_teacher, needs_hidden = "distill", True, False
 
     def __call__(self, out: MicroOutputs) -> torch.Tensor:
-        k = out.n_new_targets
-        picked = {"all": slice(None), "new": slice(None, k), "replay": slice(k, None)}[self.rows]
+        picked = rows_slice(self.rows, out.n_new_targets)
         student = out.student_logits[picked]  # (n, V)
         teacher = out.teacher_logits if out.teacher_rows == self.rows else out.teacher_logits[picked]
         if self.shared_vocab is not None:
@@ -186,6 +185,17 @@ class EwcPenalty:
 
 
 BASE_LOSS_NAMES = ("mlm_new", "mlm_replay", "distill", "hidden")  # what ``Strategy.loss_terms`` may build
+
+
+def rows_slice(rows: str, n_new: int) -> slice:
+    """The part of a batch (or of its masked targets, ``n_new`` of them from new rows) that ``rows``
+    ("all", "new" or "replay") names: new rows come first, then the replayed ones."""
+    return {"all": slice(None), "new": slice(None, n_new), "replay": slice(n_new, None)}[rows]
+
+
+def rows_count(rows: str, n_new: int, n_replay: int) -> int:
+    """How many of ``n_new`` new and ``n_replay`` replayed rows ``rows`` names."""
+    return {"all": n_new + n_replay, "new": n_new, "replay": n_replay}[rows]
 
 
 def teacher_rows(terms: list[LossTerm]) -> str:
@@ -484,4 +494,5 @@ def load_fisher(ws: Workspace, version: str, device: torch.device | str = "cpu")
 
 __all__ = ["FISHER_FILE", "STRATEGIES", "EwcPenalty", "HiddenDistill", "LogitDistill", "LossTerm", "MicroOutputs",
            "MlmNew", "MlmReplay", "Normalisers", "Strategy", "StrategyInputs", "TrainingData", "fisher_bytes",
-           "fisher_diagonal", "get_strategy", "load_fisher", "reported_loss_names", "root_version", "teacher_rows"]
+           "fisher_diagonal", "get_strategy", "load_fisher", "reported_loss_names", "root_version", "rows_count",
+           "rows_slice", "teacher_rows"]

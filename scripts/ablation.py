@@ -39,7 +39,7 @@ from incr_cli.evaluate import evaluate  # noqa: E402
 from incr_cli.models import init_workspace  # noqa: E402
 from incr_cli.plan import plan_increment  # noqa: E402
 from incr_cli.recipe import load_recipe  # noqa: E402
-from incr_cli.strategy import get_strategy, teacher_rows  # noqa: E402
+from incr_cli.strategy import get_strategy, rows_count, teacher_rows  # noqa: E402
 from incr_cli.workspace import Workspace, finite_json  # noqa: E402
 
 REPO = exp.REPO
@@ -148,7 +148,7 @@ def student_and_teacher_rows(ws: Workspace, recipe: Any, parent: str) -> list[in
     student = plan.new_per_batch + plan.replay_per_batch
     if not any(term.needs_teacher for term in terms):
         return [student, 0]
-    return [student, {"all": student, "new": plan.new_per_batch, "replay": plan.replay_per_batch}[teacher_rows(terms)]]
+    return [student, rows_count(teacher_rows(terms), plan.new_per_batch, plan.replay_per_batch)]
 
 
 def compute(r: dict[str, Any]) -> float:
