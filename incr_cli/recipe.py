@@ -239,7 +239,45 @@ class ReplayConfig:
 class GateConfig:
     max_forgetting: Optional[float] = knob(None, "Largest allowed relative perplexity increase on any earlier increment (0.1 = +10%).", lo=0.0)
     min_improvement: Optional[float] = knob(None, "Smallest required relative perplexity decrease on the new data (0.05 = -5%).", lo=-1.0, hi=1.0)
+    task_max_drop: float = knob(0.02, "Largest allowed drop of a task's main score (classification: accuracy; retrieval: MRR) from the parent's, in points of that score (0.02 = 2 points); a drop is rejected only when it is also outside the paired 95% bootstrap interval (noise). Per task: `max_drop`, `gate: false`.", lo=0.0, hi=1.0)
+    tasks: bool = knob(True, "Gate on the recipe's downstream tasks (false: score them, never reject on them).")
     max_embedding_drift: Optional[float] = knob(None, "Largest allowed embedding drift (1 - mean cosine of a held-out sequence's parent and new embeddings) on any increment of the lineage (0.05 = cosine >= 0.95).", lo=0.0, hi=2.0)
+
+
+TASK_KINDS = ("classification", "retrieval")
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A downstream task a version is judged by (``eval.tasks``; ``incr_cli/tasks.py`` reads its file)."""
+
+    name: str = knob("", "Name of the task in tables, metrics.json and the gate (letters, digits, `_.-`).")
+    path: str = knob("", "Labelled file, JSON Lines or CSV/TSV with a header; relative to the recipe file that names it.")
+    kind: str = knob("classification", "classification: a linear probe on frozen embeddings predicts the label; "
+                     "retrieval: each query's relevant text is searched among all of them by cosine.", choices=TASK_KINDS)
+    text_field: str = knob("text", "Field of the text (classification) or of the relevant text (retrieval).")
+    label_field: str = knob("label", "Field of the label (classification; strings or integers).")
+    group_field: Optional[str] = knob(None, "Field whose value keeps rows together in one fold (e.g. the source document).")
+    query_field: str = knob("query", "Field of the query (retrieval).")
+    gate: bool = knob(True, "The task gate protects this task (see `gate.task_max_drop`).")
+    max_drop: Optional[float] = knob(None, "This task's margin instead of `gate.task_max_drop`.", lo=0.0, hi=1.0)
+
+
+TASK_REQUIRED = ("name", "path")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    folds: int = knob(5, "Folds of the seeded, group-aware, stratified cross-validation of a classification probe.", lo=2, hi=20)
+    C: float = knob(0.1, "Inverse L2 regularisation of the logistic-regression probe (scikit-learn's C), on standardised embeddings; 0.1: on MiniLM-L6 and the Python-docs task as accurate as 1.0 or better and twice as fast (results/probe-pydocs.md).", lo=0.0, lo_open=True)
+    max_iter: int = knob(1000, "Iterations of the probe's solver (lbfgs).", lo=10)
+    max_examples: int = knob(4000, "Rows of a task file scored (a seeded sample when there are more; for retrieval, pairs).", lo=2)
+    batch_size: int = knob(64, "Texts per embedding batch.", lo=1)
+    max_length: int = knob(128, "Tokens per text embedded (longer texts are cut; the share cut is reported).", lo=8, hi=8192)
+    pooling: str = knob("mean", "Pooling of the last hidden layer into a text embedding.", choices=["mean", "cls"])
+    seed: int = knob(0, "Seed of the folds, the sample and the bootstrap.", lo=0)
+    bootstrap: int = knob(1000, "Seeded bootstrap resamples of the examples behind each confidence interval (95%).", lo=100)
 
 
 @dataclass(frozen=True)
@@ -247,6 +285,7 @@ class EvalConfig:
     max_sequences: int = knob(256, "Held-out sequences scored per increment (the first ones, so results are comparable).", lo=1)
     batch_size: int = knob(64, "Sequences per evaluation batch.", lo=1)
     seed: int = knob(1234, "Seed of the evaluation masks (combined with the increment id, never the version).", lo=0)
+    tasks: list[TaskConfig] = knob([], "Downstream tasks every version is scored on (a list of mappings with the `eval.tasks[]` keys below); the task gate protects each.")
     gate_sequences: Optional[int] = knob(256, "Budget of held-out sequences train-increment scores for the gate: every increment while they fit, then the new ones, the newest earlier ones (half the budget, at least one) and a fixed seeded sample of older ones (the other half, at least one), recorded in metrics.json; null = all. `incr eval` scores everything.", lo=1)
 
 
@@ -306,6 +345,7 @@ class Recipe:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -335,9 +375,21 @@ def iter_keys() -> Iterator[KeyInfo]:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             yield KeyInfo(f"{section}.{f.name}", _type_name(hints[f.name]), default, f.metadata["help"],
                           _choices(f.metadata), _range_text(f.metadata))
+            if hints[f.name] == list[TaskConfig]:
+                yield from _task_keys(f"{section}.{f.name}[]")
+
+
+def _task_keys(prefix: str) -> Iterator[KeyInfo]:
+    hints = typing.get_type_hints(TaskConfig)
+    for f in dataclasses.fields(TaskConfig):
+        required = " Required." if f.name in TASK_REQUIRED else ""
+        yield KeyInfo(f"{prefix}.{f.name}", _type_name(hints[f.name]), None if required else f.default,
+                      f.metadata["help"] + required, _choices(f.metadata), _range_text(f.metadata))
 
 
 def _type_name(tp: Any) -> str:
+    if tp == list[TaskConfig]:
+        return "list of tasks"
     inner, optional = _unwrap_optional(tp)
     name = {int: "int", float: "float", bool: "bool", str: "str"}.get(inner) or str(inner).replace("typing.", "")
     return f"{name} or null" if optional else name
@@ -367,6 +419,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
     inner, optional = _unwrap_optional(tp)
     if value is None:
         return (None, None) if optional else (None, f"{path}: must not be null")
+    if inner == list[TaskConfig]:
+        return _check_tasks(path, value)
     if typing.get_origin(inner) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return None, f"{path}: expected a list of strings, got {shown(value)}"
@@ -402,6 +456,48 @@ def _check_value(path: str, value: Any, tp: Any, meta: dict) -> tuple[Any, str |
     if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
         return None, f"{path}: {shown(value)} is out of range (must be {_range_text(meta)})"
     return value, None
+
+
+def _check_tasks(path: str, value: Any) -> tuple[Any, str | None]:
+    """``eval.tasks``: a list of mappings -> (list of TaskConfig, the first problem or None)."""
+    if not isinstance(value, list):
+        return None, f"{path}: expected a list of tasks (mappings with name, path, kind...), got {shown(value)}"
+    tasks, names = [], set()
+    fields = {f.name: f for f in dataclasses.fields(TaskConfig)}
+    hints = typing.get_type_hints(TaskConfig)
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            return None, f"{where}: expected a mapping with name, path and kind, got {shown(item)}"
+        values = {}
+        for key, raw in item.items():
+            key = _text(key)
+            if key not in fields:
+                return None, f"{where}.{clip(key)}: unknown key{_did_you_mean(key, list(fields))}"
+            coerced, problem = _check_value(f"{where}.{key}", raw, hints[key], fields[key].metadata)
+            if problem:
+                return None, problem
+            values[key] = coerced
+        missing = [k for k in TASK_REQUIRED if not values.get(k)]
+        if missing:
+            return None, f"{where}: needs {' and '.join(missing)} (e.g. name: sections, path: tasks/sections.jsonl)"
+        if not TASK_NAME.match(values["name"]):
+            return None, f"{where}.name: {shown(values['name'])} must be letters, digits, '_', '.' or '-' (64 at most)"
+        if values["name"] in names:
+            return None, f"{where}.name: {shown(values['name'])} names two tasks; give each its own"
+        names.add(values["name"])
+        tasks.append(TaskConfig(**values))
+    return tasks, None
+
+
+def resolve_task_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Task paths relative to ``base`` (the recipe file's folder, or the current one) made absolute, so
+    that the workspace's copy of the recipe names the same files wherever the command runs."""
+    tasks = [dataclasses.replace(t, path=str((base / Path(t.path).expanduser()).resolve()))
+             for t in recipe.eval.tasks]
+    if tasks == recipe.eval.tasks:
+        return recipe
+    return dataclasses.replace(recipe, eval=dataclasses.replace(recipe.eval, tasks=tasks))
 
 
 def _did_you_mean(word: str, options: Sequence[str]) -> str:
@@ -492,7 +588,7 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
 def load_recipe(path: Path | str | None, overrides: Sequence[str] = ()) -> Recipe:
     """Load a YAML recipe file (or only defaults when ``path`` is None) plus overrides."""
     if path is None:
-        return build_recipe({}, "command line" if overrides else "<defaults>", overrides)
+        return resolve_task_paths(build_recipe({}, "command line" if overrides else "<defaults>", overrides), Path.cwd())
     path = Path(path)
     source = str(path)
     try:
@@ -514,7 +610,7 @@ def load_recipe(path: Path | str | None, overrides: Sequence[str] = ()) -> Recip
         raise RecipeError(source, [f"invalid YAML{where}: {clip(problem)}"]) from None
     except RecipeTooBig as exc:
         raise RecipeError(source, [exc.problem()]) from None
-    return build_recipe(data, source, overrides)
+    return resolve_task_paths(build_recipe(data, source, overrides), path.absolute().parent)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, dict[str, Any]]:
