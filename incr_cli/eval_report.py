@@ -130,10 +130,45 @@ def drift_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]] | 
             ["version", "parent", "mean cosine", f"neighbour overlap@{k}", "lowest increment", "sequences"], rows)
 
 
+def task_cell(scores: dict[str, Any] | None) -> str:
+    """A task's main score with its 95% interval: "71.2% [69.6, 72.7]" (accuracy) or "0.412 [0.39, 0.43]" (MRR)."""
+    if not scores:
+        return "-"
+    if scores.get("kind") == "retrieval":
+        lo, hi = scores["mrr_ci"]
+        return f"{scores['mrr']:.3f} [{lo:.3f}, {hi:.3f}] R@1 {100 * scores['recall@1']:.1f}%"
+    lo, hi = scores["accuracy_ci"]
+    return f"{100 * scores['accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] F1 {100 * scores['macro_f1']:.1f}"
+
+
+def task_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]] | None:
+    """(title, columns, rows): each version's score on each downstream task (versions as rows)."""
+    names = list(dict.fromkeys(t for per in result.tasks.values() for t in per))
+    if not names:
+        return None
+    rows = [[row_label(result, info.version), *[task_cell(result.tasks.get(info.version, {}).get(t)) for t in names]]
+            for info in result.versions]
+    return ("downstream tasks (higher is better): classification = accuracy of a linear probe [95% bootstrap "
+            "interval] and macro-F1; retrieval = MRR [interval] and recall@1", ["version", *names], rows)
+
+
+def task_summary_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]] | None:
+    if not result.task_summary:
+        return None
+    rows = [[name, s["metric"], f"{s['first']:.3f} ({s['first_version']})", f"{s['best']:.3f} ({s['best_version']})",
+             f"{s['final']:.3f} ({s['final_version']})", f"{s['change']:+.3f}", f"{s['drop_from_best']:+.3f}"]
+            for name, s in result.task_summary.items()]
+    return (f"tasks over {' -> '.join(result.lineage)}: drop from best > 0 = the line lost what it had",
+            ["task", "metric", "first", "best", "final", "change", "drop from best"], rows)
+
+
 def render(result: EvalResult, reporter: Reporter) -> None:
     """All tables of an eval, in reading order."""
     for metric in METRICS:
         reporter.table(*matrix_table(result, metric))
+    for table in (task_table(result), task_summary_table(result)):
+        if table is not None:
+            reporter.table(*table)
     if result.increment_columns():
         reporter.table(*summary_table(result))
         per = forgetting_table(result)

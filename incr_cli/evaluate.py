@@ -370,6 +370,9 @@ class EvalResult:
     cache_misses: int = 0
     seconds: float = 0.0
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> embedding drift from its parent
+    tasks: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # version -> task -> scores (probe.py)
+    task_summary: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> over the lineage
+    task_settings: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def value(self, version: str, column: str, metric: str) -> float | None:
@@ -389,6 +392,7 @@ class EvalResult:
                "learned_by": self.learned_by,
                "summaries": {m: s.to_dict(incs) for m, s in self.summaries.items()},
                "embedding_drift": self.drift,
+               "tasks": {"settings": self.task_settings, "scores": self.tasks, "summary": self.task_summary},
                "cache": {"hits": self.cache_hits, "misses": self.cache_misses}, "seconds": round(self.seconds, 3)}
         return finite_json(doc)
 

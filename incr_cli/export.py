@@ -223,6 +223,7 @@ def model_card(ws: Workspace, version: str, fmt: str) -> str:
              "## Lineage\n", _lineage_table(ws, lineage),
              "## Data increments\n", _data_table(ws, manifest.get("trained_on") or []),
              "## Held-out scores and forgetting\n", _scores_table(ws, lineage),
+             "## Downstream tasks\n", _tasks_table(ws, lineage),
              "## Recipe\n", "```yaml\n" + yaml.safe_dump(manifest.get("recipe") or {}, sort_keys=False) + "```\n"]
     return "\n".join(parts)
 
@@ -303,6 +304,21 @@ def _scores_table(ws: Workspace, lineage: list[str]) -> str:
             "the version was trained; forgetting is the relative perplexity change on an earlier increment "
             "during that version's training.\n\n"
             + _table(["version", "increment", "perplexity", "accuracy", "forgetting"], rows))
+
+
+def _tasks_table(ws: Workspace, lineage: list[str]) -> str:
+    """Per version of the lineage: its recorded downstream task scores (``eval.tasks``; probe.py)."""
+    from incr_cli.probe import recorded_task_scores
+    from incr_cli.tasks import MAIN
+
+    scores = recorded_task_scores(ws, lineage)
+    rows = [[v, name, s.get("kind"), MAIN.get(s.get("kind", ""), "?"), _num(s.get(MAIN.get(s.get("kind", ""), ""))),
+             s.get("examples")] for v in lineage for name, s in scores.get(v, {}).items()]
+    if not rows:
+        return "No downstream task was recorded (add tasks to the recipe's eval.tasks).\n"
+    return ("Main score of each downstream task (classification: out-of-fold accuracy of a logistic-regression "
+            "probe on frozen mean-pooled embeddings; retrieval: MRR of cosine search), as training recorded it.\n\n"
+            + _table(["version", "task", "kind", "metric", "score", "examples"], rows))
 
 
 def _num(x: float | None) -> str | None:

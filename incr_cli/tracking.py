@@ -17,7 +17,7 @@ the registry's alias ``current`` to LATEST after promote / rollback.
 
 Names: ``train/<loss term>``, ``train/total``, ``train/grad_norm``, ``train/lr``,
 ``train/tokens_per_second``, ``train/mfu`` at each log step; ``eval/before/<increment>/<score>``,
-``eval/after/...``, ``forgetting/<increment>`` and ``gate/passed`` (1 or 0) at the last step.
+``eval/after/...``, ``forgetting/<increment>``, ``task/before|after/<task>/<score>`` and ``gate/passed`` (1 or 0) at the last step.
 """
 
 from __future__ import annotations
@@ -78,8 +78,16 @@ def version_scalars(metrics: dict[str, Any]) -> dict[str, float]:
         for inc, scores in metrics["eval"][when].items():
             out.update({f"eval/{when}/{inc}/{k}": float(v) for k, v in scores.items() if v is not None})
     out.update({f"forgetting/{inc}": float(v) for inc, v in metrics["forgetting"].items() if v is not None})
+    for name, rec in ((metrics.get("tasks") or {}).get("tasks") or {}).items():
+        for when in ("before", "after"):
+            scores = rec.get(when) or {}
+            out.update({f"task/{when}/{name}/{k.replace('@', '_at_')}": float(v) for k, v in scores.items()
+                        if k in _TASK_SCALARS and isinstance(v, (int, float))})
     out["gate/passed"] = 1.0 if metrics["gate"]["passed"] else 0.0
     return out
+
+
+_TASK_SCALARS = ("accuracy", "macro_f1", "recall@1", "recall@10", "mrr")
 
 
 def _written_by(ws: Workspace, version: str, key: str | None) -> dict[str, Any] | None:

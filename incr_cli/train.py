@@ -14,17 +14,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from incr_cli import device as devices
-from incr_cli import distributed, embed, tracking, vocab
+from incr_cli import distributed, embed, probe, tracking, vocab
 from incr_cli.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
-from incr_cli.evaluate import CELL_KEYS, score_sequences, tokenizer_inputs
+from incr_cli.evaluate import CELL_KEYS, score_sequences, tokenizer_inputs, weights_checksum
 from incr_cli.faults import fault_point
 from incr_cli.plan import IncrementPlan, plan_increment, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
@@ -167,6 +167,7 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
     ctx = distributed.setup(recipe.runtime.device, recipe.runtime.collective_timeout)
     try:
         plan = plan_increment(ws, recipe, parent, world_size=ctx.world_size)
+        tasks = probe.load_tasks(recipe)  # a bad task file ends here (exit 2), before a night of training
         if dry_run:
             return TrainResult(plan, dry_run=True, message="dry run: nothing trained")
         with tracking.session(recipe.tracking, ws.root, reporter, enabled=ctx.is_main) as tracker:
@@ -179,7 +180,7 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
                 return finished
             if ctx.is_main:
                 ws.clean_staging()
-            return _train(ws, recipe, plan, key, ctx, reporter, tracker)
+            return _train(ws, recipe, plan, key, ctx, reporter, tracker, tasks)
     finally:
         # Returns and GateRejected end every rank alike (the result is broadcast); other errors may not.
         ctx.close(together=sys.exc_info()[0] in (None, GateRejected))
@@ -266,6 +267,7 @@ class Session:
     tracker: tracking.Tracker  # TensorBoard / MLflow sinks (rank 0; a no-op elsewhere)
     resumed_from: int | None = None  # the step a resumed run continued from
     growth: vocab.Growth | None = None  # the vocabulary the student grew by (vocab.py), if it grew
+    tasks: list[Any] = field(default_factory=list)  # the recipe's downstream tasks, read (tasks.TaskData)
 
     def strategy_inputs(self, reporter: Reporter) -> StrategyInputs:
         return StrategyInputs(self.ws, self.recipe, self.plan.parent, self.plan.new, self.plan.replay,
@@ -273,9 +275,10 @@ class Session:
 
 
 def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
-           reporter: Reporter, tracker: tracking.Tracker) -> TrainResult:
+           reporter: Reporter, tracker: tracking.Tracker, tasks: list[Any]) -> TrainResult:
     """Set up the run -> resume it or score the parent -> the step loop -> finish (rank 0: the version)."""
     session = _set_up(ws, recipe, plan, key, ctx, reporter, tracker)
+    session.tasks = tasks
     state = _resume_or_score_parent(session)
     _step_loop(session, state)
     losses = _agree_on_the_end(session, state)
@@ -286,7 +289,8 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     result = ctx.broadcast_object(result)
     if not result.promoted:
         checks = [c for c in result.metrics["gate"]["checks"] if not c["passed"]]
-        failed = "; ".join(f"{c['check']} on {c['increment']}: {_fmt(c['value'])} (limit {c['limit']:g})" for c in checks)
+        failed = "; ".join(c.get("message") or f"{c['check']} on {c['increment']}: {_fmt(c['value'])} (limit {c['limit']:g})"
+                           for c in checks)
         exc = GateRejected(f"{result.version} failed the gate ({failed}); it is kept as rejected and LATEST stays "
                            f"{plan.parent}")
         exc.result = result  # type: ignore[attr-defined]
@@ -361,6 +365,8 @@ def _resume_or_score_parent(s: Session) -> TrainState:
         if s.ctx.is_main:
             state.eval_before = before_scores(s.ws, run, s.shards, plan, s.recipe, s.tok_inputs,
                                               s.growth.parent_size if s.growth else None)
+            if s.growth is None:  # the student still is the parent: its task scores cost no load
+                _parent_task_scores(s, run.model, s.tokenizer)
         if plan.init_from:
             models.load_weights_into(run.model, s.ws, plan.init_from, s.recipe, device)
     loaded = s.store.load(run.model, device)
@@ -509,6 +515,8 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     drift = embed.version_drift(ws, plan.parent, run.model, {d: s.shards[d] for d in after}, recipe,
                                 device=run.device, precision=s.precision, growth=s.growth)
     checks += embed.drift_checks(recipe, drift)
+    tasks_before, tasks_after, task_seconds = _task_scores(s)
+    checks += probe.task_gate_checks(recipe, s.tasks, tasks_before, tasks_after)
     passed = all(c["passed"] for c in checks)
     version = ws.next_version()
     replayed = plan.replay if plan.replay_per_batch else []
@@ -532,6 +540,8 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": _shown(before), "after": _shown(after), "after_shared_vocab": _shown(shared)},
         "forgetting": ppl_change, "embedding_drift": drift, "vocab": _growth_record(s.growth),
+        "tasks": probe.task_record(s.tasks, tasks_before, tasks_after, probe.probe_settings(recipe, s.precision)),
+        "task_seconds": task_seconds,
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
         "resumed_from_step": s.resumed_from,
         "head": {"kind": run.student_head.kind, "masked_last_layer": run.student_head.masked_last_layer},
@@ -542,15 +552,52 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     run.model.eval()
     fault_point("train.version_write")
     sealed = models.save_version(ws, version, run.model, s.tokenizer, _version_manifest(s, state, metrics), extra)
-    _record_after(ws, recipe, s.precision, version, sealed, after)
-    s.store.clear()
-    for other in _superseded_states(ws, plan, s.key):
-        ResumeStore(ws, other["key"]).clear()
+    _written(s, version, sealed, after, tasks_after)
     if passed:
         fault_point("train.latest_update")
         ws.move_latest(version, command="train-increment", reason="passed the gate")
     return TrainResult(plan, version, passed, metrics, message=f"{version} {metrics['status']}",
                        resumed_from=s.resumed_from)
+
+
+def _written(s: Session, version: str, sealed: dict[str, Any], after: dict[str, Any], tasks_after: dict[str, Any]) -> None:
+    """After the version is sealed: its scores into the books, the run's resumable states removed."""
+    _record_after(s.ws, s.recipe, s.precision, version, sealed, after)
+    book = probe.TaskBook(s.ws, s.recipe, s.precision)
+    for data in s.tasks:
+        book.put(weights_checksum(sealed), version, data, tasks_after[data.name])
+    s.store.clear()
+    for other in _superseded_states(s.ws, s.plan, s.key):
+        ResumeStore(s.ws, other["key"]).clear()
+
+
+def _task_scores(s: Session) -> tuple[dict[str, Any], dict[str, Any], float | None]:
+    """-> (the parent's task scores, the new version's, the seconds both took; None without tasks)."""
+    started = time.perf_counter()
+    before = _parent_task_scores(s)
+    after = {d.name: probe.score_task(s.run.model, s.tokenizer, d, s.recipe, device=s.run.device,
+                                      precision=s.precision, reporter=s.reporter) for d in s.tasks}
+    return before, after, round(time.perf_counter() - started, 3) if s.tasks else None
+
+
+def _parent_task_scores(s: Session, model: Any = None, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
+    """The parent's task scores: from the task book, else scored (with ``model`` when given: the
+    student before training; else the parent loaded) and recorded there."""
+    if not s.tasks:
+        return {}
+    from incr_cli import models
+
+    book = probe.TaskBook(s.ws, s.recipe, s.precision)
+    sha = weights_checksum(s.ws.version_manifest(s.plan.parent))
+    scores = {d.name: hit for d in s.tasks if (hit := book.get(sha, d)) is not None}
+    todo = [d for d in s.tasks if d.name not in scores]
+    if todo and model is None:
+        model, tokenizer = models.load_version(s.ws, s.plan.parent, recipe=s.recipe, device=str(s.run.device))
+    for data in todo:
+        scores[data.name] = probe.score_task(model, tokenizer, data, s.recipe, device=s.run.device,
+                                             precision=s.precision, reporter=s.reporter)
+        book.put(sha, s.plan.parent, data, scores[data.name])
+    return scores
 
 
 def _shared_scores(s: Session, after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -41,26 +41,24 @@ def eval_cmd(
     Per cell: masked-LM loss, perplexity, top-1 and top-5 accuracy of the masked tokens, with masks
     fixed per increment (eval.seed, eval.max_sequences), so every version sees identical inputs.
     Then, over the lineage of LATEST: final average, forgetting, backward and forward transfer.
+    With downstream tasks in the recipe (eval.tasks), a versions x tasks table of their scores too.
     Results are cached in WORKSPACE/eval/cache (a repeated eval of unchanged versions loads no model)
     and every run is kept as WORKSPACE/eval/<UTC time>.json. Eval takes no lock and never writes
     into version or data folders.
     """
-    from incr_cli import eval_report
+    from incr_cli import eval_report, probe
     from incr_cli.evaluate import evaluate, save_result, select_increments, select_versions
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
     resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
-    # Fail before minutes of scoring, not after.
-    for option, path in (("--out", out_file), ("--plot", plot_file)):
-        if path is not None:
-            check_writable(path, option)
-    if plot_file is not None:
-        eval_report.require_matplotlib()
+    tasks = probe.load_tasks(resolved)  # a bad task file fails first
+    _check_outputs(out_file, plot_file)
     chosen = select_versions(ws, versions)
     increments = [] if data is None and text else select_increments(ws, data)
     result = evaluate(ws, chosen, increments, resolved, texts=text or [], device=device, reporter=out,
                       use_cache=not no_cache)
+    probe.add_task_scores(ws, result, resolved, tasks, reporter=out, use_cache=not no_cache)
     kept = save_result(ws, result, out_file)
     if plot_file is not None:
         eval_report.plot(result, plot_file)
@@ -73,6 +71,75 @@ def eval_cmd(
             + (f"; plot in {plot_file}" if plot_file is not None else ""))
 
 
+def _check_outputs(out_file: Path | None, plot_file: Path | None) -> None:
+    """Fail before minutes of scoring, not after: the output paths are writable, matplotlib is there."""
+    from incr_cli import eval_report
+
+    for option, path in (("--out", out_file), ("--plot", plot_file)):
+        if path is not None:
+            check_writable(path, option)
+    if plot_file is not None:
+        eval_report.require_matplotlib()
+
+
+def probe_cmd(
+    workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
+    task_file: Annotated[Path, typer.Argument(help="Labelled task file: JSON Lines or CSV/TSV with a header.",
+                                              show_default=False)],
+    kind: Annotated[str, typer.Option("--kind", help="classification (text + label) or retrieval (query + text).")]
+    = "classification",
+    versions: Annotated[str, typer.Option("--versions", help="As incr eval: promoted, all, latest or v0001,v0003.")]
+    = "promoted",
+    text_field: Annotated[str | None, typer.Option("--text-field", help="Field of the text (default: text).",
+                                                   show_default=False)] = None,
+    label_field: Annotated[str | None, typer.Option("--label-field", help="Field of the label (default: label).",
+                                                    show_default=False)] = None,
+    group_field: Annotated[str | None, typer.Option("--group-field", help="Field that keeps rows in one fold "
+                                                    "(e.g. the source document).", show_default=False)] = None,
+    query_field: Annotated[str | None, typer.Option("--query-field", help="Field of the query (retrieval; "
+                                                    "default: query).", show_default=False)] = None,
+    overrides: OverridesArg = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Score again (the cache is still updated).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Score versions on an ad-hoc downstream task file, as a recipe task (eval.tasks) would be.
+
+    Classification: a logistic-regression probe on the version's frozen, pooled embeddings, scored out
+    of fold (probe.folds, seeded, group-aware with --group-field); accuracy and macro-F1 with 95%
+    bootstrap intervals. Retrieval: recall@1, recall@10 and MRR of cosine search over every relevant
+    text. Scores are cached in WORKSPACE/eval/tasks; the probe takes no lock and writes nothing else.
+    """
+    import torch
+
+    from incr_cli import probe
+    from incr_cli.device import configure_threads, resolve_device, resolve_precision
+    from incr_cli.evaluate import select_versions
+
+    out = Output(json_out)
+    ws = Workspace.open(workspace)
+    resolved = load_recipe(ws.recipe_path, overrides or [])
+    fields = {"text_field": text_field, "label_field": label_field, "group_field": group_field,
+              "query_field": query_field}
+    data = probe.probe_file(task_file, kind, fields, resolved)
+    chosen = select_versions(ws, versions)
+    configure_threads(resolved.runtime.num_threads)
+    dev = resolve_device(resolved.runtime.device)
+    precision = resolve_precision(resolved.runtime.precision, dev)
+    scores, book = probe.score_versions(ws, chosen, [data], resolved, device=torch.device(dev), precision=precision,
+                                        reporter=out, use_cache=not no_cache)
+    doc = {"workspace": str(ws.root), "task": data.identity(), "settings": probe.probe_settings(resolved, precision),
+           "scores": {v: probe.shown(s[data.name]) for v, s in scores.items() if data.name in s},
+           "cache": {"hits": book.hits, "misses": book.misses}}
+    if json_out:
+        out.emit_json(doc)
+        return
+    from incr_cli.eval_report import task_cell
+
+    out.table(f"{data.name} ({kind}, {data.identity()['examples']:,} examples) on {ws.root}", ["version", data.name],
+              [[v, task_cell(s)] for v, s in doc["scores"].items()])
+
+
 def register(app: typer.Typer) -> None:
-    """Add `incr eval`."""
+    """Add `incr eval` and `incr probe`."""
     app.command("eval")(guarded(eval_cmd))
+    app.command("probe")(guarded(probe_cmd))

@@ -125,7 +125,10 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
     for check in gate["checks"]:
         mark = "ok" if check["passed"] else "FAILED"
         value = "n/a" if check["value"] is None else f"{check['value']:+.2%}"
-        out.log(f"gate {check['check']} on {check['increment']}: {value} (limit {check['limit']:g}) {mark}")
+        if check.get("message"):
+            out.log(f"gate: {check['message']} {mark}")
+        else:
+            out.log(f"gate {check['check']} on {check['increment']}: {value} (limit {check['limit']:g}) {mark}")
     tps = metrics.get("tokens_per_second")
     out.log(f"{metrics['steps']} steps, {metrics['tokens']:,} tokens in {metrics['train_seconds']:.1f} s"
             + (f" ({tps:,.0f} tokens/s)" if tps else "") + f" on {metrics['device']} ({metrics['precision']}), "

@@ -56,7 +56,12 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     rows = [[v["version"] + (" *" if v["version"] == latest else ""), v["parent"] or "-", _status_word(v),
              v["trained_on"], ", ".join(v["new"]) or "-", human_bytes(v["size_bytes"]), v["created"] or "?"]
             for v in report["versions"]]
-    out.table("versions (* = LATEST)", ["version", "parent", "status", "trained on", "new", "size", "created"], rows)
+    columns = ["version", "parent", "status", "trained on", "new", "size", "created"]
+    if any(v["tasks"] for v in report["versions"]):
+        columns.append("tasks")
+        for row, v in zip(rows, report["versions"]):
+            row.append(", ".join(f"{k} {x:.3f}" for k, x in v["tasks"].items() if x is not None) or "-")
+    out.table("versions (* = LATEST)", columns, rows)
     incs = [[d["id"], "pending" if d["pending"] else "trained", d["sequences"].get("train", "?"),
              d["sequences"].get("heldout", "?"), d["tokens"].get("train", "?"), _share(d["unknown"]), d["created"] or "?"]
             for d in report["increments"]]
@@ -137,6 +142,11 @@ def workspace_status(ws: Workspace) -> dict:
         except IncrError as exc:
             entry["problem"] = str(exc)
         versions.append(entry)
+    from incr_cli.probe import main_score, recorded_task_scores
+
+    tasks = recorded_task_scores(ws, [v["version"] for v in versions])
+    for entry in versions:
+        entry["tasks"] = {name: main_score(s) for name, s in tasks.get(entry["version"], {}).items()}
     pending = ws.pending(latest)
     increments = []
     for inc in ws.increments():
