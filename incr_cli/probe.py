@@ -68,7 +68,7 @@ def unknown_share(tokenizer: Any, texts: Sequence[str]) -> float:
 
 
 def score_task(model: Any, tokenizer: Any, data: T.TaskData, recipe: Recipe, *, device: Any = "cpu",
-               precision: str = "fp32", reporter: Reporter | None = None) -> dict[str, Any]:
+               precision: str = "fp32", reporter: Reporter | None = None, version: str = "") -> dict[str, Any]:
     """Embed ``data``'s texts (and queries) with ``model`` once and score them -> the task's scores,
     with the pooling, the share of texts cut to ``probe.max_length`` and the seconds it took."""
     from incr_cli.embed import embed_texts
@@ -81,6 +81,7 @@ def score_task(model: Any, tokenizer: Any, data: T.TaskData, recipe: Recipe, *, 
     args = {"max_length": length, "pooling": p.pooling, "batch_size": p.batch_size, "device": device,
             "precision": precision}
     everything = data.texts + data.queries
+    reporter.log(f"probing {version or 'the model'} on task {data.name} ({len(everything):,} texts)")
     unk = unknown_share(tokenizer, everything)
     if unk > recipe.data.unknown_warn:
         reporter.warn(f"task {data.name!r}: {unk:.1%} of its tokens are unknown ([UNK]) to this version's "
@@ -160,8 +161,8 @@ def score_versions(ws: Workspace, versions: Sequence[str], tasks: Sequence[T.Tas
             continue
         model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(device))
         for data in todo:
-            reporter.log(f"probing {version} on task {data.name} ({len(data.texts) + len(data.queries):,} texts)")
-            scores = score_task(model, tokenizer, data, recipe, device=device, precision=precision, reporter=reporter)
+            scores = score_task(model, tokenizer, data, recipe, device=device, precision=precision, reporter=reporter,
+                                version=version)
             book.put(sha, version, data, scores)
             out[version][data.name] = scores
         del model

@@ -576,7 +576,8 @@ def _task_scores(s: Session) -> tuple[dict[str, Any], dict[str, Any], float | No
     started = time.perf_counter()
     before = _parent_task_scores(s)
     after = {d.name: probe.score_task(s.run.model, s.tokenizer, d, s.recipe, device=s.run.device,
-                                      precision=s.precision, reporter=s.reporter) for d in s.tasks}
+                                      precision=s.precision, reporter=s.reporter, version="the new version")
+             for d in s.tasks}
     return before, after, round(time.perf_counter() - started, 3) if s.tasks else None
 
 
@@ -595,7 +596,7 @@ def _parent_task_scores(s: Session, model: Any = None, tokenizer: Any = None) ->
         model, tokenizer = models.load_version(s.ws, s.plan.parent, recipe=s.recipe, device=str(s.run.device))
     for data in todo:
         scores[data.name] = probe.score_task(model, tokenizer, data, s.recipe, device=s.run.device,
-                                             precision=s.precision, reporter=s.reporter)
+                                             precision=s.precision, reporter=s.reporter, version=s.plan.parent)
         book.put(sha, s.plan.parent, data, scores[data.name])
     return scores
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_train import SAMPLES, reset_faults
 from typer.testing import CliRunner
 
 from incr_cli import tasks as T
 from incr_cli.cli.app import app
 from incr_cli.errors import InputError
 from incr_cli.recipe import ProbeConfig, TaskConfig, build_recipe, load_recipe
-from helpers_train import SAMPLES, reset_faults
 
 runner = CliRunner()
 PROBE = ProbeConfig()
