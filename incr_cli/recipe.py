@@ -270,7 +270,7 @@ TASK_REQUIRED = ("name", "path")
 @dataclass(frozen=True)
 class ProbeConfig:
     folds: int = knob(5, "Folds of the seeded, group-aware, stratified cross-validation of a classification probe.", lo=2, hi=20)
-    C: float = knob(0.1, "Inverse L2 regularisation of the logistic-regression probe (scikit-learn's C), on standardised embeddings; 0.1: on MiniLM-L6 and the Python-docs task as accurate as 1.0 or better and twice as fast (results/probe-pydocs.md).", lo=0.0, lo_open=True)
+    C: float = knob(0.1, "Inverse L2 regularisation of the logistic-regression probe (scikit-learn's C), on standardised embeddings; 0.1: on MiniLM-L6 and the Python-docs task as accurate as 1.0 or better and faster to fit (results/probe-pydocs.md).", lo=0.0, lo_open=True)
     max_iter: int = knob(1000, "Iterations of the probe's solver (lbfgs).", lo=10)
     max_examples: int = knob(4000, "Rows of a task file scored (a seeded sample when there are more; for retrieval, pairs).", lo=2)
     batch_size: int = knob(64, "Texts per embedding batch.", lo=1)
