@@ -24,6 +24,19 @@ def cell(doc: dict, version: str, increment: str, metric: str) -> float:
     return doc["matrix"][version][increment][metric]
 
 
+def task_rows(ours: dict, naive: dict) -> list[tuple[str, list[str]]]:
+    """One row per downstream task of the recipe (eval.tasks): its main score for each version."""
+    got = (ours.get("tasks") or {}).get("scores") or {}
+    theirs = (naive.get("tasks") or {}).get("scores") or {}
+    rows = []
+    for task, first in (got.get("v0001") or {}).items():
+        metric = "accuracy" if first["kind"] == "classification" else "mrr"
+        shown = [f"{s[metric]:.3f}" if s else "-" for s in
+                 (first, got.get("v0002", {}).get(task), theirs.get("v0002", {}).get(task))]
+        rows.append((task, [metric, *shown]))
+    return rows
+
+
 def main(ours_path: str, naive_path: str) -> int:
     ours, naive = load(ours_path), load(naive_path)
     old, new = [c["id"] for c in ours["columns"] if c["kind"] == "increment"][:2]
@@ -43,6 +56,8 @@ def main(ours_path: str, naive_path: str) -> int:
     forget_ours = cell(ours, "v0002", old, "perplexity") / base - 1
     forget_naive = cell(naive, "v0002", old, "perplexity") / base - 1
     table.add_row(f"forgetting on {old} (perplexity change)", "", f"{forget_ours:+.1%}", f"{forget_naive:+.1%}")
+    for task, scores in task_rows(ours, naive):
+        table.add_row(f"task {task} (probe {scores[0]})", *scores[1:])
     console = Console(width=max(Console().width, 110))
     console.print(table)
     verdict = "less" if forget_ours < forget_naive else "MORE"
