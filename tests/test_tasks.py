@@ -134,6 +134,8 @@ BAD = {
     "text not a string": ("".join(json.dumps({"text": [i], "label": str(i % 2)}) + "\n" for i in range(10)),
                           "text 'text' is [0], expected a string"),
     "json array": (json.dumps([{"text": "x", "label": "a"}]), "a JSON array"),
+    "too few groups": ("".join(json.dumps({"text": f"x {i}", "label": str(i % 2), "doc": str(i % 3)}) + "\n"
+                               for i in range(12)), "too few for 5 group-aware folds"),
     "not json": ("{oops\n", "line 1 is not JSON"),
 }
 
@@ -145,7 +147,7 @@ def test_every_bad_task_file_is_one_clear_line(tmp_path, case):
     if content is not None:
         path.write_text(content, encoding="utf-8")
     with pytest.raises(InputError) as err:
-        T.read_task(spec(path), PROBE)
+        T.read_task(spec(path, **({"group_field": "doc"} if "groups" in case else {})), PROBE)
     message = str(err.value)
     assert expected in message and "\n" not in message and "task 't'" in message
 
@@ -304,3 +306,12 @@ def test_probe_names_a_bad_kind_and_a_missing_file(tiny_workspace, tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": "b"}\n')
     result = incr("probe", tiny_workspace.root, tmp_path / "t.jsonl", "--kind", "regression")
     assert result.exit_code == 2 and "--kind 'regression': use one of classification, retrieval" in result.output
+
+
+def test_a_task_the_tokenizer_cannot_read_warns_with_the_share(tiny_workspace, tmp_path):
+    path = tmp_path / "zh.jsonl"
+    path.write_text("".join(json.dumps({"text": "\u6c49\u5b57\u6587\u672c \u2603\u2604 " * 3, "label": str(i % 2)},
+                                       ensure_ascii=False) + "\n" for i in range(20)), encoding="utf-8")
+    result = incr("probe", tiny_workspace.root, path)
+    assert result.exit_code == 0, result.output
+    assert "warning: task 'zh': " in result.output and "of its tokens are unknown ([UNK])" in result.output
