@@ -9,7 +9,7 @@ trains them into v0001 (2 steps: they only need to be in the lineage, and v0001'
 
 Reported per k: the whole call, the training loop (``metrics.train_seconds``), the time outside
 the loop (the difference: load, open and verify increments, "before" scores, "after" scores for
-the gate, write the version), in wall seconds and in CPU seconds (the process's CPU time less
+the gate, the downstream task's scores (a 400-text probe, the task gate off), write the version), in wall seconds and in CPU seconds (the process's CPU time less
 that of ``train_step``; torch runs on one thread, so on a shared machine this is the steadier
 figure and the one the target is read on), how many held-out cells were scored before and after training, and
 whether any (weights, increment) cell was scored twice. Each size runs ``--repeats`` times on
@@ -33,11 +33,30 @@ from typing import Any
 import numpy as np
 
 SEQ_LEN, TRAIN_ROWS, HELDOUT_ROWS = 64, 64, 256
+TASK_ROWS = 400  # the downstream task every version is probed on (eval.tasks; the task gate off: cost only)
 
 
-def _overrides(steps: int) -> list[str]:
+def _overrides(steps: int, task: Path | None = None) -> list[str]:
+    tasks = [] if task is None else [f"eval.tasks=[{{name: bench, path: {task}}}]", "gate.tasks=false"]
     return [f"train.steps={steps}", f"model.max_seq_len={SEQ_LEN}", "runtime.device=cpu", "runtime.precision=fp32",
-            "runtime.save_every=0", "runtime.num_threads=1"]
+            "runtime.save_every=0", "runtime.num_threads=1", *tasks]
+
+
+def _write_task(ws: Any, path: Path, rows: int = TASK_ROWS) -> Path:
+    """A downstream classification task of ``rows`` texts from the base tokenizer's own words (no [UNK]),
+    4 labels each favouring its own quarter of the words: the probe has something to find."""
+    import json
+
+    vocab = json.loads((ws.version_dir("v0000") / "tokenizer.json").read_text())["model"]["vocab"]
+    words = sorted(w for w in vocab if w.isalpha() and len(w) > 2)
+    rng = np.random.default_rng(0)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            label = i % 4
+            own = words[label * len(words) // 4:(label + 1) * len(words) // 4]
+            text = " ".join(rng.choice(own if rng.random() < 0.5 else words) for _ in range(24))
+            f.write(json.dumps({"text": text, "label": f"l{label}"}) + "\n")
+    return path
 
 
 def _write_increment(ws: Any, name: str, seed: int) -> str:
@@ -112,13 +131,14 @@ def measure(root: Path, k: int, steps: int, repeats: int) -> dict[str, Any]:
     from incr_cli.train import train_increment
     from incr_cli.workspace import Workspace
 
-    recipe = load_recipe(None, _overrides(steps))
-    init_workspace(root, "scratch:tiny", recipe)
+    init_workspace(root, "scratch:tiny", load_recipe(None, _overrides(steps)))
     ws = Workspace.open(root)
+    task = _write_task(ws, root.parent / f"{root.name}-task.jsonl")
+    recipe = load_recipe(None, _overrides(steps, task))
     with ws.lock("bench"):
         for i in range(k):
             _write_increment(ws, f"old{i}", seed=i)
-        train_increment(ws, load_recipe(None, _overrides(2)))
+        train_increment(ws, load_recipe(None, _overrides(2, task)))
         _write_increment(ws, "new", seed=10_000)
     runs = []
     for i in range(repeats):  # the same run on fresh copies; the machine's load varies: keep the quickest
@@ -134,7 +154,7 @@ def measure(root: Path, k: int, steps: int, repeats: int) -> dict[str, Any]:
     return {"k": k, "total_s": total, "train_s": m["train_seconds"], "outside_s": outside, "outside_cpu_s": outside_cpu,
             "before_scored": len(sample.get("before_scored", [])), "before_recorded": len(sample.get("before_recorded", [])),
             "after_scored": len(sample.get("scored", [])), "sequences": sample.get("sequences"),
-            "scored_twice": sum(n - 1 for n in counter.calls.values() if n > 1)}
+            "scored_twice": sum(n - 1 for n in counter.calls.values() if n > 1), "task_s": m.get("task_seconds") or 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,16 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"k={k:>3}: total {r['total_s']:.2f}s, train loop {r['train_s']:.2f}s, outside {r['outside_s']:.2f}s "
                   f"({r['outside_cpu_s']:.2f} CPU s); "
                   f"before: {r['before_scored']} scored, {r['before_recorded']} recorded; after: {r['after_scored']} "
-                  f"increments ({r['sequences']} sequences); scored twice: {r['scored_twice']}", flush=True)
+                  f"increments ({r['sequences']} sequences); scored twice: {r['scored_twice']}; "
+                  f"task scoring {r['task_s']:.2f}s", flush=True)
     base = rows[0]["outside_cpu_s"]
     print("\n| earlier increments | whole increment, wall (s) | training loop, wall (s) | outside the loop, wall (s) | "
           "outside the loop, CPU (s) | CPU vs first | cells scored before / reused | increments scored after "
-          "(sequences) | scored twice |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "(sequences) | scored twice | task scoring, wall (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['k']} | {r['total_s']:.2f} | {r['train_s']:.2f} | {r['outside_s']:.2f} | {r['outside_cpu_s']:.2f} | "
               f"{r['outside_cpu_s'] / base:.2f}x | {r['before_scored']} / {r['before_recorded']} | "
-              f"{r['after_scored']} ({r['sequences']}) | {r['scored_twice']} |")
+              f"{r['after_scored']} ({r['sequences']}) | {r['scored_twice']} | {r['task_s']:.2f} |")
     return 0
 
 
