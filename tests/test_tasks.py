@@ -239,7 +239,7 @@ def test_an_independent_probe_on_the_export_agrees(tiny_workspace, task_files, t
     y = np.array([r["label"] for r in rows])
     correct = 0
     for train, test in StratifiedGroupKFold(5, shuffle=True, random_state=0).split(emb, y, [r["doc"] for r in rows]):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(emb[train], y[train])
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=ProbeConfig().C, max_iter=1000)).fit(emb[train], y[train])
         correct += int((clf.predict(emb[test]) == y[test]).sum())
     assert abs(correct / len(rows) - ours) <= 0.02, (correct / len(rows), ours)
     assert ours > 0.5  # far above chance (1/3) even for a random tiny encoder: bag-of-tokens features
