@@ -101,7 +101,7 @@ class TaskBook:
     ``WS/eval/tasks``. A workspace that cannot be written (read-only) still scores: it only cannot keep them."""
 
     def __init__(self, ws: Workspace, recipe: Recipe, precision: str, *, enabled: bool = True):
-        self.folder = ws.eval_dir / "tasks"
+        self.ws, self.folder = ws, ws.eval_dir / "tasks"
         self.settings = probe_settings(recipe, precision)
         self.enabled = enabled
         self.hits = self.misses = 0
@@ -143,29 +143,34 @@ def version_sha(ws: Workspace, version: str) -> str:
     return weights_checksum(ws.version_manifest(version))
 
 
+def score_version(book: TaskBook, version: str, tasks: Sequence[T.TaskData], recipe: Recipe, *, device: Any,
+                  precision: str, reporter: Reporter, model: Any = None, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
+    """{task: scores} of one version: from the book where recorded, the rest scored (with ``model``
+    when given, else the version loaded once) and recorded. A pruned version keeps only recorded scores."""
+    from incr_cli import models
+
+    ws = book.ws
+    sha = version_sha(ws, version)
+    out = {d.name: hit for d in tasks if (hit := book.get(sha, d)) is not None}
+    todo = [d for d in tasks if d.name not in out]
+    if not todo or (model is None and ws.pruned(version) is not None):
+        return out
+    if model is None:
+        model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(device))
+    for data in todo:
+        out[data.name] = score_task(model, tokenizer, data, recipe, device=device, precision=precision,
+                                    reporter=reporter, version=version)
+        book.put(sha, version, data, out[data.name])
+    return out
+
+
 def score_versions(ws: Workspace, versions: Sequence[str], tasks: Sequence[T.TaskData], recipe: Recipe, *,
                    device: Any, precision: str, reporter: Reporter | None = None,
                    use_cache: bool = True) -> tuple[dict[str, dict[str, dict[str, Any]]], TaskBook]:
-    """{version: {task: scores}} from the book where recorded; each other version loaded once, its
-    tasks scored and recorded. Pruned versions (no weights) keep only recorded scores."""
-    from incr_cli import models
-
-    reporter = reporter or Quiet()
+    """{version: {task: scores}} of each version (``score_version``), and the book they came from."""
     book = TaskBook(ws, recipe, precision, enabled=use_cache)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for version in versions:
-        sha = version_sha(ws, version)
-        out[version] = {d.name: hit for d in tasks if (hit := book.get(sha, d)) is not None}
-        todo = [d for d in tasks if d.name not in out[version]]
-        if not todo or ws.pruned(version) is not None:
-            continue
-        model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(device))
-        for data in todo:
-            scores = score_task(model, tokenizer, data, recipe, device=device, precision=precision, reporter=reporter,
-                                version=version)
-            book.put(sha, version, data, scores)
-            out[version][data.name] = scores
-        del model
+    out = {v: score_version(book, v, tasks, recipe, device=device, precision=precision, reporter=reporter or Quiet())
+           for v in versions}
     return out, book
 
 

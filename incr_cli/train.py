@@ -586,19 +586,9 @@ def _parent_task_scores(s: Session, model: Any = None, tokenizer: Any = None) ->
     student before training; else the parent loaded) and recorded there."""
     if not s.tasks:
         return {}
-    from incr_cli import models
-
-    book = probe.TaskBook(s.ws, s.recipe, s.precision)
-    sha = weights_checksum(s.ws.version_manifest(s.plan.parent))
-    scores = {d.name: hit for d in s.tasks if (hit := book.get(sha, d)) is not None}
-    todo = [d for d in s.tasks if d.name not in scores]
-    if todo and model is None:
-        model, tokenizer = models.load_version(s.ws, s.plan.parent, recipe=s.recipe, device=str(s.run.device))
-    for data in todo:
-        scores[data.name] = probe.score_task(model, tokenizer, data, s.recipe, device=s.run.device,
-                                             precision=s.precision, reporter=s.reporter, version=s.plan.parent)
-        book.put(sha, s.plan.parent, data, scores[data.name])
-    return scores
+    return probe.score_version(probe.TaskBook(s.ws, s.recipe, s.precision), s.plan.parent, s.tasks, s.recipe,
+                               device=s.run.device, precision=s.precision, reporter=s.reporter, model=model,
+                               tokenizer=tokenizer)
 
 
 def _shared_scores(s: Session, after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
