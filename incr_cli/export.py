@@ -308,12 +308,12 @@ def _scores_table(ws: Workspace, lineage: list[str]) -> str:
 
 def _tasks_table(ws: Workspace, lineage: list[str]) -> str:
     """Per version of the lineage: its recorded downstream task scores (``eval.tasks``; probe.py)."""
-    from incr_cli.probe import recorded_task_scores
+    from incr_cli.probe import main_score, recorded_task_scores
     from incr_cli.tasks import MAIN
 
     scores = recorded_task_scores(ws, lineage)
-    rows = [[v, name, s.get("kind"), MAIN.get(s.get("kind", ""), "?"), _num(s.get(MAIN.get(s.get("kind", ""), ""))),
-             s.get("examples")] for v in lineage for name, s in scores.get(v, {}).items()]
+    rows = [[v, name, s.get("kind"), MAIN.get(s.get("kind", ""), "?"), _num(main_score(s)), s.get("examples")]
+            for v in lineage for name, s in scores.get(v, {}).items()]
     if not rows:
         return "No downstream task was recorded (add tasks to the recipe's eval.tasks).\n"
     return ("Main score of each downstream task (classification: out-of-fold accuracy of a logistic-regression "

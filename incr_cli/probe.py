@@ -282,5 +282,5 @@ def task_record(tasks: Sequence[T.TaskData], before: dict[str, dict[str, Any]], 
     return {"settings": settings, "tasks": out} if out else {}
 
 
-__all__ = ["load_tasks", "score_task", "score_versions", "TaskBook", "task_gate_checks", "task_record", "probe_file",
+__all__ = ["load_tasks", "score_task", "score_version", "score_versions", "TaskBook", "task_gate_checks", "task_record", "probe_file",
            "probe_settings", "main_score", "shown"]

@@ -563,9 +563,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
 def _written(s: Session, version: str, sealed: dict[str, Any], after: dict[str, Any], tasks_after: dict[str, Any]) -> None:
     """After the version is sealed: its scores into the books, the run's resumable states removed."""
     _record_after(s.ws, s.recipe, s.precision, version, sealed, after)
-    book = probe.TaskBook(s.ws, s.recipe, s.precision)
+    book, sha = probe.TaskBook(s.ws, s.recipe, s.precision), weights_checksum(sealed)
     for data in s.tasks:
-        book.put(weights_checksum(sealed), version, data, tasks_after[data.name])
+        book.put(sha, version, data, tasks_after[data.name])
     s.store.clear()
     for other in _superseded_states(s.ws, s.plan, s.key):
         ResumeStore(s.ws, other["key"]).clear()

@@ -213,6 +213,10 @@ def test_training_records_task_scores_and_eval_and_status_show_them(one_pending,
     assert doc["cache"]["misses"] == 0  # every task score came from what training recorded
     status = json.loads(incr("status", one_pending.root, "--json").stdout)
     assert status["versions"][1]["tasks"]["topics"] == rec["topics"]["after"]["accuracy"]
+    assert incr("export", one_pending.root, one_pending.root.parent / "card").exit_code == 0
+    card = (one_pending.root.parent / "card" / "README.md").read_text(encoding="utf-8")
+    assert "## Downstream tasks" in card
+    assert f"| v0001 | topics | classification | accuracy | {rec['topics']['after']['accuracy']:.2f} |" in card
 
 
 def test_an_independent_probe_on_the_export_agrees(tiny_workspace, task_files, tmp_path):
