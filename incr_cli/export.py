@@ -1,15 +1,16 @@
 """`incr export`: one version as a self-contained folder with a model card, for serving.
 
 One path for every format: ``export_version`` checks the version (checksums, not pruned), loads it,
-writes its weights with ``write_weights`` (where a new format is added: a name in ``EXPORT_DTYPES``
-or ``QUANTIZATIONS`` and a branch there), then config, tokenizer and a Hub-format ``README.md``,
+writes its weights with ``write_weights`` (where a new format is added: a name in ``EXPORT_DTYPES``,
+``ONNX_FORMATS`` or ``QUANTIZATIONS`` and a branch there), then config, tokenizer and a Hub-format ``README.md``,
 into a folder built beside OUT and renamed to it (``workspace.folder_beside``). OUT appears whole
 or not at all, and is never overwritten. Export reads the workspace only: it takes no lock.
 
 Formats: safetensors in fp32 (as trained), fp16 or bf16 (``--dtype``), loadable by ``transformers``;
-or ``--quantize int8``: two ONNX graphs with int8 weights (ONNX Runtime's dynamic quantisation:
-weights int8 ahead of time, one scale per output channel, activations quantised per batch at run
-time), for CPU serving with ONNX Runtime, no torch needed:
+or ``--format onnx``: two ONNX graphs in fp32, for serving with ONNX Runtime, no torch needed; or
+``--quantize int8``: the same graphs with int8 weights (ONNX Runtime's dynamic quantisation: weights
+int8 ahead of time, one scale per output channel, activations quantised per batch at run time, integer
+matrix products), for CPU serving:
 - ``model.onnx``: fill-mask; ``input_ids``, ``attention_mask`` (B, T) int64 -> ``logits`` (B, T, V);
 - ``encoder.onnx``: features; the same inputs -> ``last_hidden_state`` (B, T, H) and ``sentence_embedding``
   (B, H), mean-pooled and L2-normalised as ``incr embed`` does by default (no vocabulary head run).
@@ -36,7 +37,9 @@ from incr_cli.faults import fault_point
 from incr_cli.workspace import Workspace, folder_beside, folder_bytes
 
 EXPORT_DTYPES = ("fp32", "fp16", "bf16")
+FILE_FORMATS = ("safetensors", "onnx")
 QUANTIZATIONS = ("int8",)
+ONNX_FORMATS = ("onnx-fp32", *QUANTIZATIONS)  # the format names that write ONNX graphs
 ONNX_EXTRA_HINT = "install the onnx extra: pip install 'incr-cli[onnx]'"
 FILL_MASK_GRAPH, ENCODER_GRAPH = "model.onnx", "encoder.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask")
@@ -47,13 +50,17 @@ ONNX_OPSET = 18
 class ExportResult:
     out: Path
     version: str
-    dtype: str  # fp32, fp16, bf16 or int8
+    kind: str  # the format's name: fp32, fp16, bf16 (safetensors), onnx-fp32 or int8 (ONNX)
     bytes: int
     files: list[str]
 
     @property
     def format(self) -> str:
-        return "onnx" if self.dtype in QUANTIZATIONS else "safetensors"
+        return "onnx" if self.kind in ONNX_FORMATS else "safetensors"
+
+    @property
+    def dtype(self) -> str:
+        return self.kind.removeprefix("onnx-")
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "version": self.version, "dtype": self.dtype, "format": self.format,
@@ -68,13 +75,20 @@ def convert_weights(model: Any, dtype: str) -> Any:
     return model.to(casts[dtype])
 
 
-def check_format(dtype: str, quantize: str | None) -> str:
-    """The format's name ("fp32", "fp16", "bf16" or "int8"), or a UsageError for a bad combination or a
-    missing extra (checked before anything is loaded or written)."""
+def check_format(dtype: str, quantize: str | None, file_format: str = "safetensors") -> str:
+    """The format's name ("fp32", "fp16", "bf16", "onnx-fp32" or "int8"), or a UsageError for a bad
+    combination or a missing extra (checked before anything is loaded or written)."""
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
-    if quantize is None:
+    if file_format not in FILE_FORMATS:
+        raise UsageError(f"--format {file_format}: choose one of {', '.join(FILE_FORMATS)}")
+    if quantize is None and file_format == "safetensors":
         return dtype
+    if quantize is None:
+        if dtype != "fp32":
+            raise UsageError(f"--format onnx writes fp32 graphs: leave out --dtype {dtype}, or add --quantize int8")
+        require_onnx()
+        return "onnx-fp32"
     if quantize not in QUANTIZATIONS:
         raise UsageError(f"--quantize {quantize}: choose one of {', '.join(QUANTIZATIONS)}")
     if dtype != "fp32":
@@ -84,12 +98,13 @@ def check_format(dtype: str, quantize: str | None) -> str:
 
 
 def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype: str = "fp32",
-                   quantize: str | None = None) -> ExportResult:
-    """Write ``version`` (LATEST by default) to the new folder ``out`` -> what was written."""
+                   quantize: str | None = None, file_format: str = "safetensors") -> ExportResult:
+    """Write ``version`` (LATEST by default) to the new folder ``out`` -> what was written.
+    ``quantize="int8"`` implies ONNX."""
     from incr_cli import models
 
     out = Path(out)
-    fmt = check_format(dtype, quantize)
+    fmt = check_format(dtype, quantize, file_format)
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out}: already exists; export never overwrites: choose a new folder or remove it")
     if not out.parent.is_dir():
@@ -110,8 +125,8 @@ def write_weights(model: Any, tokenizer: Any, folder: Path, fmt: str) -> None:
     from incr_cli.models import quiet_transformers
 
     with quiet_transformers():
-        if fmt in QUANTIZATIONS:
-            write_onnx(model, folder, quantize=fmt)
+        if fmt in ONNX_FORMATS:
+            write_onnx(model, folder, quantize=fmt if fmt in QUANTIZATIONS else None)
             model.config.save_pretrained(folder)
         else:
             convert_weights(model, fmt).save_pretrained(folder)
@@ -128,7 +143,7 @@ def require_onnx() -> Any:
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"--quantize needs ONNX Runtime ({e.name} is not installed): {ONNX_EXTRA_HINT}") from None
+        raise UsageError(f"ONNX export needs ONNX Runtime ({e.name} is not installed): {ONNX_EXTRA_HINT}") from None
     return onnxruntime
 
 
@@ -219,7 +234,7 @@ def model_card(ws: Workspace, version: str, fmt: str) -> str:
              f"# {ws.root.name} {version}\n",
              f"A masked-language model trained continually with incr {__version__}: {len(lineage) - 1} increment(s) "
              f"on top of {_describe(source)}. {_FORMATS.get(fmt, f'Weights exported as {fmt}.')}\n",
-             "## Use\n", _ONNX_USE if fmt in QUANTIZATIONS else _HF_USE,
+             "## Use\n", _ONNX_USE if fmt in ONNX_FORMATS else _HF_USE,
              "## Lineage\n", _lineage_table(ws, lineage),
              "## Data increments\n", _data_table(ws, manifest.get("trained_on") or []),
              "## Held-out scores and forgetting\n", _scores_table(ws, lineage),
@@ -228,7 +243,9 @@ def model_card(ws: Workspace, version: str, fmt: str) -> str:
     return "\n".join(parts)
 
 
-_FORMATS = {"int8": "Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU "
+_FORMATS = {"onnx-fp32": "Exported as fp32 ONNX graphs for serving with ONNX Runtime: `model.onnx` gives "
+                         "fill-mask logits, `encoder.onnx` hidden states and mean-pooled, L2-normalised embeddings.",
+            "int8": "Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU "
                     "serving: `model.onnx` gives fill-mask logits, `encoder.onnx` hidden states and mean-pooled, "
                     "L2-normalised embeddings."}
 _HF_USE = ("```python\nfrom transformers import pipeline\n\nfill = pipeline(\"fill-mask\", "

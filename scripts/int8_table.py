@@ -1,4 +1,4 @@
-"""README's int8 table: a version as torch fp32, as fp32 ONNX and as `incr export --quantize int8`,
+"""README's int8 table: a version as torch fp32, as `incr export --format onnx` and as `--quantize int8`,
 compared like with like on the version's own held-out data.
 
     python scripts/int8_table.py WS [--version V] [--threads 1] [--json OUT.json]
@@ -30,7 +30,7 @@ from torch import nn
 
 from incr_cli.embed import embed_ids, embedding_drift
 from incr_cli.evaluate import read_heldout, score_increment
-from incr_cli.export import ENCODER_GRAPH, FILL_MASK_GRAPH, export_version, write_onnx
+from incr_cli.export import ENCODER_GRAPH, FILL_MASK_GRAPH, export_version
 from incr_cli.heads import MaskedLMHead
 from incr_cli.models import load_version
 from incr_cli.recipe import load_recipe
@@ -78,9 +78,8 @@ def measure(ws: Workspace, version: str, threads: int, folder: Path) -> dict:
     recipe = load_recipe(ws.recipe_path)
     model, tokenizer = load_version(ws, version)
     fp32_onnx, int8 = folder / "fp32-onnx", folder / "int8"
-    fp32_onnx.mkdir()
-    write_onnx(model, fp32_onnx, quantize=None)
-    export_version(ws, version, int8, quantize="int8")  # the command's own path
+    export_version(ws, version, fp32_onnx, file_format="onnx")  # the command's own paths:
+    export_version(ws, version, int8, quantize="int8")  # incr export --format onnx / --quantize int8
     increments = ws.trained_on(version)
     rows = np.concatenate([np.asarray(read_heldout(ws, inc)[: recipe.eval.max_sequences]) for inc in increments])
     ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)

@@ -340,6 +340,31 @@ def test_export_int8_onnx_serves_fill_mask_and_embeddings_like_fp32(line, tmp_pa
     assert (np.sum(emb * ref_emb, axis=1) > 0.99).all()  # cosine to the fp32 embeddings
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
 
+    fp32 = tmp_path / "fp32"  # --format onnx: the same graphs unquantised, the yardstick for size and operators
+    plain = cli("export", line.root, fp32, "--format", "onnx", "--json")
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["dtype"] == "fp32" and json.loads(plain.stdout)["format"] == "onnx"
+    plain_logits = ort.InferenceSession(str(fp32 / "model.onnx")).run(["logits"], inputs)[0]
+    assert np.abs(plain_logits - ref).max() < 1e-3 * np.abs(ref).max()  # fp32 graph: the model itself
+    for graph in ("model.onnx", "encoder.onnx"):
+        quantised, unquantised = onnx_weights(out / graph), onnx_weights(fp32 / graph)
+        assert (out / graph).stat().st_size < 0.5 * (fp32 / graph).stat().st_size, graph
+        # the weights are 8-bit: int8 for the matrix products, uint8 for the embedding tables' Gather
+        assert quantised["8bit_bytes"] > 0.75 * quantised["bytes"], (graph, quantised)
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= quantised["ops"], (graph, quantised["ops"])
+        assert unquantised["8bit_bytes"] == 0 and "MatMulInteger" not in unquantised["ops"], graph
+
+
+def onnx_weights(path) -> dict:
+    """An ONNX graph's operator types, and the bytes of its initializers: all, and 8-bit only."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    sizes = [(t.data_type, numpy_helper.to_array(t).nbytes) for t in graph.initializer]
+    return {"ops": {n.op_type for n in graph.node}, "bytes": sum(n for _, n in sizes),
+            "8bit_bytes": sum(n for kind, n in sizes if kind in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))}
+
 
 def test_export_int8_bad_input_is_one_line_and_writes_nothing(line, tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -349,12 +374,14 @@ def test_export_int8_bad_input_is_one_line_and_writes_nothing(line, tmp_path, mo
     assert_one_error_line(exists.stderr, f"{out}: already exists")
     for args, fragment in [(["--quantize", "int4"], "--quantize int4: choose one of int8"),
                            (["--quantize", "int8", "--dtype", "fp16"], "leave out --dtype fp16"),
-                           (["--quantize", "int8", "--version", "v0042"], "v0042")]:
+                           (["--quantize", "int8", "--version", "v0042"], "v0042"),
+                           (["--format", "tflite"], "--format tflite: choose one of safetensors, onnx"),
+                           (["--format", "onnx", "--dtype", "bf16"], "--format onnx writes fp32 graphs")]:
         bad = cli("export", line.root, tmp_path / "new", *args)
         assert bad.exit_code == 2, (args, bad.output)
         assert_one_error_line(bad.stderr, fragment)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the extra not installed: its import fails
     missing = cli("export", line.root, tmp_path / "new", "--quantize", "int8")
     assert missing.exit_code == 2
-    assert_one_error_line(missing.stderr, "--quantize needs ONNX Runtime", "pip install 'incr-cli[onnx]'")
+    assert_one_error_line(missing.stderr, "ONNX export needs ONNX Runtime", "pip install 'incr-cli[onnx]'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ws"]  # nothing written, nothing left beside

@@ -105,14 +105,18 @@ def export(
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="int8: ONNX graphs with int8 weights for ONNX Runtime on CPU (extra `onnx`).",
         show_default=False)] = None,
+    file_format: Annotated[str, typer.Option(
+        "--format", help="safetensors (Hugging Face) or onnx (fp32 graphs for ONNX Runtime, extra `onnx`); "
+        "--quantize int8 implies onnx.")] = "safetensors",
     json_out: JsonOpt = False,
 ) -> None:
     """Write a version as a self-contained folder (weights, config, tokenizer, model card): Hugging Face
-    safetensors, or with --quantize int8 ONNX graphs for fill-mask and embeddings."""
+    safetensors, or ONNX graphs for fill-mask and embeddings (--format onnx in fp32, --quantize int8)."""
     from incr_cli.export import export_version
 
     out = Output(json_out)
-    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype, quantize=quantize)
+    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype, quantize=quantize,
+                            file_format=file_format)
     if json_out:
         out.emit_json(result.to_json())
         return
