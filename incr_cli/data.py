@@ -191,12 +191,16 @@ class BatchSampler:
         return out if self.subset is None else self.subset[out]
 
     def replay_indices(self, batch_index: int) -> np.ndarray:
-        """(n_replay * world_size,) replay-pool indices of global batch ``batch_index``."""
-        size = self.n_replay * self.world_size
-        if size == 0:
+        """(n_replay * world_size,) replay-pool indices of global batch ``batch_index``.
+
+        Rank r's slice is drawn from the stream of micro-batch ``batch_index * world_size + r``: the
+        rows one process with ``world_size`` times the accumulation would draw for that micro-batch,
+        so W ranks and one process (same global batch) train on the same rows."""
+        if self.n_replay == 0:
             return np.zeros(0, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, _STREAM_REPLAY, batch_index])
-        return rng.integers(0, self.replay_pool.total, size=size, dtype=np.int64)
+        first = batch_index * self.world_size
+        return np.concatenate([np.random.default_rng([self.seed, _STREAM_REPLAY, first + r]).integers(
+            0, self.replay_pool.total, size=self.n_replay, dtype=np.int64) for r in range(self.world_size)])
 
     def next_batch(self) -> Batch:
         """This rank's slice of the next global batch; advances the position."""

@@ -176,7 +176,10 @@ def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Ten
         state.local_tokens_since_log += int((ids_np != run.pad_id).sum())
         ids = torch.from_numpy(ids_np)
         ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
-        generator.manual_seed(stable_seed("train-mask", t.seed, run.ctx.rank, state.step, m))
+        # seeded by the micro-batch's place in the global window (as one process accumulating
+        # world_size times as many would number it), so the masks do not depend on the rank count
+        micro = m * run.ctx.world_size + run.ctx.rank
+        generator.manual_seed(stable_seed("train-mask", t.seed, 0, state.step, micro))
         masked = mask_batch(ids, run.masking, special_ids=run.special_ids, mask_token_id=run.mask_token_id,
                             vocab_size=run.vocab_size, generator=generator, word_starts=run.word_starts,
                             continues=None if batch.continues is None else torch.from_numpy(batch.continues).to(dev))

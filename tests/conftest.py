@@ -64,7 +64,8 @@ def tiny_workspace(tmp_path: Path, _tiny_workspace_template: Path) -> Workspace:
     return Workspace(_tiny_workspace_template).copy_to(tmp_path / "ws")
 
 
-def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool = False, seed: int = 0) -> Path:
+def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool = False, seed: int = 0,
+                         dropout: float = 0.1) -> Path:
     """A local Hugging Face-layout dir: a tiny BERT (MLM head or bare encoder) and its tokenizer."""
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertModel
@@ -73,7 +74,8 @@ def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool =
 
     tokenizer = scratch_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertForMaskedLM(config) if with_head else BertModel(config, add_pooling_layer=False)

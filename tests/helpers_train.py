@@ -96,7 +96,9 @@ def template(tmp_path_factory, kind: str) -> Path:
     """A workspace built once per test session (copy it with ``copy_workspace``):
 
     - "one_pending": v0000 (scratch:tiny, cpu-tiny recipe) and d0001-austen pending;
-    - "two_increments": v0001 trained on d0001-austen (4 steps) and d0002-fortunes pending.
+    - "two_increments": v0001 trained on d0001-austen (4 steps) and d0002-fortunes pending;
+    - "two_increments_no_dropout": the same from a local tiny BERT without dropout (runs that should
+      agree are then free of per-process dropout streams).
     """
     if kind in _TEMPLATES:
         return _TEMPLATES[kind]
@@ -110,6 +112,16 @@ def template(tmp_path_factory, kind: str) -> Path:
     if kind == "one_pending":
         init_workspace(root, "scratch:tiny", load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))
         _ingest(Workspace.open(root), excerpt("austen.txt", slice(0, 400), texts), "austen")
+    elif kind == "two_increments_no_dropout":
+        from tests.conftest import write_tiny_model_dir
+
+        init_workspace(root, str(write_tiny_model_dir(root.parent / "model", dropout=0.0)),
+                       load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))
+        ws = Workspace.open(root)
+        _ingest(ws, excerpt("austen.txt", slice(0, 400), texts), "austen")
+        with ws.lock("train-increment"):
+            train_increment(ws, load_recipe(ws.recipe_path, ["train.steps=4"]))
+        _ingest(ws, excerpt("fortunes.txt", slice(0, 400), texts), "fortunes")
     elif kind == "two_increments":
         ws = Workspace(template(tmp_path_factory, "one_pending")).copy_to(root)
         with ws.lock("train-increment"):
