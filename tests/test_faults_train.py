@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -159,18 +158,24 @@ def test_a_signal_at_a_step_saves_state_and_the_rerun_resumes(ws, reference):
     rerun_equals(ws, reference, resumed_from=3)
 
 
+def checkpoint_step(ws) -> int:
+    """Steps of the resumable state saved so far (its folder is named for them)."""
+    return max(int(p.read_text().strip().removeprefix("state-")) for p in ws.staging.glob("resume/*/CURRENT"))
+
+
 @pytest.mark.slow
 def test_an_external_sigterm_mid_training_exits_143_promptly_and_the_rerun_resumes(ws, long_reference):
     proc = incr_process("train-increment", ws.root, *LONG)
     wait_for(lambda: any(ws.staging.glob("resume/*/CURRENT")), proc)  # inside the loop, past step 2
-    sent = time.monotonic()
+    saved = checkpoint_step(ws)
     proc.send_signal(signal.SIGTERM)  # what `kill PID`, systemd or a cron timeout sends
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert time.monotonic() - sent < 10  # the current step, one state save, exit
     line = assert_one_error_line(stderr, "interrupted by SIGTERM after step ")
     step = int(re.search(r"after step (\d+) of 40", line).group(1))
-    assert 2 <= step < 40 and ws.versions() == ["v0000", "v0001"]
+    # promptly, counted in steps: at most the steps to the next save (2), a save racing the signal,
+    # and the step under way finish; then one state save and exit
+    assert saved <= step <= saved + 3 and ws.versions() == ["v0000", "v0001"], (saved, step)
     assert_only_complete_versions(ws)
     rerun_equals(ws, long_reference, LONG, resumed_from=step)
 
