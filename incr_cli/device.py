@@ -30,17 +30,28 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """True when the first ``flags`` line of /proc/cpuinfo text lists AMX-BF16 or AVX512-BF16.
+    Whole flags only (``avx512_bf16``, not a prefix of another); other lines (``vmx flags``,
+    ``bugs``) are not read."""
+    line = next((line for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == "flags"), "")
+    flags = line.partition(":")[2].split()
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
 @cache
-def cpu_has_bf16_matmul() -> bool:
+def cpu_has_bf16_matmul(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast pays."""
     if sys.platform != "linux":
         return False
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+            return cpuinfo_has_bf16(f.read())
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
 def choose_precision(spec: str, device: torch.device) -> tuple[str, str]:

@@ -1,11 +1,13 @@
 """`runtime.precision: auto`: which precision it picks, and that a run records the choice and why.
 
-The CPU's bf16 flag is stubbed, so these pass alike on CPUs with and without AMX / AVX512-BF16.
+The CPU's bf16 flag is stubbed, so these pass alike on CPUs with and without AMX / AVX512-BF16;
+the /proc/cpuinfo parser itself is tested on fake files of each kind of CPU.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from incr_cli.cli.app import app
 from tests.helpers_train import reset_faults
 
 CPU = torch.device("cpu")
+# the real check, taken before conftest's autouse fixture stubs it out for every test
+REAL_CPU_CHECK = devices.cpu_has_bf16_matmul
 
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
@@ -84,3 +88,42 @@ def test_precision_check_compare_passes_within_the_tolerance_only(tmp_path, caps
     assert precision_check.main(["compare", str(reference), str(doc("bf16", 203.9))]) == 0
     assert precision_check.main(["compare", str(reference), str(doc("bf16", 204.1))]) == 1
     assert "OVER" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- reading /proc/cpuinfo
+
+_FLAGS_AVX2 = "fpu vme de pse tsc msr pae mce cx8 sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2"
+_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: a test CPU
+flags\t\t: {flags}
+vmx flags\t: vnmi preemption_timer avx512_bf16_lookalike amx_bf16
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: {flags}
+"""
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (_FLAGS_AVX2, False),  # AVX2 only: bf16 would be emulated
+    (_FLAGS_AVX2 + " avx512f avx512bw avx512_vnni", False),  # AVX-512 without its bf16 part
+    (_FLAGS_AVX2 + " avx512f avx512_bf16", True),  # Cooper Lake, Zen 4
+    (_FLAGS_AVX2 + " avx512f amx_tile amx_int8 amx_bf16", True),  # Sapphire Rapids
+    (_FLAGS_AVX2 + " avx512_bf16x", False),  # whole flags only, never a prefix
+])
+def test_the_cpuinfo_parser_finds_bf16_matrix_units_in_the_flags_line_only(tmp_path, flags, expected):
+    text = _CPUINFO.format(flags=flags)  # "vmx flags" names amx_bf16 on every variant: it must not count
+    assert devices.cpuinfo_has_bf16(text) is expected
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    if sys.platform == "linux":
+        assert REAL_CPU_CHECK(str(path)) is expected
+
+
+def test_the_cpuinfo_reader_says_no_when_the_file_is_missing_or_has_no_flags(tmp_path):
+    assert devices.cpuinfo_has_bf16("processor : 0\nmodel name : no flags here\n") is False
+    assert devices.cpuinfo_has_bf16("") is False
+    assert REAL_CPU_CHECK(str(tmp_path / "absent")) is False
+    (tmp_path / "binary").write_bytes(b"flags\t: avx2 amx_bf16 \xff\xfe\n")  # undecodable bytes are replaced
+    assert REAL_CPU_CHECK(str(tmp_path / "binary")) is (sys.platform == "linux")
