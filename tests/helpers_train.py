@@ -144,3 +144,17 @@ def tiny_model(seed: int = 0):
                         attention_probs_dropout_prob=0.0, pad_token_id=0)
     torch.manual_seed(seed)
     return BertForMaskedLM(config)
+
+
+def assert_fill_mask_agrees(fill, text: str, k: int = 3) -> list[dict]:
+    """transformers' fill-mask pipeline on ``text`` gives the model's own top ``k``: the ids of the
+    highest logits at the mask, in order, with their softmax probabilities. -> the predictions."""
+    predictions = fill(text, top_k=k)
+    enc = fill.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = fill.model(**enc).logits[0, enc["input_ids"][0].tolist().index(fill.tokenizer.mask_token_id)]
+    probs, ids = logits.float().softmax(-1).topk(k)
+    assert [p["token"] for p in predictions] == ids.tolist(), (predictions, ids)
+    assert all(abs(p["score"] - q) < 1e-4 for p, q in zip(predictions, probs.tolist()))
+    assert all(isinstance(p["token_str"], str) and p["sequence"] for p in predictions)
+    return predictions

@@ -21,7 +21,15 @@ from incr_cli.models import init_workspace
 from incr_cli.recipe import load_recipe
 from incr_cli.train import train_increment
 from incr_cli.workspace import Workspace
-from tests.helpers_train import REPO, _ingest, assert_same_weights, excerpt, reset_faults, weights
+from tests.helpers_train import (
+    REPO,
+    _ingest,
+    assert_fill_mask_agrees,
+    assert_same_weights,
+    excerpt,
+    reset_faults,
+    weights,
+)
 
 # Small enough for a few seconds per family on 2 cores; the recipe's distill.alpha and replay.ratio stay on.
 OVERRIDES = ["model.max_seq_len=32", "train.steps=2", "train.batch_size=4", "eval.max_sequences=8",
@@ -67,8 +75,7 @@ def test_family_trains_two_increments_evaluates_and_fills_masks(tmp_path, family
 
     folder = str(ws.version_dir("v0002"))
     fill = pipeline("fill-mask", model=folder, tokenizer=folder, device="cpu")
-    predictions = fill(f"It is a truth {fill.tokenizer.mask_token} acknowledged.", top_k=3)
-    assert len(predictions) == 3 and all("token_str" in p for p in predictions)
+    assert_fill_mask_agrees(fill, f"It is a truth {fill.tokenizer.mask_token} acknowledged.")  # the model's own top 3
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from incr_cli import step as step_mod
 from incr_cli.cli.app import app
 from incr_cli.data import BatchSampler, open_increment
 from incr_cli.distributed import DistContext
+from incr_cli.masking import mask_batch
 from incr_cli.plan import IncrementPlan, plan_increment
 from incr_cli.recipe import build_recipe, load_recipe
 from incr_cli.reporting import Quiet
@@ -243,12 +244,39 @@ def test_locked_workspace_exits_75(one_pending):
 # ----------------------------------------------------------------------------- masking, freezing, gate, NaN
 
 
-def test_whole_word_and_fixed_count_masking_train(one_pending):
+def test_whole_word_and_fixed_count_masking_train(one_pending, monkeypatch):
+    """The training masks honour both keys: never more than 6 tokens a row (but for a lone word longer
+    than that), and whole words: every piece of a word masked with it, including multi-piece words."""
+    seen = []
+
+    def spy(ids, cfg, **kw):
+        out = mask_batch(ids, cfg, **kw)
+        seen.append((ids, out.positions, kw["word_starts"]))
+        return out
+
+    monkeypatch.setattr(step_mod, "mask_batch", spy)
     result = cli(one_pending.root, "--json", "train.steps=2", "masking.whole_word=true", "masking.per_sequence=6",
                  "eval.max_sequences=4")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)
     assert metrics["promoted"] and metrics["loss"]["mlm_new"] > 0
+    assert len(seen) == 2  # one micro-batch per step
+    pieces_masked = 0
+    for ids, positions, word_starts in seen:
+        continues = ~word_starts[ids]  # (B, T) a piece continuing the word before it (special ids start)
+        counts = positions.sum(1)
+        assert ((1 <= counts) & (counts <= 6)).all() or _one_long_word(positions, continues), counts
+        # whole words: a masked piece's neighbours within its word are masked too
+        assert torch.equal(positions[:, 1:] & continues[:, 1:], positions[:, :-1] & continues[:, 1:])
+        pieces_masked += int((positions & continues).sum())
+    assert pieces_masked > 0, "no multi-piece word was masked: the whole-word path was not exercised"
+
+
+def _one_long_word(positions, continues) -> bool:
+    """Rows over the cap hold a single masked word (taken only because no word fits)."""
+    over = positions.sum(1) > 6
+    starts = positions & ~continues
+    return bool((starts[over].sum(1) == 1).all())
 
 
 def test_frozen_parameters_are_unchanged_and_counted(one_pending):

@@ -26,7 +26,7 @@ from incr_cli.strategy import LogitDistill, MicroOutputs, Normalisers
 from incr_cli.train import train_increment
 from incr_cli.workspace import Workspace
 from tests.helpers_reliability import assert_only_complete_versions, cli, leftovers, run_incr
-from tests.helpers_train import REPO, assert_same_weights, excerpt, weights
+from tests.helpers_train import REPO, assert_fill_mask_agrees, assert_same_weights, excerpt, weights
 
 runner = CliRunner()
 TINY = ["model.max_seq_len=32", "train.steps=2", "train.batch_size=4", "eval.max_sequences=32",
@@ -157,8 +157,9 @@ def test_a_grown_line_trains_scores_comparably_and_loads_with_transformers(tmp_p
     ids = tok(f"a {word}", add_special_tokens=False)["input_ids"]
     assert ids[-1] == grown["added"][0]["id"]  # the new word is one token
     fill = pipeline("fill-mask", model=folder, tokenizer=folder, device="cpu")
-    predictions = fill(f"The {fill.tokenizer.mask_token} of {word} is here.", top_k=3)
-    assert len(predictions) == 3
+    # the pipeline runs the grown model: its top 3 are the model's own, over all old + new ids
+    assert_fill_mask_agrees(fill, f"The {fill.tokenizer.mask_token} of {word} is here.")
+    assert fill.model.get_output_embeddings().weight.shape[0] == old_size + NEW_WORDS
 
 
 @pytest.mark.slow
