@@ -82,11 +82,13 @@ def summary_table(result: EvalResult) -> tuple[str, list[str], list[list[str]]]:
     """(title, columns, rows): final average, average forgetting, BWT and FWT per metric."""
     columns = ["metric", "final average", "avg forgetting", "BWT", "FWT"]
     rows = []
+    notes = {s.fwt_note for s in result.summaries.values() if s.fwt_note}
     for metric, s in result.summaries.items():
         rows.append([metric, fmt(metric, s.final_average), _signed(metric, s.average_forgetting),
-                     _signed(metric, s.bwt), _signed(metric, s.fwt)])
+                     _signed(metric, s.bwt), "n/a*" if s.fwt_note else _signed(metric, s.fwt)])
     lineage = " -> ".join(result.lineage)
-    return (f"continual-learning summaries over {lineage}; forgetting > 0 = forgot, BWT/FWT > 0 = helped",
+    note = "".join(f"; * FWT n/a: {n}" for n in sorted(notes))
+    return (f"continual-learning summaries over {lineage}; forgetting > 0 = forgot, BWT/FWT > 0 = helped{note}",
             columns, rows)
 
 
@@ -102,12 +104,15 @@ def forgetting_table(result: EvalResult) -> tuple[str, list[str], list[list[str]
         values = (ppl.forgetting[j], acc.forgetting[j], ppl.backward[j], ppl.forward[j])
         if all(v is None for v in values) and d not in learned_by:
             continue
-        rows.append([d, learned_by.get(d, "-"), _signed("perplexity", ppl.forgetting[j]),
+        rel = ppl.forgetting_relative[j]
+        rows.append([d, learned_by.get(d, "-"),
+                     _signed("perplexity", ppl.forgetting[j]) + ("" if rel is None else f" ({rel:+.1%})"),
                      _signed("accuracy", acc.forgetting[j]), _signed("perplexity", ppl.backward[j]),
                      _signed("perplexity", ppl.forward[j])])
     if not rows:
         return None
-    return ("per increment", ["increment", "learned by", "forgetting (ppl)", "forgetting (acc)",
+    return ("per increment; forgetting (ppl) = final minus best perplexity since learned (relative to that best)",
+            ["increment", "learned by", "forgetting (ppl)", "forgetting (acc)",
                               "BWT (ppl)", "FWT (ppl)"], rows)
 
 

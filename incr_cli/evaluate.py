@@ -438,6 +438,7 @@ def lineage_summaries(ws: Workspace, final: str, columns: list[str], scores: dic
     lineage = ws.lineage(final)
     learned_by = {inc: v for v in lineage for inc in version_info(ws, v).new}
     learned_at = [lineage.index(learned_by[c]) if c in learned_by else -1 for c in columns]
+    reference = not ws.version_manifest(lineage[0]).get("head_initialised", False)
     out = {}
     for metric, higher in (("perplexity", False), ("accuracy", True)):
         R = np.full((len(lineage), len(columns)), np.nan)
@@ -445,7 +446,7 @@ def lineage_summaries(ws: Workspace, final: str, columns: list[str], scores: dic
             for j, c in enumerate(columns):
                 x = scores.get(v, {}).get(c, {}).get(metric)
                 R[i, j] = np.nan if x is None else x
-        out[metric] = summarize(R, learned_at, higher_is_better=higher)
+        out[metric] = summarize(R, learned_at, higher_is_better=higher, reference=reference)
     return lineage, learned_by, out
 
 

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from incr_cli.errors import IntegrityError, Interrupted
 from incr_cli.faults import fault_point
+from incr_cli.metrics import gate_line
 from incr_cli.recipe import TrackingConfig
 from incr_cli.reporting import Reporter
 from incr_cli.workspace import VERSION_RE, Workspace, read_lines
@@ -143,8 +144,7 @@ class TensorBoardSink:
         scalars = version_scalars(metrics)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, metrics["steps"])
-        checks = "; ".join(f"{c['check']} on {c['increment']}: {c['value']} (limit {c['limit']}) "
-                           f"{'ok' if c['passed'] else 'FAILED'}" for c in metrics["gate"]["checks"])
+        checks = "; ".join(gate_line(c) for c in metrics["gate"]["checks"])
         self.writer.add_text("gate", f"{metrics['version']} {metrics['status']}" + (f"; {checks}" if checks else ""))
         self.writer.close()
         number = int(metrics["version"].lstrip("v"))

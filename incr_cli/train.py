@@ -26,6 +26,7 @@ from incr_cli.data import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
 from incr_cli.evaluate import CELL_KEYS, score_sequences, tokenizer_inputs, weights_checksum
 from incr_cli.faults import fault_point
+from incr_cli.metrics import gate_line
 from incr_cli.plan import IncrementPlan, plan_increment, run_key
 from incr_cli.recipe import Recipe, recipe_to_dict
 from incr_cli.reporting import Quiet, Reporter
@@ -129,6 +130,15 @@ def gate_checks(recipe: Recipe, before: dict[str, Any], after: dict[str, Any], p
                                "limit": recipe.gate.min_improvement,
                                "passed": improvement is not None and improvement >= recipe.gate.min_improvement})
     return all(c["passed"] for c in checks), checks, ppl_change
+
+
+def ppl_deltas(before: dict[str, Any], after: dict[str, Any], incs: list[str]) -> dict[str, float | None]:
+    """Held-out perplexity after minus before on each of ``incs`` (positive = forgot), rounded to 4 places."""
+    def delta(inc: str) -> float | None:
+        b, a = before.get(inc, {}).get("perplexity"), after.get(inc, {}).get("perplexity")
+        return None if a is None or b is None else finite_json(round(a - b, 4))
+
+    return {inc: delta(inc) for inc in incs}
 
 
 def _require_scores(after: dict[str, dict[str, Any]], new: list[str]) -> None:
@@ -289,8 +299,7 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     result = ctx.broadcast_object(result)
     if not result.promoted:
         checks = [c for c in result.metrics["gate"]["checks"] if not c["passed"]]
-        failed = "; ".join(c.get("message") or f"{c['check']} on {c['increment']}: {_fmt(c['value'])} (limit {c['limit']:g})"
-                           for c in checks)
+        failed = "; ".join(gate_line(c) for c in checks)
         exc = GateRejected(f"{result.version} failed the gate ({failed}); it is kept as rejected and LATEST stays "
                            f"{plan.parent}")
         exc.result = result  # type: ignore[attr-defined]
@@ -497,10 +506,6 @@ def _precision_choice(recipe: Recipe, device: torch.device) -> dict[str, str]:
     return {"asked": recipe.runtime.precision, "chosen": chosen, "why": why}
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.2%}"
-
-
 def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> TrainResult:
     """Rank 0: score the student, gate, write the version, move LATEST when promoted."""
     from incr_cli import models
@@ -539,7 +544,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "trainable_parameters": s.trainable, "total_parameters": sum(p.numel() for p in run.model.parameters()),
         "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": _shown(before), "after": _shown(after), "after_shared_vocab": _shown(shared)},
-        "forgetting": ppl_change, "embedding_drift": drift, "vocab": _growth_record(s.growth),
+        # forgetting: the relative change (after / before - 1); forgetting_ppl: the same in perplexity points
+        "forgetting": ppl_change, "forgetting_ppl": ppl_deltas(before, {**after, **shared}, list(ppl_change)),
+        "embedding_drift": drift, "vocab": _growth_record(s.growth),
         "tasks": probe.task_record(s.tasks, tasks_before, tasks_after, probe.probe_settings(recipe, s.precision)),
         "task_seconds": task_seconds,
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),

@@ -16,6 +16,7 @@ from helpers_eval import add_version, lines, tree_state
 from incr_cli import evaluate as ev
 from incr_cli import models
 from incr_cli.errors import IntegrityError, UsageError
+from incr_cli.eval_report import summary_table
 from incr_cli.heads import MaskedLMHead
 from incr_cli.recipe import build_recipe, recipe_to_dict
 
@@ -133,8 +134,10 @@ def test_matrix_of_three_versions_with_lineage_summaries(three, eval_recipe):
     final = [result.scores["v0002"][d]["perplexity"] for d in (d1, d2)]
     assert ppl.final_average == pytest.approx(sum(final) / 2)
     assert ppl.backward[0] == pytest.approx(-(final[0] - result.scores["v0001"][d1]["perplexity"]))
-    assert ppl.forward[1] == pytest.approx(-(result.scores["v0001"][d2]["perplexity"]
-                                            - result.scores["v0000"][d2]["perplexity"]))
+    # v0000 is scratch:tiny, its MLM head random: no reference for forward transfer, and said so
+    assert ws.version_manifest("v0000")["head_initialised"] is True
+    assert ppl.forward[1] is None and ppl.fwt is None and "initialised at random" in ppl.fwt_note
+    assert "FWT n/a" in summary_table(result)[0] and summary_table(result)[2][0][4] == "n/a*"
     assert result.cache_misses == 6 and result.cache_hits == 0
     doc = result.to_json()
     json.dumps(doc, allow_nan=False)  # standard JSON

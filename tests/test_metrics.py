@@ -47,9 +47,19 @@ def test_perplexity_signs_mean_forgot_and_helped():
     assert s.final_average == pytest.approx(20.0)
     assert s.forgetting[:2] == pytest.approx([30.0 - 20.0, 18.0 - 15.0])  # final minus best: positive = forgot
     assert s.average_forgetting == pytest.approx(6.5)
+    assert s.forgetting_relative[:2] == pytest.approx([10.0 / 20.0, 3.0 / 15.0])  # relative to the best
     assert s.bwt == pytest.approx(-6.5)  # perplexity went up on old data: negative transfer
     assert s.forward[1:3] == pytest.approx([10.0, 10.0])  # earlier increments lowered ppl on unseen data
     assert s.fwt == pytest.approx(10.0)
+
+
+def test_fwt_is_left_out_with_a_note_when_the_root_is_no_reference():
+    """A root with a randomly initialised MLM head: everything else as before, FWT not computed."""
+    s = summarize(PERPLEXITY, LEARNED_AT, higher_is_better=False, reference=False)
+    fair = summarize(PERPLEXITY, LEARNED_AT, higher_is_better=False)
+    assert s.fwt is None and all(f is None for f in s.forward) and "initialised at random" in s.fwt_note
+    assert (s.bwt, s.forgetting, s.final_average) == (fair.bwt, fair.forgetting, fair.final_average)
+    assert fair.fwt_note is None and s.to_dict(["a", "b", "c", "d"])["fwt_note"] == s.fwt_note
 
 
 def test_unscored_cells_are_left_out():

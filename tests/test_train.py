@@ -311,6 +311,12 @@ def test_gate_rejection_writes_a_rejected_version_and_keeps_latest(one_pending):
     assert manifest["status"] == "rejected" and manifest["promoted"] is False
     metrics = json.loads((ws.version_dir("v0001") / "metrics.json").read_text())
     assert metrics["promoted"] is False and metrics["gate"]["passed"] is False
+    # the gate line speaks the table's language: the perplexity change with the table's sign, and the
+    # bound as a change too (a fall of 99% or more)
+    after, before = (metrics["eval"][k]["d0001-austen"]["perplexity"] for k in ("after", "before"))
+    change = f"{after / before - 1:+.1%}"
+    assert f"held-out perplexity {change}, must be -99.0% or lower: FAILED" in result.output, result.output
+    assert result.stdout.count(change) == 2  # the same figure in the table's change column and the gate log line
     again = cli(ws.root, "train.steps=2", "gate.min_improvement=0.99", "--json")  # cron reruns: no new version
     assert again.exit_code == 3 and "already trained" in again.output
     assert ws.versions() == ["v0000", "v0001"] and json.loads(again.stdout)["version"] == "v0001"
@@ -355,6 +361,9 @@ def test_two_increments_end_to_end(tiny_workspace, tmp_path):
     assert set(metrics["eval"]["before"]) == set(metrics["eval"]["after"]) == set(ws.increments())
     assert set(metrics["eval"]["after"][ws.increments()[0]]) == {"loss", "perplexity", "accuracy", "coverage"}
     assert list(metrics["forgetting"]) == [ws.increments()[0]]
+    old, (b, a) = ws.increments()[0], (metrics["eval"][k][ws.increments()[0]]["perplexity"] for k in ("before", "after"))
+    assert metrics["forgetting"][old] == pytest.approx(a / b - 1)  # relative, as the gate limits it
+    assert metrics["forgetting_ppl"][old] == pytest.approx(a - b, abs=1e-4)  # and in perplexity points
     assert metrics["gate"]["passed"] and metrics["gate"]["checks"][0]["check"] == "max_forgetting"
     assert metrics["steps"] == 6 and metrics["tokens"] > 0 and metrics["tokens_per_second"] > 0
 

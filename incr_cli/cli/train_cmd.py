@@ -11,6 +11,7 @@ import typer
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
 from incr_cli.errors import GateRejected
 from incr_cli.eval_report import fmt
+from incr_cli.metrics import gate_line
 from incr_cli.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.reporting import Quiet
 from incr_cli.workspace import Workspace
@@ -113,26 +114,22 @@ def _render_metrics(out: Output, metrics: dict[str, Any], json_out: bool) -> Non
         change = (a["perplexity"] / b["perplexity"] - 1) if b.get("perplexity") and a.get("perplexity") else None
         rows.append([inc, "new" if inc in new else "earlier",
                      fmt("perplexity", b.get("perplexity")), fmt("perplexity", a.get("perplexity")),
-                     "-" if change is None else f"{change:+.1%}",
+                     "-" if change is None else f"{change:+.1%} ({a['perplexity'] - b['perplexity']:+.2f})",
                      f"{fmt('accuracy', b.get('accuracy'))} -> {fmt('accuracy', a.get('accuracy'))}"])
-    out.table(f"{metrics['version']} vs {metrics['parent']}: held-out perplexity",
-              ["increment", "data", "before", "after", "change", "accuracy"], rows)
+    out.table(f"{metrics['version']} vs {metrics['parent']}: held-out perplexity; change = after / before - 1 "
+              "(in perplexity points); + = worse", ["increment", "data", "before", "after", "change", "accuracy"], rows)
     for inc, s in shared.items():
         out.log(f"{inc}: compared on the {s.get('coverage') or 0:.0%} of masked positions whose target {metrics['parent']} "
                 f"has too (the vocabulary grew); on every position {fmt('perplexity', after[inc]['perplexity'])}, "
                 f"accuracy {fmt('accuracy', after[inc]['accuracy'])}")
     gate = metrics["gate"]
     for check in gate["checks"]:
-        mark = "ok" if check["passed"] else "FAILED"
-        value = "n/a" if check["value"] is None else f"{check['value']:+.2%}"
-        if check.get("message"):
-            out.log(f"gate: {check['message']} {mark}")
-        else:
-            out.log(f"gate {check['check']} on {check['increment']}: {value} (limit {check['limit']:g}) {mark}")
+        out.log(f"gate {gate_line(check)}")
     tps = metrics.get("tokens_per_second")
     out.log(f"{metrics['steps']} steps, {metrics['tokens']:,} tokens in {metrics['train_seconds']:.1f} s"
             + (f" ({tps:,.0f} tokens/s)" if tps else "") + f" on {metrics['device']} ({metrics['precision']}), "
-            f"{metrics['trainable_parameters']:,} trainable parameters; final loss {_loss(metrics['loss']['total'])}")
+            f"{metrics['trainable_parameters']:,} trainable parameters; last logged training loss "
+            f"{_loss(metrics['loss']['total'])} (mixed new + replay batches, every term; held-out scores are above)")
 
 
 def _loss(x: float | None) -> str:
