@@ -108,3 +108,18 @@ def two_increments(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from tests.helpers_train import copy_workspace, template
 
     return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line per reason a test was skipped, with the count: what a plain CPU machine leaves out
+    (CUDA, root for the tmpfs of the full-disk tests, ...) is printed, not just a number."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.write_sep("-", f"{sum(reasons.values())} skipped")
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"skipped {count}: {reason}")
