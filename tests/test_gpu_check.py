@@ -86,9 +86,12 @@ def test_one_json_with_every_figure_from_the_steps_real_files(tmp_path, two_incr
                          "configs": {"a": {"label": "HF Trainer", "tokens_per_second": 1.0, "mfu": 0.4}}}]}
     steps["bench"].outputs["bench"].write_text(json.dumps(bench))
 
-    doc = gpu_check.assemble({"host": "here"}, list(steps.values()), results, 400)
+    doc = gpu_check.assemble({"host": "here"}, list(steps.values()), results, 400, device="cpu")
     json.dumps(doc)  # plain JSON all through
-    assert doc["passed"] and set(doc["steps"]) == {"tests", "increment", "bench"} and doc["seconds"] >= 1.0
+    assert set(doc["steps"]) == {"tests", "increment", "bench"} and doc["seconds"] >= 1.0
+    # every step exited 0, but the template's v0001 was trained in fp32: the check fails, saying so
+    assert not doc["passed"] and doc["steps"]["tests"]["passed"] and doc["steps"]["bench"]["passed"]
+    assert doc["steps"]["increment"]["problems"] == ["austen: trained on cpu in fp32, not cpu in bf16"]
     assert doc["steps"]["tests"]["figures"] == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0,
                                                 "passed": 1, "failed_names": []}
     first, second = (doc["steps"]["increment"]["figures"][k] for k in ("austen", "pydocs"))
@@ -96,3 +99,25 @@ def test_one_json_with_every_figure_from_the_steps_real_files(tmp_path, two_incr
     assert second["precision"] == "bf16" and second["tokens_per_second"] > 0
     assert set(second["perplexity"]["after"]) == set(ws.trained_on("v0002"))
     assert doc["steps"]["bench"]["figures"]["groups"][0]["configs"]["a"]["mfu"] == 0.4
+
+
+def test_a_step_that_exits_0_fails_when_its_figures_break_a_promise():
+    """A missed bench target, a bench that checked nothing, skipped or absent GPU tests, an
+    increment that ran in fp32 or off the GPU: each fails its step by name."""
+    ok = {"target": "bf16 seq 128: incr/HF >= 1.5", "value": 1.7, "passed": True}
+    missed = {"target": "bf16 seq 512: incr/HF >= 1.5", "value": 1.2, "passed": False}
+    assert gpu_check.problems("bench", {"targets": [ok]}) == []
+    assert gpu_check.problems("bench", {"targets": [ok, missed]}) == [
+        "target missed: bf16 seq 512: incr/HF >= 1.5 (measured 1.2)"]
+    assert gpu_check.problems("bench", {"targets": []}) == ["the bench checked no target"]
+    assert gpu_check.problems("bench", None) == ["no bench JSON"]
+    tests = {"tests": 6, "failures": 0, "errors": 0, "skipped": 0}
+    assert gpu_check.problems("tests", tests) == []
+    assert gpu_check.problems("tests", {**tests, "skipped": 2}) == ["2 GPU test(s) skipped on a GPU machine"]
+    assert gpu_check.problems("tests", {**tests, "tests": 0}) == ["no GPU-marked test ran"]
+    run = {"device": "cuda:0", "precision": "bf16"}
+    assert gpu_check.problems("increment", {"austen": run, "pydocs": run}) == []
+    assert gpu_check.problems("increment", {"austen": run, "pydocs": {**run, "precision": "fp32"}}) == [
+        "pydocs: trained on cuda:0 in fp32, not cuda in bf16"]
+    assert gpu_check.problems("increment", {"austen": {**run, "device": "cpu"}, "pydocs": None}) == [
+        "austen: trained on cpu in bf16, not cuda in bf16", "pydocs: no metrics.json"]
