@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from readme_tables import int8_table  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
 from incr_cli.embed import embed_ids, embedding_drift
@@ -113,29 +114,6 @@ def measure(ws: Workspace, version: str, threads: int, folder: Path) -> dict:
             "bytes": size, "tokens_per_second": speed, "accuracy": accuracy, "embedding_vs_torch_fp32": cosine}
 
 
-def table(m: dict) -> str:
-    mb = lambda n: f"{n / 1e6:.1f}"  # noqa: E731
-    names = ["torch fp32", "onnx fp32", "onnx int8"]
-    ref = m["tokens_per_second"]
-    lines = ["| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    lines.append("| weights on disk (MB): fill-mask graph / encoder graph | "
-                 f"{mb(m['bytes']['torch fp32'])} (one safetensors file) | "
-                 + " | ".join(f"{mb(m['bytes'][n][FILL_MASK_GRAPH])} / {mb(m['bytes'][n][ENCODER_GRAPH])}"
-                              for n in names[1:]) + " |")
-    for task in ("fill_mask", "embeddings"):
-        base = ref[task]["torch fp32"]
-        lines.append(f"| {task.replace('_', '-')} tokens/s ({m['threads']} thread(s)) | "
-                     + " | ".join(f"{ref[task][n]:,.0f} ({ref[task][n] / base:.2f}x)" for n in names) + " |")
-    for inc in m["increments"]:
-        lines.append(f"| {inc} held-out masked-token accuracy (%) | "
-                     + " | ".join(f"{100 * m['accuracy'][n][inc]:.1f}" for n in names) + " |")
-    lines.append("| embedding cosine to torch fp32 (mean) / neighbour overlap@10 | 1 / 1 | "
-                 + " | ".join(f"{m['embedding_vs_torch_fp32'][n]['mean_cosine']:.4f} / "
-                              f"{m['embedding_vs_torch_fp32'][n]['neighbour_overlap']:.3f}"
-                              for n in names[1:]) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workspace", type=Path)
@@ -150,7 +128,7 @@ def main() -> None:
         args.json.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     print(f"{m['version']} of {m['workspace']}: {m['rows']} held-out rows x {m['seq_len']} tokens "
           f"({m['tokens']:,} non-padding) of {', '.join(m['increments'])}\n")
-    print(table(m))
+    print(int8_table(m))  # README's table, as scripts/readme_tables.py renders it from the JSON
 
 
 if __name__ == "__main__":

@@ -44,3 +44,33 @@ def test_readme_experiment_tables_are_the_committed_results():
     block = README[README.index("### The forgetting experiment"):README.index("<!-- strategies:end -->")]
     missing = [row for row in rows if row not in block.splitlines()]
     assert not missing, f"README's experiment tables differ from results/experiment.md: {missing[:2]}"
+
+
+def _readme_tables():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import readme_tables
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return readme_tables
+
+
+def test_readme_tables_are_rendered_from_the_committed_results():
+    """Every `<!-- table:NAME -->` block is what scripts/readme_tables.py renders from its results
+    file, each file is committed (tracked by git), and every table of TABLES is in the README."""
+    rt = _readme_tables()
+    rendered, names = rt.render(README)
+    assert rendered == README, "README's tables differ from results/: run python scripts/readme_tables.py"
+    assert sorted(names) == sorted(rt.TABLES)
+    tracked = subprocess.run(["git", "ls-files", *[f for f, _ in rt.TABLES.values()]], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(tracked) == sorted(f for f, _ in rt.TABLES.values()), "a results file is not committed"
+
+
+def test_a_readme_figure_that_its_file_does_not_hold_fails_the_check():
+    rt = _readme_tables()
+    match = next(rt.BLOCK.finditer(README))
+    body = match["body"]
+    digit = next(i for i, ch in enumerate(body) if ch.isdigit() and i > body.index("\n"))
+    edited = README.replace(body, body[:digit] + str((int(body[digit]) + 1) % 10) + body[digit + 1:], 1)
+    assert rt.render(edited)[0] != edited  # one digit changed by hand: the rendering puts it back

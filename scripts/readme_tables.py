@@ -1,0 +1,136 @@
+"""README tables from the committed results they were measured into, so a figure in the README is
+always one a file holds: each table sits between
+
+    <!-- table:NAME begin (scripts/readme_tables.py from results/FILE.json; do not edit) -->
+    <!-- table:NAME end -->
+
+and is rendered here from that file (``TABLES``). ``tests/test_docs.py`` fails when the README and
+the files disagree.
+
+    python scripts/readme_tables.py           # rewrite the README's tables from results/
+    python scripts/readme_tables.py --check   # exit 1 when any table differs (what the test checks)
+
+Each JSON is written by the script that measured it: results/int8-table.json by
+``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``.
+Rendering is formatting only: no number is computed here but ratios of two measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def int8_table(m: dict) -> str:
+    """scripts/int8_table.py's measurement -> torch fp32 vs ONNX fp32 vs ONNX int8."""
+    names = ["torch fp32", "onnx fp32", "onnx int8"]
+    graphs = ("model.onnx", "encoder.onnx")
+    ref = m["tokens_per_second"]
+    lines = ["| | torch fp32 | ONNX fp32 (`--format onnx`) | ONNX int8 (`--quantize int8`) |",
+             "| --- |" + " ---: |" * len(names),
+             "| size on disk (MB): fill-mask graph / encoder graph | "
+             f"{_mb(m['bytes']['torch fp32'])} (one safetensors file for both) | "
+             + " | ".join(f"{_mb(m['bytes'][n][graphs[0]])} / {_mb(m['bytes'][n][graphs[1]])}" for n in names[1:]) + " |"]
+    for task in ("fill_mask", "embeddings"):
+        base = ref[task]["torch fp32"]
+        lines.append(f"| {task.replace('_', '-')} tokens/s ({m['threads']} thread) | "
+                     + " | ".join(f"{ref[task][n]:,.0f} ({ref[task][n] / base:.2f}x)" for n in names) + " |")
+    for inc in m["increments"]:
+        lines.append(f"| {inc} held-out masked-token accuracy (%) | "
+                     + " | ".join(f"{100 * m['accuracy'][n][inc]:.1f}" for n in names) + " |")
+    lines.append("| embedding mean cosine to torch fp32 / neighbour overlap@10 | 1 / 1 | "
+                 + " | ".join(f"{m['embedding_vs_torch_fp32'][n]['mean_cosine']:.4f} / "
+                              f"{m['embedding_vs_torch_fp32'][n]['neighbour_overlap']:.3f}" for n in names[1:]) + " |")
+    return "\n".join(lines)
+
+
+COMPRESS_COLUMNS = ("teacher+steps", "student", "student, no distillation")
+
+
+def compress_table(m: dict) -> str:
+    """scripts/compress_check.py's measurement -> the teacher, the teacher trained as long as the
+    students, the distilled student and the student trained without distillation."""
+    lines_ = m["lines"]
+    first = lines_["student"]["metrics"]
+    inc = next(iter(first["eval"]["teacher"]))
+    task = m["task"]
+
+    def cell_task(scores: dict) -> str:
+        low, high = scores["accuracy_ci"]
+        return f"{100 * scores['accuracy']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+
+    header = ["| | teacher v0001 | " + " | ".join(f"{c} ({lines_[c]['layers']} layers)" for c in COMPRESS_COLUMNS) + " |",
+              "| --- | ---: |" + " ---: |" * len(COMPRESS_COLUMNS)]
+    t = first["teacher"]
+    rows = [("parameters", f"{t['parameters']:,}", [f"{lines_[c]['metrics']['student']['parameters']:,}"
+                                                    for c in COMPRESS_COLUMNS]),
+            ("weights on disk (MB)", _mb(t["weights_bytes"]),
+             [_mb(lines_[c]["metrics"]["student"]["weights_bytes"]) for c in COMPRESS_COLUMNS]),
+            # each line measured its teacher and itself side by side: the ratio is of one run
+            ("encoder inference speed vs the teacher (measured in the same run)", "1.00x",
+             [f"{lines_[c]['metrics']['student']['tokens_per_second'] / lines_[c]['metrics']['teacher']['tokens_per_second']:.2f}x"
+              for c in COMPRESS_COLUMNS]),
+            (f"{inc} held-out perplexity", f"{first['eval']['teacher'][inc]['perplexity']:.1f}",
+             [f"{lines_[c]['metrics']['eval']['student'][inc]['perplexity']:.1f}" for c in COMPRESS_COLUMNS]),
+            (f"{inc} held-out masked-token accuracy (%)", f"{100 * first['eval']['teacher'][inc]['accuracy']:.1f}",
+             [f"{100 * lines_[c]['metrics']['eval']['student'][inc]['accuracy']:.1f}" for c in COMPRESS_COLUMNS]),
+            (f"task accuracy (%), 95% interval: {Path(task['file']).name}", cell_task(task["teacher"]),
+             [cell_task(task[c]) for c in COMPRESS_COLUMNS]),
+            ("training (s)", "-", [f"{lines_[c]['metrics']['train_seconds']:.0f}" for c in COMPRESS_COLUMNS])]
+    return "\n".join(header + [f"| {name} | {a} | " + " | ".join(b) + " |" for name, a, b in rows])
+
+
+TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "int8": ("results/int8-table.json", int8_table),
+    "compress": ("results/compress-check.json", compress_table),
+}
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) begin \(scripts/readme_tables\.py from (?P<file>[^;]+); "
+                   r"do not edit\) -->\n)(?P<body>.*?)(<!-- table:(?P=name) end -->)", re.S)
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """README text with every table block rendered from its file -> (new text, names of the blocks)."""
+    names: list[str] = []
+
+    def fill(match: re.Match) -> str:
+        name, file = match["name"], match["file"]
+        if name not in TABLES or TABLES[name][0] != file:
+            raise SystemExit(f"README: table {name!r} from {file}: not in scripts/readme_tables.py's TABLES")
+        names.append(name)
+        body = TABLES[name][1](json.loads((REPO / file).read_text(encoding="utf-8")))
+        return match.group(1) + body + "\n" + match.group(5)
+
+    return BLOCK.sub(fill, text), names
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when a table differs from its file")
+    args = ap.parse_args(argv)
+    text = README.read_text(encoding="utf-8")
+    new, names = render(text)
+    if args.check:
+        if new != text:
+            print("README.md: a table differs from its results file; run python scripts/readme_tables.py",
+                  file=sys.stderr)
+            return 1
+        print(f"README.md: {len(names)} tables match their files ({', '.join(names)})")
+        return 0
+    README.write_text(new, encoding="utf-8")
+    print(f"README.md: rendered {', '.join(names) or 'no tables'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
