@@ -340,7 +340,8 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
     batch: list[tuple[str, bytes, bool]] = []
 
     def flush() -> None:
-        _flush_batch(batch, out, conn, increment, text_file, hash_file)
+        if batch:
+            _flush_batch(batch, out, conn, increment, text_file, hash_file)
 
     total_kb = sum(src.size for src, _ in files) // 1024  # whole units: progress bars count integers
     shown = 0  # bytes of input the bar has been moved by
@@ -364,12 +365,11 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
                     flush()
                     shown = _advance(bar, shown, out.bytes_read + state.done, out)
             out.bytes_read += src.size
+            flush()  # before the bar moves: its "new docs" count then includes this file's last batch
             shown = _advance(bar, shown, out.bytes_read, out)
             if state.skipped is None or got_text:  # a .gz broken midway still gave documents
                 out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
                                     "reader": reader_id(src, fmt, text_field)})
-        if batch:
-            flush()
 
 
 def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite3.Connection, increment: str,
@@ -791,6 +791,11 @@ def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:
         return _nothing_new_message(p1)
     if p1.raw_docs or tally.docs:  # bad UTF-8 or JSON lines are rejected by the reader: not in raw_docs
         hint = "; check --format and --text-field" if set(tally.docs) & {"malformed_json", "missing_field"} else ""
+        if tally.fields_seen:
+            found = ", ".join(name for name, _ in tally.fields_seen.most_common(5))
+            hint = f"; the records' text fields are {found}: choose one with --text-field"
+        elif "not_an_object" in tally.docs:
+            hint = "; JSON Lines needs one object per line ({\"text\": ...}), not an array: check --format"
         raise InputError(f"nothing usable in {_name_paths(paths)}: every document read was rejected "
                          f"({_rejections(tally)}){hint}")
     return f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"

@@ -12,7 +12,8 @@ Formats (``--format``):
 Reasons counted per file: ``missing``, ``unreadable``, ``symlink_loop``, ``not_a_file`` (FIFO,
 socket, device), ``hidden`` (a name starting with "." met while walking a directory), ``binary``
 (a NUL byte in the first 8 KB), ``empty``, ``corrupt`` (a broken .gz: documents read before the
-damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``missing_field``, ``too_long``
+damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``not_an_object`` (a line that
+is JSON but not an object), ``missing_field``, ``too_long``
 (a JSON line over the size limit, which cannot be cut and parsed), ``too_deep`` (a JSON line nesting
 arrays or objects more than ``MAX_JSON_DEPTH`` levels); the first few of each are recorded as
 ``PATH:LINE`` (lines counted by "\n", from 1; a paragraph by its first line).
@@ -57,6 +58,7 @@ class Tally:
     docs: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     doc_examples: dict[str, list[str]] = field(default_factory=dict)
+    fields_seen: Counter = field(default_factory=Counter)  # string fields of records missing --text-field
     max_examples: int = 10
 
     def skip_file(self, path: str, reason: str) -> None:
@@ -329,8 +331,19 @@ def _read_jsonl(lines: _Lines, path: str, text_field: str, tally: Tally, raw: io
         value, reason = parse_record(line, text_field)
         if reason:
             tally.reject(reason, path=path, line=i + 1)
+            if reason == "missing_field" and sum(tally.fields_seen.values()) < MAX_FIELD_SAMPLES:
+                tally.fields_seen.update(_string_fields(line))
         else:
             yield value, False
+
+
+MAX_FIELD_SAMPLES = 50  # fields of records without the text field, kept to name them in the error
+
+
+def _string_fields(line: bytes) -> list[str]:
+    """The keys of a JSON record whose values are strings: what --text-field could have named."""
+    obj = json.loads(line.decode("utf-8").lstrip("\ufeff"))
+    return [clip(str(k), 40) for k, v in obj.items() if isinstance(v, str)][:10]
 
 
 def parse_record(line: bytes, text_field: str) -> tuple[str, str | None]:
@@ -352,7 +365,9 @@ def parse_record(line: bytes, text_field: str) -> tuple[str, str | None]:
     # Counting brackets is cheap and over-counts (brackets inside strings): only then is the tree walked.
     if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and _deeper_than(obj, MAX_JSON_DEPTH):
         return "", "too_deep"
-    value = obj.get(text_field) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):  # a top-level array, number or string: not a record at all
+        return "", "not_an_object"
+    value = obj.get(text_field)
     if not isinstance(value, str):
         return "", "missing_field"
     if b"\\u" in line and not _encodable(value):  # a \ud800 escape: a lone surrogate has no UTF-8 form

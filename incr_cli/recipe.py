@@ -514,11 +514,11 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
     """``["train.lr=1e-4", ...]`` -> ({"train.lr": 0.0001}, problems). Values are typed like YAML scalars."""
     parsed: dict[str, Any] = {}
     problems: list[str] = []
-    for item in overrides:
+    for i, item in enumerate(overrides):
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or "." not in key:
-            problems.append(f"override {shown(item)}: expected section.key=value")
+            problems.append(f"override {shown(item)}: expected section.key=value{_override_hint(overrides, i)}")
             continue
         try:
             parsed[key] = safe_load(raw) if raw.strip() else None
@@ -527,6 +527,26 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
         except RecipeTooBig as exc:
             problems.append(exc.problem(key))
     return parsed, problems
+
+
+def _override_hint(overrides: Sequence[str], i: int) -> str:
+    """What a malformed override probably meant: ``steps=5`` -> train.steps=5; ``train.steps 5`` (two
+    words) -> train.steps=5."""
+    key, sep, raw = overrides[i].partition("=")
+    key = key.strip()
+    if sep and "." not in key:
+        owners = [name for name, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        return f" (did you mean {shown(f'{owners[0]}.{key}={raw}')}?)" if len(owners) == 1 else ""
+    if not sep and "." in key and i + 1 < len(overrides) and "=" not in overrides[i + 1]:
+        return f" (did you mean {shown(f'{key}={overrides[i + 1]}')}? no space around =)"
+    return ""
+
+
+def _problem_source(source: str, from_file: bool, from_overrides: bool) -> str:
+    """Where the problems are: the file, the command line's overrides, or both."""
+    if from_overrides and not from_file:
+        return "command-line overrides"
+    return f"{source} and the command-line overrides" if from_overrides else source
 
 
 def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
@@ -547,9 +567,12 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
             continue
         for key, value in body.items():
             flat[f"{section}.{_text(key)}"] = value
+    file_problems = len(problems)
     parsed, override_problems = parse_overrides(overrides)
     problems += override_problems
     flat.update(parsed)
+    in_file = set(flat) - set(parsed)
+    origin: dict[str, str] = {}  # problem -> "file" or "override"
 
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for path, value in flat.items():
@@ -559,14 +582,17 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
             problems.append(f"{clip(path)}: unknown section {shown(section)}{_did_you_mean(section, list(SECTIONS))}")
             continue
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        where = "file" if path in in_file else "override"
         if key not in fields:
             hint = _did_you_mean(key, list(fields))
-            problems.append(f"{clip(path)}: unknown key{hint}")
+            problems.append(f"{'override ' if where == 'override' else ''}{clip(path)}: unknown key{hint}")
+            origin[problems[-1]] = where
             continue
         hints = typing.get_type_hints(cls)
         coerced, problem = _check_value(clip(path), value, hints[key], fields[key].metadata)
         if problem:
             problems.append(problem)
+            origin[problem] = where
         else:
             values[section][key] = coerced
 
@@ -581,7 +607,10 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
     if values["gate"].get("max_embedding_drift") is not None and values["drift"].get("max_sequences", 1) == 0:
         problems.append("gate.max_embedding_drift: needs drift.max_sequences > 0 (drift is not measured at 0)")
     if problems:
-        raise RecipeError(source, problems)
+        from_overrides = bool(override_problems) or "override" in origin.values()
+        from_file = file_problems > 0 or any(origin.get(p, "file") == "file" for p in problems
+                                             if p not in override_problems)
+        raise RecipeError(_problem_source(source, from_file, from_overrides), problems)
     return Recipe(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -56,6 +57,15 @@ class RunInfo:
 
 class Sink(Protocol):
     name: str
+
+    def _runs(self, exp_id: str, query: str) -> list[Any]:
+        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
+        the filter string: a path may hold any character, quotes included, which MLflow's filter
+        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
+        found = self.client.search_runs([exp_id], filter_string=query)
+        if not self.workspace:
+            return list(found)
+        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None: ...
 
@@ -124,6 +134,15 @@ class TensorBoardSink:
         self.root = root
         self.writer: Any = None
         self.version = ""
+
+    def _runs(self, exp_id: str, query: str) -> list[Any]:
+        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
+        the filter string: a path may hold any character, quotes included, which MLflow's filter
+        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
+        found = self.client.search_runs([exp_id], filter_string=query)
+        if not self.workspace:
+            return list(found)
+        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         writer_type = _summary_writer()
@@ -214,6 +233,10 @@ class MlflowSink:
                 from mlflow.tracking import MlflowClient
             except ImportError:
                 raise ImportError("mlflow is not installed: pip install 'incr-cli[mlflow]'") from None
+            # after the import, which sets mlflow's own logger to INFO: its lines (store creation and
+            # migrations) are not incr's output
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         if not self.exp_id:
             exp = self.client.get_experiment_by_name(self.experiment)
@@ -222,6 +245,15 @@ class MlflowSink:
             elif create:
                 self.exp_id = self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
         return bool(self.exp_id)
+
+    def _runs(self, exp_id: str, query: str) -> list[Any]:
+        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
+        the filter string: a path may hold any character, quotes included, which MLflow's filter
+        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
+        found = self.client.search_runs([exp_id], filter_string=query)
+        if not self.workspace:
+            return list(found)
+        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         self._connect()
@@ -234,10 +266,7 @@ class MlflowSink:
         version never wrote it: a fresh start, other data or another recipe, so they are deleted)."""
         from mlflow.entities import Param
 
-        query = f"tags.`incr.version` = '{run.version}'"
-        if self.workspace:  # another workspace's runs in a shared store are none of this run's business
-            query += f" and tags.`incr.workspace` = '{self.workspace}'"
-        found = self.client.search_runs([exp_id], filter_string=query)
+        found = self._runs(exp_id, f"tags.`incr.version` = '{run.version}'")
         for old in found:
             if resuming and old.data.tags.get("incr.run_key") == run.key and self.run_id is None:
                 self.run_id = old.info.run_id
@@ -309,8 +338,7 @@ class MlflowSink:
         reopens it)."""
         if not self.workspace or not self._connect(create=False):
             return
-        stale = self.client.search_runs([self.exp_id], filter_string=(
-            f"attributes.status = 'RUNNING' and tags.`incr.workspace` = '{self.workspace}'"))
+        stale = self._runs(self.exp_id, "attributes.status = 'RUNNING'")
         for old in stale:
             version, key = old.data.tags.get("incr.version", ""), old.data.tags.get("incr.run_key")
             written = _written_by(ws, version, key)
@@ -375,6 +403,15 @@ class Tracker:
         if self.sinks:
             self._thread = threading.Thread(target=self._work, name="incr-tracking", daemon=True)
             self._thread.start()
+
+    def _runs(self, exp_id: str, query: str) -> list[Any]:
+        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
+        the filter string: a path may hold any character, quotes included, which MLflow's filter
+        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
+        found = self.client.search_runs([exp_id], filter_string=query)
+        if not self.workspace:
+            return list(found)
+        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         self._put("start", run, [dict(line) for line in history])

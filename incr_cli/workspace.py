@@ -323,6 +323,21 @@ class WorkspaceLock:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def live_holder(self) -> LockInfo | None:
+        """The holder, when its record names a process alive on this host (a read: no flock taken, so a
+        writer starting now is never refused because someone looked). A released lock's record is
+        empty; a killed holder's names a dead PID."""
+        holder = self.read_holder()
+        if holder is None or holder.host != socket.gethostname():
+            return None
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+        return holder
+
     def acquire(self) -> WorkspaceLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -115,7 +115,8 @@ RECORDS = st.one_of(
     st.integers(MAX_JSON_DEPTH + 1, 60_000).map(_nested),  # far past Python's recursion limit
     st.sampled_from([b"{not json", b'{"text": "a"', b"[1, 2", b"{'text': 'a'}", b'{"text": "a"}}', b'{"text": "a\x01"}',
                      b'{"text": "a\x00b"}', b"\x01", b'{"text": NaN']).map(lambda b: Record(b, reason="malformed_json")),
-    st.sampled_from([b"[1, 2]", b"3", b'"text"', b"null", b'{"text": 5}', b'{"body": "x"}', b'{"text": ["a"]}',
+    st.sampled_from([b"[1, 2]", b"3", b'"text"', b"null"]).map(lambda b: Record(b, reason="not_an_object")),
+    st.sampled_from([b'{"text": 5}', b'{"body": "x"}', b'{"text": ["a"]}',
                      b'{"text": null}']).map(lambda b: Record(b, reason="missing_field")),
     st.sampled_from([b'{"text": "caf\xe9"}', b'{"text": "\\ud800"}', b'{"text": "a\\udfff b"}', b"\xff{}",
                      b'{"text": "\xed\xa0\x80"}']).map(lambda b: Record(b, reason="invalid_utf8")),

@@ -118,7 +118,8 @@ INGEST_CASES = {
     "invalid UTF-8": (_invalid_utf8, 2, "every document read was rejected (invalid_utf8: 2)"),
     "binary": (_binary, 2, "blob.bin (binary)"),
     "empty": (_empty, 0, "nothing to ingest: the input holds no documents"),
-    "malformed JSON Lines": (_malformed_jsonl, 2, "(malformed_json: 1, missing_field: 2); check --format and --text-field"),
+    "malformed JSON Lines": (_malformed_jsonl, 2, "(malformed_json: 1, missing_field: 1, not_an_object: 1); the "
+                                                  "records' text fields are body: choose one with --text-field"),
     "symlink loop": (_symlink_loop, 2, "(symlink_loop)"),
     "missing path": (lambda d: d / "nope.txt", 2, "nope.txt (missing)"),
     "huge single line": (_huge_line, 0, "cut to data.max_doc_chars  1"),

@@ -324,7 +324,7 @@ def test_malformed_jsonl_lines_are_counted(tiny_workspace: Workspace, tiny_recip
     (tmp_path / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"body": "bad \xff"}\n')
     res = ingest(tiny_workspace, [str(tmp_path / "a.jsonl")], text_field="body", recipe=tiny_recipe)
     assert res.documents["kept"] == 6
-    assert res.documents["rejected"] == {"malformed_json": 1, "missing_field": 3, "invalid_utf8": 1}
+    assert res.documents["rejected"] == {"malformed_json": 1, "not_an_object": 1, "missing_field": 2, "invalid_utf8": 1}
 
 
 def test_too_short_documents_are_rejected(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:

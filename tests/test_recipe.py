@@ -74,7 +74,8 @@ def test_every_problem_is_reported_at_once():
     assert len(problems) == 7
     for fragment in ["train.lr", "train.batch_sise", "train.steps", "bogus", "masking.probability", "eval.seed", "nodot"]:
         assert any(fragment in p for p in problems), fragment
-    with pytest.raises(RecipeError, match=r"^test\.yaml: 7 problems"):
+    # the file's and the command line's problems together, and the header says both are at fault
+    with pytest.raises(RecipeError, match=r"^test\.yaml and the command-line overrides: 7 problems"):
         build_recipe({"train": {"lr": -1, "batch_sise": 4, "steps": "x"}, "bogus": {},
                       "masking": {"probability": 2}}, "test.yaml", ["eval.seed=-1", "nodot=1"])
 

@@ -65,4 +65,22 @@ app.add_typer(recipe_cmd.app, name="recipe")
 
 
 def main() -> None:
-    app()
+    """The console script: the app, with Click's own usage errors (unknown option, missing argument)
+    clipped like every other message, so a 10 kB option name cannot flood a log."""
+    import sys
+
+    from incr_cli.errors import clip
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.stderr.write("Aborted!\n")
+        sys.exit(1)
+    except Exception as exc:  # Click's errors (typer vendors its own Click): message, show(), exit_code
+        if not all(hasattr(exc, a) for a in ("message", "show", "exit_code")):
+            raise
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one's message is the help itself
+            exc.message = clip(str(exc.message))
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,7 +49,7 @@ def compress_cmd(
     out.table(f"{result.teacher} -> {result.into} v0000", ["", "teacher", "student", "student / teacher"],
               _rows(m))
     out.log(f"{result.into}: a new line at v0000 (teacher {ws.root} {result.teacher}); "
-            f"next: incr ingest {result.into} ... && incr train-increment {result.into}")
+            f"next: incr ingest {shlex.quote(str(result.into))} ... && incr train-increment {shlex.quote(str(result.into))}")
 
 
 def _rows(m: dict[str, Any]) -> list[list[str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,7 +80,7 @@ def ingest_cmd(
     out.table(result.increment or "nothing written", ["", ""], rows)
     out.log(result.message)
     if result.increment:
-        out.log(f"next: incr train-increment {ws.root}")
+        out.log(f"next: incr train-increment {shlex.quote(str(ws.root))}")
 
 
 def _summary_rows(result: Any) -> list[list[str]]:

@@ -30,7 +30,7 @@ def validate(
             out.log(f"{path}: ok")
         except RecipeError as exc:
             results[str(path)] = exc.problems
-            out.warn(str(exc))
+            out.error(str(exc))  # a failed check, not a warning: the command exits 2
     if json_out:
         out.emit_json({"ok": not any(results.values()), "problems": results})
     if any(results.values()):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.errors import IncrError, IntegrityError
+from incr_cli.errors import IncrError, IntegrityError, UsageError
 from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace, folder_bytes
+from incr_cli.workspace import Workspace, WorkspaceLock, folder_bytes
 
 MOVE_COLUMNS = ["time", "from", "to", "command", "by", "reason", "state"]
 WorkspaceArg = Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)]
@@ -42,7 +44,7 @@ def init(
     if result.head_initialised and result.source_info.get("kind") != "scratch":
         out.log("the base had no MLM head: the head was initialised randomly, so fill-mask output is noise "
                 "until a first increment trains it")
-    out.log(f"next: incr ingest {result.root} PATH...")
+    out.log(f"next: incr ingest {shlex.quote(str(result.root))} PATH...")
 
 
 def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
@@ -76,8 +78,13 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     if report["current"] != latest:
         out.warn(f"{workspace}/current points at {report['current'] or 'nothing'}, not LATEST ({latest}): a move was "
                  f"interrupted, or the workspace predates the link; `incr promote {workspace} {latest}` sets it")
+    running = WorkspaceLock(Path(workspace), "status").live_holder()
     for state in report["resume_states"]:
         at = "unreadable" if state["step"] is None else f"step {state['step']} of {state['steps']}"
+        if running is not None and running.command == "train-increment":  # it is being resumed (or trained) now
+            out.log(f"resumable state in {state['path']} ({at}): train-increment PID {running.pid} is running "
+                    f"(since {running.started}) and writes it")
+            continue
         out.warn(f"an interrupted run from {state['parent'] or '?'} ({', '.join(state['new']) or '?'}, {at}) left "
                  f"{human_bytes(state['bytes'])} of resumable state in {state['path']}: rerun the same "
                  "train-increment to resume it; a version from that parent removes it")
@@ -208,8 +215,28 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def current(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
+    """Print the version WORKSPACE/current points at and its folder: the path to serve from
+    (`AutoModelForMaskedLM.from_pretrained(WS/current)`). Exit 2 when the link is missing."""
+    ws = Workspace.open(workspace)
+    version, latest = ws.current_target(), ws.latest()
+    if version is None:
+        raise UsageError(f"{ws.current_path}: missing or not a link to a version; `incr promote {shlex.quote(str(ws.root))} "
+                         f"{latest}` sets it")
+    path = ws.version_dir(version).resolve()
+    if json_out:
+        Output(json_out).emit_json({"version": version, "path": str(path), "link": str(ws.current_path),
+                                    "latest": latest, "is_latest": version == latest})
+        return
+    sys.stdout.write(f"{version}\t{path}\n")  # one line, tab-separated: for $(incr current WS | cut -f2)
+    if version != latest:
+        Output(False).warn(f"{ws.current_path} points at {version}, not LATEST ({latest}): a move was interrupted; "
+                           f"`incr promote {shlex.quote(str(ws.root))} {latest}` sets it")
+
+
 def register(app: typer.Typer) -> None:
-    """Add init, status and verify to the app."""
+    """Add init, status, current and verify to the app."""
     app.command("init")(guarded(init))
     app.command("status")(guarded(status))
+    app.command("current")(guarded(current))
     app.command("verify")(guarded(verify))
