@@ -11,7 +11,8 @@ the files disagree.
     python scripts/readme_tables.py --check   # exit 1 when any table differs (what the test checks)
 
 Each JSON is written by the script that measured it: results/int8-table.json by
-``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``.
+``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``,
+results/vocab-growth.json is ``scripts/vocab_growth.py``'s OUT/results.json.
 Rendering is formatting only: no number is computed here but ratios of two measured ones.
 """
 
@@ -91,9 +92,51 @@ def compress_table(m: dict) -> str:
     return "\n".join(header + [f"| {name} | {a} | " + " | ".join(b) + " |" for name, a, b in rows])
 
 
+def vocab_table(r: dict) -> str:
+    """scripts/vocab_growth.py's results.json -> the grown line against the plain one, and their fill-mask."""
+    p, g, tok = r["plain"], r["grown"], r["ingest"]["tokens"]
+    inc_new, inc_old = p["data"]["new"][0], p["data"]["earlier"][0]
+
+    def acc(m: dict, key: str = "after", inc: str = inc_new) -> str:
+        s = m["eval"][key][inc]
+        return f"{100 * s['accuracy']:.1f}% (ppl {s['perplexity']:.1f})"
+
+    rows = [
+        ("tokens per document (train / held-out)",
+         f"{tok['train']['per_document_before']} / {tok['heldout']['per_document_before']}",
+         f"{tok['train']['per_document_after']} / {tok['heldout']['per_document_after']}"),
+        ("training tokens/s (1 thread each, run side by side)", f"{p['tokens_per_second']:,.0f}",
+         f"{g['tokens_per_second']:,.0f}"),
+        (f"{inc_new} held-out masked-token accuracy, all positions", acc(p), acc(g)),
+        (f"{inc_new} accuracy on positions whose target the old vocabulary has", acc(p),
+         acc(g, "after_shared_vocab")),
+        (f"{inc_old} accuracy after (was {100 * p['eval']['before'][inc_old]['accuracy']:.1f}%)",
+         acc(p, inc=inc_old), acc(g, inc=inc_old)),
+        (f"forgetting on {inc_old} (relative perplexity change)", f"{p['forgetting'][inc_old]:+.1%}",
+         f"{g['forgetting'][inc_old]:+.1%}"),
+    ]
+    for name, t in (p.get("tasks") or {}).get("tasks", {}).items():
+        tg = g["tasks"]["tasks"][name]
+
+        def task(rec: dict) -> str:
+            low, high = rec["after"]["accuracy_ci"]
+            return f"{100 * rec['after']['accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}), change {rec['change']:+.3f}"
+
+        rows.append((f"task {name}: accuracy after, 95% interval (was {100 * t['before']['accuracy']:.1f}%)",
+                     task(t), task(tg)))
+    rows.append(("the gate", "promoted" if p["promoted"] else "rejected", "promoted" if g["promoted"] else "rejected"))
+    lines = ["| | without extension | with extension |", "| --- | ---: | ---: |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "| sentence | without extension | with extension |", "| --- | --- | --- |"]
+    lines += [f"| {s} | {', '.join(a)} | {', '.join(b)} |"
+              for s, a, b in zip(r["sentences"], r["fill"]["plain"], r["fill"]["grown"])]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "int8": ("results/int8-table.json", int8_table),
     "compress": ("results/compress-check.json", compress_table),
+    "vocab": ("results/vocab-growth.json", vocab_table),
 }
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) begin \(scripts/readme_tables\.py from (?P<file>[^;]+); "
                    r"do not edit\) -->\n)(?P<body>.*?)(<!-- table:(?P=name) end -->)", re.S)
