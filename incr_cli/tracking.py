@@ -58,15 +58,6 @@ class RunInfo:
 class Sink(Protocol):
     name: str
 
-    def _runs(self, exp_id: str, query: str) -> list[Any]:
-        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
-        the filter string: a path may hold any character, quotes included, which MLflow's filter
-        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
-        found = self.client.search_runs([exp_id], filter_string=query)
-        if not self.workspace:
-            return list(found)
-        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
-
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None: ...
 
     def step(self, line: dict[str, Any]) -> None: ...
@@ -134,15 +125,6 @@ class TensorBoardSink:
         self.root = root
         self.writer: Any = None
         self.version = ""
-
-    def _runs(self, exp_id: str, query: str) -> list[Any]:
-        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
-        the filter string: a path may hold any character, quotes included, which MLflow's filter
-        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
-        found = self.client.search_runs([exp_id], filter_string=query)
-        if not self.workspace:
-            return list(found)
-        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         writer_type = _summary_writer()
@@ -403,15 +385,6 @@ class Tracker:
         if self.sinks:
             self._thread = threading.Thread(target=self._work, name="incr-tracking", daemon=True)
             self._thread.start()
-
-    def _runs(self, exp_id: str, query: str) -> list[Any]:
-        """Runs matching ``query`` that belong to this workspace. The workspace is compared here, not in
-        the filter string: a path may hold any character, quotes included, which MLflow's filter
-        syntax cannot always quote. Another workspace's runs in a shared store are none of ours."""
-        found = self.client.search_runs([exp_id], filter_string=query)
-        if not self.workspace:
-            return list(found)
-        return [r for r in found if r.data.tags.get("incr.workspace") == self.workspace]
 
     def start(self, run: RunInfo, history: list[dict[str, Any]]) -> None:
         self._put("start", run, [dict(line) for line in history])
