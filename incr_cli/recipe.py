@@ -549,13 +549,10 @@ def _problem_source(source: str, from_file: bool, from_overrides: bool) -> str:
     return f"{source} and the command-line overrides" if from_overrides else source
 
 
-def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
-    """Validate a nested dict (plus overrides) into a ``Recipe``; raise ``RecipeError`` listing every problem."""
-    problems: list[str] = []
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise RecipeError(source, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+def _flatten_sections(data: dict) -> tuple[dict[str, Any], list[str]]:
+    """A recipe file's sections -> ({"section.key": value}, problems with the sections themselves)."""
     flat: dict[str, Any] = {}
+    problems: list[str] = []
     for section, body in data.items():
         if section not in SECTIONS:
             problems.append(f"{clip(_text(section))}: unknown section{_did_you_mean(_text(section), list(SECTIONS))}")
@@ -567,6 +564,15 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
             continue
         for key, value in body.items():
             flat[f"{section}.{_text(key)}"] = value
+    return flat, problems
+
+
+def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequence[str] = ()) -> Recipe:
+    """Validate a nested dict (plus overrides) into a ``Recipe``; raise ``RecipeError`` listing every problem."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+    flat, problems = _flatten_sections(data)
     file_problems = len(problems)
     parsed, override_problems = parse_overrides(overrides)
     problems += override_problems
