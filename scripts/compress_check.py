@@ -48,6 +48,11 @@ def incr(*args: object) -> str:
     return subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
+def line_folder(out: Path, name: str) -> Path:
+    """The workspace of one line: ``teacher+steps`` -> OUT/teacher-plus-steps."""
+    return out / name.replace(" ", "-").replace(",", "").replace("+", "-plus-")
+
+
 def task_scores(ws: Path, version: str) -> dict:
     """``incr probe``'s accuracy, macro-F1 and chance rate of ``version`` on the task file."""
     doc = json.loads(incr("probe", ws, TASK, "--group-field", "source", "--versions", version, "--json"))
@@ -76,7 +81,7 @@ def main() -> None:
               "budget": {"steps": args.steps, "batch_size": args.batch_size, "overrides": args.overrides},
               "cpu_threads": os.cpu_count(), "lines": {}}
     for name, (layers, extra) in LINES.items():
-        into = args.out / name.replace(" ", "-").replace(",", "").replace("+", "-plus-")
+        into = line_folder(args.out, name)
         if not (into / "checkpoints" / "v0000").is_dir():
             incr("compress", teacher, "--version", "v0001", "--layers", layers, "--into", into, *budget, *extra)
         m = json.loads((into / "checkpoints" / "v0000" / "metrics.json").read_text())
@@ -85,7 +90,7 @@ def main() -> None:
                               "device", "precision") if k in m}}
     result["task"] = {"file": str(TASK.relative_to(REPO)), "teacher": task_scores(teacher, "v0001")}
     for name in LINES:
-        into = args.out / name.replace(" ", "-").replace(",", "").replace("+", "-plus-")
+        into = line_folder(args.out, name)
         result["task"][name] = task_scores(into, "v0000")
     result["seconds"] = round(time.time() - started, 1)
     text = json.dumps(result, indent=2) + "\n"
