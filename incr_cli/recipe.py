@@ -577,46 +577,40 @@ def build_recipe(data: dict | None, source: str = "<recipe>", overrides: Sequenc
     parsed, override_problems = parse_overrides(overrides)
     problems += override_problems
     flat.update(parsed)
-    in_file = set(flat) - set(parsed)
-    origin: dict[str, str] = {}  # problem -> "file" or "override"
+    blamed = {"file": file_problems > 0, "override": bool(override_problems)}  # where the problems are
 
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for path, value in flat.items():
         section, _, key = path.partition(".")
+        where = "override" if path in parsed else "file"
+        prefix = "override " if where == "override" else ""
         cls = SECTIONS.get(section)
+        fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
         if cls is None:
-            problems.append(f"{clip(path)}: unknown section {shown(section)}{_did_you_mean(section, list(SECTIONS))}")
-            continue
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        where = "file" if path in in_file else "override"
-        if key not in fields:
-            hint = _did_you_mean(key, list(fields))
-            problems.append(f"{'override ' if where == 'override' else ''}{clip(path)}: unknown key{hint}")
-            origin[problems[-1]] = where
-            continue
-        hints = typing.get_type_hints(cls)
-        coerced, problem = _check_value(clip(path), value, hints[key], fields[key].metadata)
+            problem = f"{prefix}{clip(path)}: unknown section {shown(section)}{_did_you_mean(section, list(SECTIONS))}"
+        elif key not in fields:
+            problem = f"{prefix}{clip(path)}: unknown key{_did_you_mean(key, list(fields))}"
+        else:
+            coerced, problem = _check_value(clip(path), value, typing.get_type_hints(cls)[key], fields[key].metadata)
+            if not problem:
+                values[section][key] = coerced
         if problem:
             problems.append(problem)
-            origin[problem] = where
-        else:
-            values[section][key] = coerced
+            blamed[where] = True
 
     strategy = values["strategy"].get("name", StrategyConfig.name)
     for path, forced in strategy_presets().get(strategy, {}).items():
         section, _, key = path.partition(".")
         values[section][key] = forced
 
-    m = values["masking"]
+    m, before_checks = values["masking"], len(problems)
     if m.get("mask_token_ratio", 0.8) + m.get("random_token_ratio", 0.1) > 1.0 + 1e-9:
         problems.append("masking.mask_token_ratio + masking.random_token_ratio: must add up to at most 1")
     if values["gate"].get("max_embedding_drift") is not None and values["drift"].get("max_sequences", 1) == 0:
         problems.append("gate.max_embedding_drift: needs drift.max_sequences > 0 (drift is not measured at 0)")
     if problems:
-        from_overrides = bool(override_problems) or "override" in origin.values()
-        from_file = file_problems > 0 or any(origin.get(p, "file") == "file" for p in problems
-                                             if p not in override_problems)
-        raise RecipeError(_problem_source(source, from_file, from_overrides), problems)
+        blamed["file"] |= len(problems) > before_checks  # a rule across keys: told against the recipe
+        raise RecipeError(_problem_source(source, blamed["file"], blamed["override"]), problems)
     return Recipe(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
 
 

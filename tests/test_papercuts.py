@@ -39,6 +39,9 @@ def test_1_an_override_typo_is_blamed_on_the_command_line_with_a_suggestion(ws):
     assert "override train.stpes: unknown key (did you mean 'steps'?)" in typo.stderr
     no_section = incr("train-increment", ws.root, "steps=5")
     assert "expected section.key=value (did you mean 'train.steps=5'?)" in no_section.stderr
+    section = incr("train-increment", ws.root, "traim.steps=5")  # a section typo is the command line's too
+    assert "error: command-line overrides: 1 problem" in section.stderr
+    assert "override traim.steps: unknown section 'traim' (did you mean 'train'?)" in section.stderr
     spaced = incr("train-increment", ws.root, "train.steps", "5")
     assert "(did you mean 'train.steps=5'? no space around =)" in spaced.stderr
 
