@@ -76,8 +76,7 @@ def status(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     pending = report["pending"]
     out.log(f"LATEST: {latest}; pending increments: {', '.join(pending) if pending else 'none'}")
     if report["current"] != latest:
-        out.warn(f"{workspace}/current points at {report['current'] or 'nothing'}, not LATEST ({latest}): a move was "
-                 f"interrupted, or the workspace predates the link; `incr promote {workspace} {latest}` sets it")
+        out.warn(stale_link_warning(Path(workspace), report["current"], latest))
     running = WorkspaceLock(Path(workspace), "status").live_holder()
     for state in report["resume_states"]:
         at = "unreadable" if state["step"] is None else f"step {state['step']} of {state['steps']}"
@@ -221,8 +220,8 @@ def current(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
     ws = Workspace.open(workspace)
     version, latest = ws.current_target(), ws.latest()
     if version is None:
-        raise UsageError(f"{ws.current_path}: missing or not a link to a version; `incr promote {shlex.quote(str(ws.root))} "
-                         f"{latest}` sets it")
+        raise UsageError(f"{ws.current_path}: missing or not a link to a version; `incr promote "
+                         f"{shlex.quote(str(ws.root))} {latest}` sets it")
     path = ws.version_dir(version).resolve()
     if json_out:
         Output(json_out).emit_json({"version": version, "path": str(path), "link": str(ws.current_path),
@@ -230,8 +229,13 @@ def current(workspace: WorkspaceArg, json_out: JsonOpt = False) -> None:
         return
     sys.stdout.write(f"{version}\t{path}\n")  # one line, tab-separated: for $(incr current WS | cut -f2)
     if version != latest:
-        Output(False).warn(f"{ws.current_path} points at {version}, not LATEST ({latest}): a move was interrupted; "
-                           f"`incr promote {shlex.quote(str(ws.root))} {latest}` sets it")
+        Output(False).warn(stale_link_warning(ws.root, version, latest))
+
+
+def stale_link_warning(root: Path, current: str | None, latest: str) -> str:
+    """What status and current say when WS/current is not LATEST, with the command that mends it."""
+    return (f"{root}/current points at {current or 'nothing'}, not LATEST ({latest}): a move was interrupted, or "
+            f"the workspace predates the link; `incr promote {shlex.quote(str(root))} {latest}` sets it")
 
 
 def register(app: typer.Typer) -> None:
