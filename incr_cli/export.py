@@ -243,11 +243,11 @@ def model_card(ws: Workspace, version: str, fmt: str) -> str:
     return "\n".join(parts)
 
 
-_FORMATS = {"onnx-fp32": "Exported as fp32 ONNX graphs for serving with ONNX Runtime: `model.onnx` gives "
-                         "fill-mask logits, `encoder.onnx` hidden states and mean-pooled, L2-normalised embeddings.",
-            "int8": "Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU "
-                    "serving: `model.onnx` gives fill-mask logits, `encoder.onnx` hidden states and mean-pooled, "
-                    "L2-normalised embeddings."}
+_GRAPHS = ("`model.onnx` gives fill-mask logits, `encoder.onnx` hidden states and mean-pooled, L2-normalised "
+           "embeddings.")
+_FORMATS = {"onnx-fp32": f"Exported as fp32 ONNX graphs for serving with ONNX Runtime: {_GRAPHS}",
+            "int8": f"Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU serving: "
+                    f"{_GRAPHS}"}
 _HF_USE = ("```python\nfrom transformers import pipeline\n\nfill = pipeline(\"fill-mask\", "
            "model=\"PATH/TO/THIS/FOLDER\")\n```\n")
 _ONNX_USE = """```python
