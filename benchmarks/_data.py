@@ -78,8 +78,8 @@ def model_choice(*, quick: bool, gpu: bool, cpu_shape: Any, gpu_shape: Any) -> d
     init otherwise; the speed is the same). GPU: the BERT-base shape, random init (no download).
     quick: a 2-layer, hidden-32 model on incr's tiny scratch vocabulary.
     """
-    from incr_cli.flops import ModelShape
-    from incr_cli.models import scratch_tokenizer
+    from incr_cli.model.weights import scratch_tokenizer
+    from incr_cli.runtime.flops import ModelShape
 
     folder = minilm_path()
     if quick:
@@ -96,7 +96,7 @@ def model_choice(*, quick: bool, gpu: bool, cpu_shape: Any, gpu_shape: Any) -> d
 def load_tokenizer(choice: str) -> Any:
     """"scratch" -> incr's tiny WordPiece tokenizer; else a folder with a Hugging Face tokenizer."""
     if choice == "scratch":
-        from incr_cli.models import scratch_tokenizer
+        from incr_cli.model.weights import scratch_tokenizer
 
         return scratch_tokenizer()
     from transformers import AutoTokenizer

@@ -1,6 +1,6 @@
 """Configurations (b) and (c): incr's own training step on the same packed rows.
 
-The run is assembled exactly as ``incr_cli.train._train`` assembles it (``build_run`` with the
+The run is assembled exactly as ``incr_cli.line.increment._train`` assembles it (``build_run`` with the
 recipe, the tokenizer's special ids, a one-process ``DistContext``) and stepped with the real
 ``train_step``, with the same per-step loss check the CLI uses on that device. What is skipped is
 what happens around the loop: loading a version from disk, the before/after evaluation, and
@@ -29,14 +29,15 @@ def incr_overrides(spec: dict[str, Any], total_steps: int) -> list[str]:
 def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
     from _worker import build_model, load_tokenizer
 
-    from incr_cli import device as devices
-    from incr_cli import distributed
-    from incr_cli.data import IncrementShards, split_batch_size
-    from incr_cli.evaluate import tokenizer_inputs
-    from incr_cli.plan import IncrementPlan
-    from incr_cli.recipe import build_recipe
-    from incr_cli.reporting import Quiet
-    from incr_cli.step import TrainState, build_run, train_step
+    from incr_cli.config.recipe import build_recipe
+    from incr_cli.data.shards import IncrementShards, split_batch_size
+    from incr_cli.methods import loss_terms
+    from incr_cli.progress import Quiet
+    from incr_cli.runtime import device as devices
+    from incr_cli.runtime import distributed
+    from incr_cli.training.masking import tokenizer_inputs
+    from incr_cli.training.plan import IncrementPlan
+    from incr_cli.training.step import TrainState, build_run, train_step
 
     recipe = build_recipe({}, "bench", incr_overrides(spec, driver.total_steps))
     tokenizer = load_tokenizer(spec)
@@ -59,7 +60,8 @@ def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
     devices.configure_threads(recipe.runtime.num_threads)
     torch.manual_seed(recipe.train.seed * 7919)
     run, trainable = build_run(model, tokenizer_inputs(tokenizer, recipe), [new], [replay] if n_replay else [],
-                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=Quiet())
+                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=Quiet(),
+                               terms=loss_terms(recipe, plan))
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     check_loss = device.type == "cpu"  # as the CLI's loop does
     driver.start(n_new=n_new, n_replay=n_replay, teacher=run.teacher is not None, trainable=trainable,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from incr_cli.flops import matmul_rate
+from incr_cli.runtime.flops import matmul_rate
 
 
 def machine_rates(*, device: str, quick: bool, native_bf16: bool) -> dict[str, dict[str, float]]:

@@ -10,7 +10,7 @@ it with the default strategy (distillation + replay from all k). Reported per k:
 - the whole increment (wall seconds), which also scores the gate's sample of the lineage after
   training (bounded by ``eval.gate_sequences``; "before" comes from v0001's recorded scores);
   ``bench_history.py`` measures that part alone, up to 100 earlier increments;
-- eval of one version row over all k + 1 increments (``incr_cli.evaluate.evaluate``, no cache),
+- eval of one version row over all k + 1 increments (``incr_cli.scoring.evaluate.evaluate``, no cache),
   and that per cell.
 """
 
@@ -41,7 +41,7 @@ def _write(path: Path, lines: list[str]) -> str:
 
 
 def _sampler_ms(ws: Any, plan: Any, recipe: Any, batches: int = 200) -> float:
-    from incr_cli.data import BatchSampler, open_increment
+    from incr_cli.data.shards import BatchSampler, open_increment
 
     new = [open_increment(ws, d, verify=False) for d in plan.new]
     replay = [open_increment(ws, d, verify=False) for d in plan.replay]
@@ -55,11 +55,11 @@ def _sampler_ms(ws: Any, plan: Any, recipe: Any, batches: int = 200) -> float:
 
 def build_history(root: Path, k: int, *, threads: int, steps: int) -> Any:
     """A workspace whose LATEST (v0001) learned k earlier increments, with the fixed new increment pending."""
-    from incr_cli.ingest import ingest
-    from incr_cli.models import init_workspace
-    from incr_cli.recipe import build_recipe
-    from incr_cli.train import train_increment
-    from incr_cli.workspace import Workspace
+    from incr_cli.config.recipe import build_recipe
+    from incr_cli.data.ingest import ingest
+    from incr_cli.line.increment import train_increment
+    from incr_cli.model.weights import init_workspace
+    from incr_cli.store.workspace import Workspace
 
     recipe = build_recipe({}, "bench-scaling", _overrides(threads, steps))
     init_workspace(root, "scratch:tiny", recipe)
@@ -77,11 +77,11 @@ def build_history(root: Path, k: int, *, threads: int, steps: int) -> Any:
 
 def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> dict[str, Any]:
     """Train the pending increment in a fresh copy of ``pristine``, then score the new version's row."""
-    from incr_cli.evaluate import evaluate
-    from incr_cli.plan import plan_increment
-    from incr_cli.recipe import build_recipe
-    from incr_cli.train import train_increment
-    from incr_cli.workspace import Workspace
+    from incr_cli.config.recipe import build_recipe
+    from incr_cli.line.increment import train_increment
+    from incr_cli.methods import plan_increment
+    from incr_cli.scoring.evaluate import evaluate
+    from incr_cli.store.workspace import Workspace
 
     ws = Workspace(pristine).copy_to(copy)
     recipe = build_recipe({}, "bench-scaling", _overrides(threads, steps))
@@ -111,7 +111,7 @@ def run(*, say: Any, threads: int = 1, histories: tuple[int, ...] = (1, 5, 20), 
     default: the tiny model gains nothing from more, and with other load on the machine thread
     synchronisation, not bookkeeping, would dominate its timings.
     """
-    from incr_cli.device import configure_threads
+    from incr_cli.runtime.device import configure_threads
 
     configure_threads(threads)
     runs: dict[int, list[dict[str, Any]]] = {k: [] for k in histories}

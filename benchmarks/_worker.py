@@ -144,7 +144,7 @@ def build_model(spec: dict[str, Any]) -> Any:
     """BertForMaskedLM with SDPA attention: the given shape, weights from ``spec["weights"]`` when set."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from incr_cli.models import quiet_transformers
+    from incr_cli.model.weights import quiet_transformers
 
     shape = spec["model"]
     if spec.get("weights"):

@@ -61,7 +61,7 @@ def _write_task(ws: Any, path: Path, rows: int = TASK_ROWS) -> Path:
 
 def _write_increment(ws: Any, name: str, seed: int) -> str:
     """An increment as ingest writes it (train.bin, heldout.bin, sealed manifest), from random ids."""
-    from incr_cli.workspace import base_manifest, seal_folder
+    from incr_cli.store.workspace import base_manifest, seal_folder
 
     rng = np.random.default_rng(seed)
     train = rng.integers(10, 2900, size=(TRAIN_ROWS, SEQ_LEN)).astype(np.uint16)
@@ -84,7 +84,7 @@ class _LoopClock:
     machine, CPU time is far steadier than wall time, since waiting for a core is not counted."""
 
     def __init__(self) -> None:
-        import incr_cli.train as train
+        import incr_cli.line.increment as train
 
         self.module, self.original, self.cpu = train, train.train_step, 0.0
 
@@ -107,7 +107,7 @@ class _CountScores:
     """Counts score_sequences calls per (weights fingerprint, increment) while installed."""
 
     def __init__(self) -> None:
-        import incr_cli.evaluate as evaluate
+        import incr_cli.scoring.evaluate as evaluate
 
         self.module, self.original, self.calls = evaluate, evaluate.score_sequences, Counter()
 
@@ -126,10 +126,10 @@ class _CountScores:
 
 
 def measure(root: Path, k: int, steps: int, repeats: int) -> dict[str, Any]:
-    from incr_cli.models import init_workspace
-    from incr_cli.recipe import load_recipe
-    from incr_cli.train import train_increment
-    from incr_cli.workspace import Workspace
+    from incr_cli.config.recipe import load_recipe
+    from incr_cli.line.increment import train_increment
+    from incr_cli.model.weights import init_workspace
+    from incr_cli.store.workspace import Workspace
 
     init_workspace(root, "scratch:tiny", load_recipe(None, _overrides(steps)))
     ws = Workspace.open(root)

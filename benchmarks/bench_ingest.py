@@ -5,7 +5,7 @@
 The text is samples/*.txt repeated to about ``--mb`` MB, each repeat's lines prefixed with its number
 so that dedup keeps them all. "raw" is ``tokenizer(batch, add_special_tokens=False)["input_ids"]`` over
 the lines already in memory, batches of 1000: the floor any ingest pays. "ingest" is the whole
-``incr_cli.ingest.ingest`` call (read, clean, dedup in SQLite, spool, tokenize, pack, write, fsync).
+``incr_cli.data.ingest.ingest`` call (read, clean, dedup in SQLite, spool, tokenize, pack, write, fsync).
 Prints a table and writes bench-results/ingest.json.
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from incr_cli.ingest import BATCH_DOCS, ingest  # noqa: E402
-from incr_cli.models import init_workspace, scratch_tokenizer  # noqa: E402
-from incr_cli.recipe import load_recipe  # noqa: E402
-from incr_cli.reporting import Quiet  # noqa: E402
-from incr_cli.workspace import Workspace  # noqa: E402
+from incr_cli.config.recipe import load_recipe  # noqa: E402
+from incr_cli.data.ingest import BATCH_DOCS, ingest  # noqa: E402
+from incr_cli.model.weights import init_workspace, scratch_tokenizer  # noqa: E402
+from incr_cli.progress import Quiet  # noqa: E402
+from incr_cli.store.workspace import Workspace  # noqa: E402
 
 
 def load_tokenizer(choice: str) -> tuple[object, str]:

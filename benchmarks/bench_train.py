@@ -43,8 +43,8 @@ import _data  # noqa: E402
 import _report  # noqa: E402
 from _rates import best_rates, machine_rates  # noqa: E402
 
-from incr_cli.device import cpu_has_bf16_matmul  # noqa: E402
-from incr_cli.flops import FORMULA, ModelShape, known_gpu_peak, step_flops  # noqa: E402
+from incr_cli.runtime.device import cpu_has_bf16_matmul  # noqa: E402
+from incr_cli.runtime.flops import FORMULA, ModelShape, known_gpu_peak, step_flops  # noqa: E402
 
 PREFIX = "@@bench "
 LABELS = {"a": "HF Trainer", "b": "incr MLM", "c": "incr KD+replay"}
@@ -197,7 +197,7 @@ def run_group(args: argparse.Namespace, precision: str, seq: int, data: dict[str
 def summarise_group(args: argparse.Namespace, precision: str, seq: int, raw: dict[str, Any], data: dict[str, Any],
                     shape: ModelShape, peak: float | None) -> dict[str, Any]:
     """Medians, ratios (paired per round), FLOPs and MFU of one group; matmul_fraction is filled in later."""
-    from incr_cli.recipe import MaskingConfig
+    from incr_cli.config.recipe import MaskingConfig
 
     batch = batch_for(args, seq)
     tokens = batch * seq

@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from make_zh_base import write_zh_base  # noqa: E402
 
-from incr_cli.ingest import ingest  # noqa: E402
-from incr_cli.models import init_workspace  # noqa: E402
-from incr_cli.recipe import load_recipe  # noqa: E402
-from incr_cli.train import train_increment  # noqa: E402
-from incr_cli.workspace import Workspace  # noqa: E402
+from incr_cli.config.recipe import load_recipe  # noqa: E402
+from incr_cli.data.ingest import ingest  # noqa: E402
+from incr_cli.line.increment import train_increment  # noqa: E402
+from incr_cli.model.weights import init_workspace  # noqa: E402
+from incr_cli.store.workspace import Workspace  # noqa: E402
 
 
 def _line(root: Path, base: Path, segmented: bool) -> Workspace:

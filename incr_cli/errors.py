@@ -9,7 +9,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-# Exit codes (documented in `incr --help` and the README).
+# Exit codes (documented in `incr --help` and docs/commands.md).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # unexpected failure, non-finite loss, out of memory
 EXIT_USAGE = 2  # bad usage, recipe, input, or integrity problem

@@ -11,7 +11,7 @@ MiniLM-L6 with recipes/experiment-minilm.yaml (``--recipe``: another one, e.g. t
 2. per candidate, in its own copy: one increment on B with ``--steps`` steps (the same budget for
    every candidate) and the candidate's recipe overrides; ``joint`` retrains A and B from v0000 with
    2 x ``--steps``;
-3. A's and B's held-out perplexity after the increment (``incr_cli.evaluate``, the first
+3. A's and B's held-out perplexity after the increment (``incr_cli.scoring.evaluate``, the first
    ``eval.max_sequences`` held-out sequences, seeded masks; one cache shared by the copies).
 
 The table gives, per candidate and shift: B's perplexity and its ratio to naive's (target <= 1.10),
@@ -35,12 +35,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import experiment as exp  # noqa: E402
 
-from incr_cli.evaluate import evaluate  # noqa: E402
-from incr_cli.models import init_workspace  # noqa: E402
-from incr_cli.plan import plan_increment  # noqa: E402
-from incr_cli.recipe import load_recipe  # noqa: E402
-from incr_cli.strategy import get_strategy, rows_count, teacher_rows  # noqa: E402
-from incr_cli.workspace import Workspace, finite_json  # noqa: E402
+from incr_cli.config.recipe import load_recipe  # noqa: E402
+from incr_cli.methods import (
+    get_strategy,
+    plan_increment,  # noqa: E402
+)
+from incr_cli.model.weights import init_workspace  # noqa: E402
+from incr_cli.scoring.evaluate import evaluate  # noqa: E402
+from incr_cli.store.files import finite_json  # noqa: E402
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.terms import rows_count, teacher_rows  # noqa: E402
 
 REPO = exp.REPO
 FILES = {name: file for name, file in exp.DOMAINS}

@@ -19,7 +19,7 @@ The teacher is the demo line's v0001 as ``scripts/demo.sh`` trains it (MiniLM-L6
 samples/austen.txt, ``--teacher-steps`` steps). Each line is scored on the teacher's held-out
 Austen split (``incr compress`` records it) and on the downstream task in samples/tasks (``incr
 probe``: a logistic-regression probe on frozen mean-pooled embeddings, 5 grouped folds). Numbers are
-written as measured; ``--json`` keeps them for ``scripts/readme_tables.py``.
+written as measured; ``--json`` keeps them for ``scripts/doc_tables.py``.
 """
 
 from __future__ import annotations

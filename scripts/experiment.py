@@ -12,8 +12,8 @@ recipes/experiment-minilm.yaml. Protocol, the same for every strategy:
 2. per strategy: train pydocs (v0002), ingest fortunes, train fortunes (v0003), ``train.steps``
    steps per increment; joint retrains all k domains from v0000 with k x steps (the same steps
    per domain of data as the sequential lineage has had: its cost grows with the stream).
-3. score every version on every domain with ``incr_cli.evaluate`` (one eval cache shared by the
-   copies, so the shared versions are scored once), summarise with ``incr_cli.metrics.summarize``,
+3. score every version on every domain with ``incr_cli.scoring.evaluate`` (one eval cache shared by the
+   copies, so the shared versions are scored once), summarise with ``incr_cli.scoring.continual.summarize``,
    write OUT/experiment.md (tables), OUT/experiment.png (plot) and OUT/experiment.json (everything).
 
 4. ``--seeds K`` (3, the documented setting) repeats 1-3 with ``train.seed`` = 0 .. K-1 (sampling,
@@ -44,13 +44,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _experiment_report as report  # noqa: E402
 
-from incr_cli.evaluate import evaluate  # noqa: E402
-from incr_cli.ingest import ingest  # noqa: E402
-from incr_cli.metrics import summarize  # noqa: E402
-from incr_cli.models import init_workspace  # noqa: E402
-from incr_cli.recipe import Recipe, load_recipe, recipe_to_dict  # noqa: E402
-from incr_cli.train import train_increment  # noqa: E402
-from incr_cli.workspace import Workspace, finite_json  # noqa: E402
+from incr_cli.config.recipe import Recipe, load_recipe, recipe_to_dict  # noqa: E402
+from incr_cli.data.ingest import ingest  # noqa: E402
+from incr_cli.line.increment import train_increment  # noqa: E402
+from incr_cli.model.weights import init_workspace  # noqa: E402
+from incr_cli.scoring.continual import summarize  # noqa: E402
+from incr_cli.scoring.evaluate import evaluate  # noqa: E402
+from incr_cli.store.files import finite_json  # noqa: E402
+from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "experiment-minilm.yaml"
@@ -83,7 +84,7 @@ class Log:
         pass
 
     def progress(self, description: str, total: float | None, unit: str = "") -> Any:
-        from incr_cli.reporting import Quiet
+        from incr_cli.progress import Quiet
 
         return Quiet().progress(description, total, unit)
 

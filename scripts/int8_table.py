@@ -26,16 +26,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from readme_tables import int8_table  # scripts/ is on sys.path when this runs as a script
+from doc_tables import int8_table  # scripts/ is on sys.path when this runs as a script
 from torch import nn
 
-from incr_cli.embed import embed_ids, embedding_drift
-from incr_cli.evaluate import read_heldout, score_increment
-from incr_cli.export import ENCODER_GRAPH, FILL_MASK_GRAPH, export_version
-from incr_cli.heads import MaskedLMHead
-from incr_cli.models import load_version
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.line.export import ENCODER_GRAPH, FILL_MASK_GRAPH, export_version
+from incr_cli.model.heads import MaskedLMHead
+from incr_cli.model.weights import load_version
+from incr_cli.scoring.embed import embed_ids, embedding_drift
+from incr_cli.scoring.score import read_heldout, score_increment
+from incr_cli.store.workspace import Workspace
 
 ROUNDS = 3
 
@@ -128,7 +128,7 @@ def main() -> None:
         args.json.write_text(json.dumps(m, indent=2) + "\n", encoding="utf-8")
     print(f"{m['version']} of {m['workspace']}: {m['rows']} held-out rows x {m['seq_len']} tokens "
           f"({m['tokens']:,} non-padding) of {', '.join(m['increments'])}\n")
-    print(int8_table(m))  # README's table, as scripts/readme_tables.py renders it from the JSON
+    print(int8_table(m))  # README's table, as scripts/doc_tables.py renders it from the JSON
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from incr_cli import models
-from incr_cli import tasks as T
-from incr_cli.embed import embed_texts
-from incr_cli.recipe import TaskConfig, build_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import TaskConfig, build_recipe
+from incr_cli.model import weights as models
+from incr_cli.scoring import tasks as T
+from incr_cli.scoring.embed import embed_texts
+from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "samples" / "tasks" / "pydocs-sections.jsonl"

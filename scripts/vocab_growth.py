@@ -2,7 +2,7 @@
 second increment once with the line's tokenizer and once with ``--extend-vocab N``, at the same step
 budget. A v0002 the gate rejects (exit 3: the recipe's task gate, say) is measured like a promoted
 one: the tables say which were promoted. Prints README's markdown tables and writes OUT/results.json (commit it as
-results/vocab-growth.json: scripts/readme_tables.py renders the README's tables from it).
+results/vocab-growth.json: scripts/doc_tables.py renders the README's tables from it).
 
     .venv/bin/python scripts/vocab_growth.py OUT [--words 200] [--steps1 80] [--steps2 50] [key=value ...]
 
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from readme_tables import vocab_table  # scripts/ is on sys.path when this runs as a script
+from doc_tables import vocab_table  # scripts/ is on sys.path when this runs as a script
 
 REPO = Path(__file__).resolve().parent.parent
 INCR = [sys.executable, "-m", "incr_cli"]
@@ -95,7 +95,7 @@ def main() -> None:
               "fill": {"plain": fill(plain / "checkpoints" / "v0002"), "grown": fill(grown / "checkpoints" / "v0002")},
               "seconds": round(time.time() - started, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(vocab_table(result))  # README's tables, as scripts/readme_tables.py renders them from the JSON
+    print(vocab_table(result))  # README's tables, as scripts/doc_tables.py renders them from the JSON
 
 
 if __name__ == "__main__":

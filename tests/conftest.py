@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from incr_cli.recipe import Recipe, load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import Recipe, load_recipe
+from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "cpu-tiny.yaml"
@@ -20,7 +20,7 @@ TINY_RECIPE = REPO / "recipes" / "cpu-tiny.yaml"
 def _cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """`runtime.precision: auto` resolves as on a CPU without bf16 matrix units in every test, so no
     test's result depends on this machine's CPU; tests/test_precision.py stubs both answers."""
-    from incr_cli import device
+    from incr_cli.runtime import device
 
     monkeypatch.setattr(device, "cpu_has_bf16_matmul", lambda: False)
 
@@ -51,7 +51,7 @@ def samples_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def _tiny_workspace_template(tmp_path_factory: pytest.TempPathFactory, tiny_recipe: Recipe) -> Path:
-    from incr_cli.models import init_workspace
+    from incr_cli.model.weights import init_workspace
 
     root = tmp_path_factory.mktemp("template") / "ws"
     init_workspace(root, "scratch:tiny", tiny_recipe)
@@ -70,7 +70,7 @@ def write_tiny_model_dir(folder: Path, *, with_head: bool = True, pickle: bool =
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
-    from incr_cli.models import scratch_tokenizer
+    from incr_cli.model.weights import scratch_tokenizer
 
     tokenizer = scratch_tokenizer()
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

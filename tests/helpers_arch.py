@@ -52,7 +52,7 @@ def tokenizer_for(family: str) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from incr_cli.models import scratch_tokenizer
+    from incr_cli.model.weights import scratch_tokenizer
 
     if family in WORDPIECE:
         return scratch_tokenizer()

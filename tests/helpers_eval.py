@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from incr_cli.models import load_version, save_version, tokenizer_sha256
-from incr_cli.recipe import build_recipe, recipe_to_dict
-from incr_cli.workspace import Workspace, base_manifest, seal_folder
+from incr_cli.config.recipe import build_recipe, recipe_to_dict
+from incr_cli.model.weights import load_version, save_version, tokenizer_sha256
+from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -101,7 +101,7 @@ def eval_recipe(tiny_recipe):
 
 @pytest.fixture(scope="session")
 def _three_template(tmp_path_factory, eval_recipe) -> tuple[Path, list[str]]:
-    from incr_cli.models import init_workspace
+    from incr_cli.model.weights import init_workspace
 
     root = tmp_path_factory.mktemp("eval-template") / "ws"
     init_workspace(root, "scratch:tiny", eval_recipe)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from incr_cli import readers
-from incr_cli.readers import MAX_JSON_DEPTH
+from incr_cli.data import readers
+from incr_cli.data.readers import MAX_JSON_DEPTH
 
 LONG = os.environ.get("INCR_FUZZ", "") == "long"
 SCALE = int(os.environ.get("INCR_FUZZ_SCALE", "50" if LONG else "1"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
 
 INCR = [sys.executable, "-m", "incr_cli"]

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from incr_cli import faults
-from incr_cli.workspace import Workspace, base_manifest, seal_folder
+from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -83,8 +83,8 @@ _TEMPLATES: dict[str, Path] = {}
 
 
 def _ingest(ws: Workspace, path: Path, name: str) -> str:
-    from incr_cli.ingest import ingest
-    from incr_cli.recipe import load_recipe
+    from incr_cli.config.recipe import load_recipe
+    from incr_cli.data.ingest import ingest
 
     with ws.lock("ingest"):
         result = ingest(ws, [str(path)], name=name, recipe=load_recipe(ws.recipe_path))
@@ -102,9 +102,9 @@ def template(tmp_path_factory, kind: str) -> Path:
     """
     if kind in _TEMPLATES:
         return _TEMPLATES[kind]
-    from incr_cli.models import init_workspace
-    from incr_cli.recipe import load_recipe
-    from incr_cli.train import train_increment
+    from incr_cli.config.recipe import load_recipe
+    from incr_cli.line.increment import train_increment
+    from incr_cli.model.weights import init_workspace
 
     root = tmp_path_factory.mktemp(f"train-{kind}") / "ws"
     texts = root.parent / "texts"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from incr_cli import readers
-from incr_cli.workspace import Workspace
+from incr_cli.data import readers
+from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_one_error_line, cli
 from tests.helpers_train import SAMPLES, copy_workspace, template
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_train  # noqa: E402
 
-from incr_cli import flops as _flops  # noqa: E402
+from incr_cli.runtime import flops as _flops  # noqa: E402
 
 TINY = _flops.ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from incr_cli.workspace import RESUME_POINTER, Workspace
+from incr_cli.store.workspace import RESUME_POINTER, Workspace
 from tests.helpers_reliability import (
     LONG,
     assert_only_complete_versions,

@@ -9,9 +9,9 @@ import helpers_eval
 from helpers_eval import add_version, lines, tree_state
 from typer.testing import CliRunner
 
-from incr_cli import eval_report
 from incr_cli.cli.app import app
-from incr_cli.evaluate import evaluate
+from incr_cli.scoring import render as eval_report
+from incr_cli.scoring.evaluate import evaluate
 
 eval_recipe, _three_template, three = helpers_eval.eval_recipe, helpers_eval._three_template, helpers_eval.three
 runner = CliRunner()

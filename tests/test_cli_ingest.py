@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from incr_cli.cli.app import app
 from incr_cli.cli.ingest_cmd import split_overrides
 from incr_cli.errors import EXIT_LOCKED, EXIT_USAGE
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()

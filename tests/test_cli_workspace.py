@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.cli.workspace_cmd import workspace_status
-from incr_cli.workspace import Workspace, base_manifest, seal_folder
+from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 REPO = Path(__file__).resolve().parent.parent
 

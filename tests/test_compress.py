@@ -10,8 +10,8 @@ from helpers_train import tiny_model
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.compress import build_student, layer_map
-from incr_cli.workspace import Workspace
+from incr_cli.methods.compress import build_student, layer_map
+from incr_cli.store.workspace import Workspace
 
 runner = CliRunner()
 

@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.coverage import Coverage
-from incr_cli.evaluate import tokenizer_inputs
-from incr_cli.ingest import tokenize_with_offsets
-from incr_cli.models import init_workspace, load_tokenizer, scratch_tokenizer
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.data.coverage import Coverage
+from incr_cli.data.packing import tokenize_with_offsets
+from incr_cli.model.weights import init_workspace, load_tokenizer, scratch_tokenizer
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.masking import tokenizer_inputs
 from tests.helpers_train import REPO, SAMPLES, reset_faults, write_increment
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from incr_cli.data import BatchSampler, open_increment, split_batch_size
+from incr_cli.data.shards import BatchSampler, open_increment, split_batch_size
 from incr_cli.errors import InputError, IntegrityError
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 from tests.helpers_train import row_ids, tagged_rows, write_increment
 
 T = 16

@@ -15,14 +15,14 @@ import time
 import psutil
 import pytest
 
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_only_complete_versions, leftovers, wait_for
 from tests.helpers_train import REPO, assert_same_weights, copy_workspace, template, weights
 
 # Long enough that a fault sent after the first periodic state lands inside the loop.
 DDP_ARGS = ["train.steps=24", "runtime.save_every=2", "eval.max_sequences=8", "runtime.num_threads=1"]
 BOUND = 180  # seconds any faulted run may take to end (the point: it ends; a generous bound, not a speed)
-SURVIVOR_LINES = (  # what the surviving rank says when another died (README's fault table)
+SURVIVOR_LINES = (  # what the surviving rank says when another died (docs/reliability.md's fault table)
     r"error: rank 0 of 2: the connection to another rank broke during .+; a rank died, hung or was stopped; "
     r"nothing was promoted: rerun the same command to resume from the last saved state",
     r"error: interrupted by SIGTERM after step \d+ of 24; state saved in .+: run the same command to resume",

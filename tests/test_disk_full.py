@@ -16,11 +16,12 @@ import json
 
 import pytest
 
-from incr_cli import diskspace, models
-from incr_cli import ingest as ingest_module
-from incr_cli.checkpointing import ResumeStore
+from incr_cli.data import ingest as ingest_module
 from incr_cli.errors import DiskFull
-from incr_cli.workspace import Workspace
+from incr_cli.model import weights as models
+from incr_cli.store import diskspace
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.checkpointing import ResumeStore
 from tests.helpers_reliability import (
     ARGS,
     FAST,
@@ -259,7 +260,7 @@ def test_init_on_a_full_disk_refuses_before_writing_and_leaves_no_workspace(disk
 
 
 def test_a_history_record_on_a_full_disk_is_named_and_leaves_the_file_as_it_was(disk):
-    from incr_cli.workspace import append_line, read_lines
+    from incr_cli.store.files import append_line, read_lines
 
     path = disk.root / "history.jsonl"
     append_line(path, {"to": "v0001"})

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.embed import embedding_drift
+from incr_cli.scoring.embed import embedding_drift
 
 runner = CliRunner()
 LINES = ["Elizabeth walked to the house.", "The function returns a value.",

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from helpers_eval import add_version, lines, tree_state
 
-from incr_cli import evaluate as ev
-from incr_cli import models
+from incr_cli.config.recipe import build_recipe, recipe_to_dict
 from incr_cli.errors import IntegrityError, UsageError
-from incr_cli.eval_report import summary_table
-from incr_cli.heads import MaskedLMHead
-from incr_cli.recipe import build_recipe, recipe_to_dict
+from incr_cli.model import weights as models
+from incr_cli.model.heads import MaskedLMHead
+from incr_cli.scoring import evaluate as ev
+from incr_cli.scoring import score
+from incr_cli.scoring.render import summary_table
 
 # Shared fixtures of the eval tests (a three-version workspace built once per session).
 eval_recipe, _three_template, three = helpers_eval.eval_recipe, helpers_eval._three_template, helpers_eval.three
@@ -45,9 +46,9 @@ def test_masks_depend_on_the_key_only(three, eval_recipe):
     ids = torch.from_numpy(ev.read_heldout(ws, d1).astype(np.int64))
     _, inputs = _head_and_inputs(ws, "v0000", eval_recipe)
     kwargs = {k: inputs[k] for k in ("special_ids", "mask_token_id", "vocab_size")}
-    a = ev.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
-    b = ev.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
-    c = ev.eval_masks(ids, key=d2, recipe=eval_recipe, **kwargs)
+    a = score.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
+    b = score.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
+    c = score.eval_masks(ids, key=d2, recipe=eval_recipe, **kwargs)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     assert a[1].any(dim=1).all()  # every row with text is scored
@@ -62,7 +63,7 @@ def test_score_equals_the_full_model_cross_entropy(three, eval_recipe):
     got = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", **inputs)
 
     rows = torch.from_numpy(np.asarray(ids[: eval_recipe.eval.max_sequences]).astype(np.int64))
-    masked, positions = ev.eval_masks(rows, key=d1, recipe=eval_recipe, special_ids=inputs["special_ids"],
+    masked, positions = score.eval_masks(rows, key=d1, recipe=eval_recipe, special_ids=inputs["special_ids"],
                                       mask_token_id=inputs["mask_token_id"], vocab_size=inputs["vocab_size"])
     with torch.no_grad():
         logits = head.model(input_ids=masked, attention_mask=rows != inputs["pad_id"]).logits[positions]
@@ -107,7 +108,7 @@ def test_bf16_autocast_path_runs_and_stays_close(three, eval_recipe):
     ws, (d1, _) = three
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     ids = ev.read_heldout(ws, d1)
-    fp32 = ev.score_increment(head, ws, d1, eval_recipe, models.load_tokenizer(ws, "v0001"), "cpu", "fp32")
+    fp32 = score.score_increment(head, ws, d1, eval_recipe, models.load_tokenizer(ws, "v0001"), "cpu", "fp32")
     bf16 = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="bf16", **inputs)
     assert bf16["tokens"] == fp32["tokens"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
@@ -255,8 +256,8 @@ def test_save_result_keeps_a_copy_and_writes_out(three, eval_recipe, tmp_path):
 
 def test_eval_agrees_with_train_increment_before_and_after(tiny_workspace, eval_recipe, tmp_path):
     """The scores train-increment records (through score_sequences) are the matrix cells of incr eval."""
-    from incr_cli.ingest import ingest
-    from incr_cli.train import train_increment
+    from incr_cli.data.ingest import ingest
+    from incr_cli.line.increment import train_increment
 
     ws = tiny_workspace
     recipe = _recipe(eval_recipe, train__steps=2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

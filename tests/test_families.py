@@ -15,12 +15,12 @@ from helpers_arch import FAMILIES, write_family_dir
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.evaluate import evaluate
-from incr_cli.heads import head_kind
-from incr_cli.models import init_workspace
-from incr_cli.recipe import load_recipe
-from incr_cli.train import train_increment
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.line.increment import train_increment
+from incr_cli.model.heads import head_kind
+from incr_cli.model.weights import init_workspace
+from incr_cli.scoring.evaluate import evaluate
+from incr_cli.store.workspace import Workspace
 from tests.helpers_train import (
     REPO,
     _ingest,
@@ -100,7 +100,7 @@ def test_a_non_bert_family_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 def test_deberta_and_mpnet_fall_back_to_eager_attention(tmp_path):
     """They have no sdpa kernel: `auto` picks eager, an explicit sdpa falls back with one log line."""
-    from incr_cli.reporting import Quiet
+    from incr_cli.progress import Quiet
 
     for family in ("deberta-v2", "mpnet"):
         base = write_family_dir(tmp_path / family, family)

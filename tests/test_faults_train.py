@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from incr_cli.checkpointing import ResumeStore
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.checkpointing import ResumeStore
 from tests.helpers_reliability import (
     ARGS,
     LONG,

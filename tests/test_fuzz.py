@@ -23,11 +23,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from incr_cli import readers
-from incr_cli.errors import IntegrityError, RecipeError
-from incr_cli.ingest import DOC_HASHES, clean_text, doc_hash
-from incr_cli.readers import ReadState, SourceFile, Tally
-from incr_cli.recipe import (
+from incr_cli.config.recipe import (
     MAX_RECIPE_BYTES,
     MAX_YAML_DEPTH,
     MAX_YAML_VALUES,
@@ -36,7 +32,13 @@ from incr_cli.recipe import (
     load_recipe,
     recipe_to_dict,
 )
-from incr_cli.workspace import MANIFEST, Workspace, read_manifest
+from incr_cli.data import readers
+from incr_cli.data.clean import clean_text
+from incr_cli.data.dedup import DOC_HASHES, doc_hash
+from incr_cli.data.readers import ReadState, SourceFile, Tally
+from incr_cli.errors import IntegrityError, RecipeError
+from incr_cli.store.files import MANIFEST, read_manifest
+from incr_cli.store.workspace import Workspace
 from tests.helpers_fuzz import (
     JSON_LINE_LIMIT,
     TEXT,
@@ -233,7 +235,7 @@ def _valid_value(cls: type, name: str):
     import dataclasses
     import typing
 
-    from incr_cli.recipe import _choices, _unwrap_optional
+    from incr_cli.config.recipe import _choices, _unwrap_optional
 
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     inner, optional = _unwrap_optional(typing.get_type_hints(cls)[name])
@@ -283,7 +285,7 @@ def test_every_valid_setting_is_taken_as_written(tmp_path_factory, settings, as_
         result = _load(tmp, yaml.safe_dump(nested))
     assert isinstance(result, Recipe), str(result)
     resolved = recipe_to_dict(result)
-    from incr_cli.recipe import preset_settings
+    from incr_cli.config.recipe import preset_settings
 
     fixed = preset_settings(result)
     for key, value in settings.items():

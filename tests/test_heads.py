@@ -16,10 +16,10 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
-from incr_cli.heads import MaskedLMHead
-from incr_cli.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
-from incr_cli.masking import mask_batch
-from incr_cli.recipe import MaskingConfig
+from incr_cli.config.recipe import MaskingConfig
+from incr_cli.model.heads import MaskedLMHead
+from incr_cli.training.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
+from incr_cli.training.masking import mask_batch
 
 VOCAB = 99
 SPECIAL = torch.tensor([0, 1, 2, 3, 4])  # pad, unk/bos, cls, sep/eos, mask

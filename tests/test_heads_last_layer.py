@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-from incr_cli.heads import MaskedLMHead
-from incr_cli.losses import kd_loss_sum, mlm_loss_sum
+from incr_cli.model.heads import MaskedLMHead
+from incr_cli.training.losses import kd_loss_sum, mlm_loss_sum
 
 VOCAB = 99
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from incr_cli.evaluate import gate_sample
-from incr_cli.recipe import load_recipe
+from incr_cli.config.recipe import load_recipe
+from incr_cli.scoring.gate import gate_sample
 from tests.helpers_reliability import cli
 from tests.helpers_train import tagged_rows, write_increment
 

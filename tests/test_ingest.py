@@ -14,21 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from incr_cli import ingest as ingest_mod
-from incr_cli import readers
+from incr_cli.config.recipe import Recipe, build_recipe
+from incr_cli.data import ingest as ingest_mod
+from incr_cli.data import readers
+from incr_cli.data.clean import clean_text
+from incr_cli.data.dedup import doc_hash, hash_unit, heldout_cutoff
+from incr_cli.data.ingest import ingest
+from incr_cli.data.packing import PackedWriter, tokenize_batch
 from incr_cli.errors import InputError, UsageError
-from incr_cli.ingest import (
-    PackedWriter,
-    clean_text,
-    doc_hash,
-    hash_unit,
-    heldout_cutoff,
-    ingest,
-    tokenize_batch,
-)
-from incr_cli.models import load_tokenizer
-from incr_cli.recipe import Recipe, build_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.model.weights import load_tokenizer
+from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ("the quick brown fox jumps over a lazy dog while emma reads her letters and harriet walks "
@@ -48,7 +43,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 def recipe_with(base: Recipe, **data: object) -> Recipe:
     """The cpu-tiny recipe with some data.* keys changed."""
-    from incr_cli.recipe import recipe_to_dict
+    from incr_cli.config.recipe import recipe_to_dict
 
     d = recipe_to_dict(base)
     d["data"].update(data)
@@ -390,12 +385,12 @@ def test_default_name() -> None:
 _SCRIPT = textwrap.dedent("""
     import os, resource, sys, json
     import psutil
-    from incr_cli.ingest import ingest
-    from incr_cli.recipe import load_recipe
-    from incr_cli.workspace import Workspace
+    from incr_cli.data.ingest import ingest
+    from incr_cli.config.recipe import load_recipe
+    from incr_cli.store.workspace import Workspace
     ws = Workspace.open(sys.argv[1])
     recipe = load_recipe(ws.recipe_path, sys.argv[3:])
-    from incr_cli.models import load_tokenizer
+    from incr_cli.model.weights import load_tokenizer
     tok = load_tokenizer(ws, "v0000")
     before = psutil.Process().memory_info().rss
     try:  # reset the kernel's peak-RSS mark so the peak below is the ingest's own

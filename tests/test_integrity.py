@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_model_dir
 
-from incr_cli import workspace as workspace_mod
-from incr_cli.recipe import load_recipe, recipe_to_dict
-from incr_cli.workspace import Workspace, seal_folder
+from incr_cli.config.recipe import load_recipe, recipe_to_dict
+from incr_cli.store import workspace as workspace_mod
+from incr_cli.store.workspace import Workspace, seal_folder
 from tests.helpers_reliability import assert_one_error_line, cli
 from tests.helpers_train import REPO, SAMPLES, copy_workspace, template
 

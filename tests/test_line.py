@@ -11,9 +11,10 @@ import sys
 import pytest
 import yaml
 
-from incr_cli.recipe import load_recipe
-from incr_cli.retention import keep_reasons
-from incr_cli.workspace import Workspace, folder_bytes
+from incr_cli.config.recipe import load_recipe
+from incr_cli.line.retention import keep_reasons
+from incr_cli.store.files import folder_bytes
+from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_one_error_line, assert_only_complete_versions, cli, run_incr
 from tests.helpers_train import copy_workspace, excerpt, template
 
@@ -311,7 +312,7 @@ def test_export_int8_onnx_serves_fill_mask_and_embeddings_like_fp32(line, tmp_pa
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from incr_cli.embed import embed_ids
+    from incr_cli.scoring.embed import embed_ids
 
     out = tmp_path / "int8"
     result = cli("export", line.root, out, "--quantize", "int8", "--json")

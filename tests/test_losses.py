@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from incr_cli.losses import ewc_penalty, hidden_loss_sum, kd_loss_sum, mlm_loss_sum, topk_correct
+from incr_cli.training.losses import ewc_penalty, hidden_loss_sum, kd_loss_sum, mlm_loss_sum, topk_correct
 
 
 def logits(n=6, v=11, seed=0):

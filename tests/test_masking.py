@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertTokenizerFast
 
-from incr_cli.masking import _draw_non_special, mask_batch, special_tokens_mask, word_start_table
-from incr_cli.recipe import MaskingConfig
+from incr_cli.config.recipe import MaskingConfig
+from incr_cli.training.masking import _draw_non_special, mask_batch, special_tokens_mask, word_start_table
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL = torch.tensor([PAD, UNK, CLS, SEP, MASK])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from incr_cli.metrics import summarize
+from incr_cli.scoring.continual import summarize
 
 # Rows: v0000 (base), v0001 learned d1, v0002 learned d2, v0003 learned d3; d4 is still pending.
 LEARNED_AT = [1, 2, 3, -1]

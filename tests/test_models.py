@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import write_tiny_model_dir
 
+from incr_cli.config.recipe import build_recipe
 from incr_cli.errors import IntegrityError, UsageError
-from incr_cli.models import (
+from incr_cli.model.weights import (
     init_workspace,
     load_tokenizer,
     load_version,
@@ -18,9 +19,8 @@ from incr_cli.models import (
     scratch_tokenizer,
     tokenizer_sha256,
 )
-from incr_cli.recipe import build_recipe
-from incr_cli.reporting import Quiet
-from incr_cli.workspace import Workspace
+from incr_cli.progress import Quiet
+from incr_cli.store.workspace import Workspace
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from incr_cli.cli.output import plain_progress
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 from tests.helpers_train import REPO, copy_workspace, excerpt, template
 
 INCR = Path(sys.executable).parent / "incr"  # the console script `make install` puts beside python

@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from incr_cli import device as devices
 from incr_cli.cli.app import app
+from incr_cli.runtime import device as devices
 from tests.helpers_train import reset_faults
 
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
-from incr_cli.predict import fill_mask
+from incr_cli.model.predict import fill_mask
 
 runner = CliRunner()
 

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from incr_cli.config.recipe import (
+    Recipe,
+    build_recipe,
+    iter_keys,
+    load_recipe,
+    recipe_to_yaml,
+    strategy_presets,
+)
 from incr_cli.errors import RecipeError
-from incr_cli.recipe import Recipe, build_recipe, iter_keys, load_recipe, recipe_to_yaml, strategy_presets
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

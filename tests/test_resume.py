@@ -13,12 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from incr_cli.checkpointing import ResumeStore, capture_rng, restore_rng
 from incr_cli.cli.app import app
+from incr_cli.config.recipe import load_recipe
 from incr_cli.errors import DiskFull
-from incr_cli.plan import plan_increment, run_key
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.methods import plan_increment
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.checkpointing import ResumeStore, capture_rng, restore_rng
+from incr_cli.training.plan import run_key
 from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
 
 runner = CliRunner()
@@ -182,8 +183,8 @@ def test_stop_signal_restores_its_handlers_but_leaves_one_set_inside_it():
     changed them on purpose: a torchrun rank that lost a peer ignores SIGTERM while it reports."""
     import signal
 
-    from incr_cli.checkpointing import StopSignal
-    from incr_cli.distributed import _ignore_sigterm
+    from incr_cli.runtime.distributed import _ignore_sigterm
+    from incr_cli.training.checkpointing import StopSignal
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from incr_cli.schedule import lr_factor, warmup_steps
+from incr_cli.training.schedule import lr_factor, warmup_steps
 
 
 def factors(total: int, warmup: int, schedule: str, min_lr_ratio: float = 0.0) -> list[float]:

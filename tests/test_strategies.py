@@ -10,19 +10,20 @@ import torch
 from safetensors.torch import load
 from typer.testing import CliRunner
 
-from incr_cli import strategy
+import incr_cli.methods as methods
 from incr_cli.cli.app import app
-from incr_cli.data import BatchSampler, open_increment
-from incr_cli.distributed import DistContext
-from incr_cli.evaluate import tokenizer_inputs
-from incr_cli.masking import mask_batch, stable_seed
-from incr_cli.models import load_version
-from incr_cli.plan import IncrementPlan
-from incr_cli.recipe import build_recipe, load_recipe, strategy_presets
-from incr_cli.reporting import Quiet
-from incr_cli.step import TrainState, build_run, train_step
-from incr_cli.train import train_increment
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import build_recipe, load_recipe, strategy_presets
+from incr_cli.data.shards import BatchSampler, open_increment
+from incr_cli.line.increment import train_increment
+from incr_cli.methods import ewc, loss_terms
+from incr_cli.model.weights import load_version
+from incr_cli.progress import Quiet
+from incr_cli.runtime.distributed import DistContext
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.masking import mask_batch, stable_seed, tokenizer_inputs
+from incr_cli.training.plan import IncrementPlan
+from incr_cli.training.step import TrainState, build_run, train_step
+from incr_cli.training.terms import LogitDistill, MicroOutputs, Normalisers, teacher_rows
 from tests.helpers_train import (
     _ingest,
     assert_same_weights,
@@ -55,15 +56,15 @@ def hand_increment(tmp_path, tag: int = 11, rows: int = 40):
 
 def test_each_strategy_is_one_registered_class_whose_preset_names_real_keys():
     """A strategy is found by its name alone, and what it declares is what the recipe and metrics use."""
-    from incr_cli.recipe import iter_keys
+    from incr_cli.config.recipe import iter_keys
 
     keys = {k.path for k in iter_keys()}
-    assert list(strategy.STRATEGIES) == ALL
-    for name, s in strategy.STRATEGIES.items():
-        assert s.name == name and strategy.get_strategy(name) is s
+    assert list(methods.STRATEGIES) == ALL
+    for name, s in methods.STRATEGIES.items():
+        assert s.name == name and methods.get_strategy(name) is s
         assert set(s.preset) <= keys, f"{name}: preset names unknown keys {set(s.preset) - keys}"
-        assert set(s.extra_loss_names) <= set(strategy.reported_loss_names())
-    assert strategy.reported_loss_names() == ("mlm_new", "mlm_replay", "distill", "hidden", "ewc")
+        assert set(s.extra_loss_names) <= set(methods.reported_loss_names())
+    assert methods.reported_loss_names() == ("mlm_new", "mlm_replay", "distill", "hidden", "ewc")
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -116,10 +117,10 @@ def sgd_step(tmp_path, *, with_ewc: bool, displacement: float):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
     run, _ = build_run(model, TOK_INPUTS, [new], [], recipe, plan, device=CPU, precision="fp32",
-                       ctx=DistContext(0, 1, CPU), reporter=Quiet())
+                       ctx=DistContext(0, 1, CPU), reporter=Quiet(), terms=loss_terms(recipe, plan))
     run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
     if with_ewc:
-        run.terms.append(strategy.EwcPenalty(recipe.ewc.weight, anchor, fisher))
+        run.terms.append(ewc.EwcPenalty(recipe.ewc.weight, anchor, fisher))
     state = TrainState(first_bad_step=torch.tensor(-1))
     train_step(run, state, check_loss=True)
     after = {n: p.detach().clone() for n, p in run.model.named_parameters()}
@@ -161,7 +162,7 @@ def test_fisher_is_the_squared_gradient_of_the_mlm_loss(tmp_path):
     model.train()
     frozen = "bert.embeddings.position_embeddings.weight"
     model.get_parameter(frozen).requires_grad_(False)
-    fisher = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    fisher = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
 
     assert model.training and not model.get_parameter(frozen).requires_grad  # flags restored
     assert all(p.grad is None for p in model.parameters())
@@ -185,9 +186,9 @@ def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
     recipe = build_recipe({"train": {"batch_size": 4}, "ewc": {"fisher_batches": 3}})
     shards = hand_increment(tmp_path)
     model = tiny_model()
-    first = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    again = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    one = strategy.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    first = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    again = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
+    one = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
     for name in first:
         assert torch.equal(first[name], again[name]), name
         assert (first[name] >= 0).all()
@@ -196,7 +197,7 @@ def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
 
 def test_fisher_file_round_trips_with_its_metadata(tmp_path):
     fisher = {"a.weight": torch.rand(3, 4), "b.bias": torch.rand(5)}
-    blob = strategy.fisher_bytes(fisher, {"increments": ["d0001-x"], "batches": 2})
+    blob = ewc.fisher_bytes(fisher, {"increments": ["d0001-x"], "batches": 2})
     back = load(blob)
     for name in fisher:
         assert torch.equal(back[name], fisher[name])
@@ -231,12 +232,12 @@ def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pe
     assert any("no penalty in this increment" in m for m in messages)  # v0000: nothing to protect yet
     assert "ewc" not in logged_terms(ws, first.version)[-1]
     manifest = ws.verify_version(first.version)  # every file, the Fisher too, matches its checksum
-    assert strategy.FISHER_FILE in manifest["files"]
-    fisher = strategy.load_fisher(ws, first.version)
+    assert ewc.FISHER_FILE in manifest["files"]
+    fisher = ewc.load_fisher(ws, first.version)
     model, tokenizer = load_version(ws, first.version)
     assert fisher.keys() == dict(model.named_parameters()).keys()
     recipe = load_recipe(ws.recipe_path, ["train.steps=4", "strategy.name=ewc"])
-    again = strategy.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
+    again = ewc.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
                                        tokenizer_inputs(tokenizer, recipe), device=CPU, precision="fp32")
     for name in fisher:  # reloaded = estimated on the new weights over the data just trained
         torch.testing.assert_close(fisher[name], again[name], rtol=1e-5, atol=0.0, msg=name)
@@ -247,7 +248,7 @@ def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pe
     lines = logged_terms(ws, second.version)
     assert all("ewc" in line for line in lines) and lines[-1]["ewc"] > 0
     assert second.metrics["loss"]["ewc"] > 0
-    assert strategy.FISHER_FILE in ws.verify_version(second.version)["files"]
+    assert ewc.FISHER_FILE in ws.verify_version(second.version)["files"]
 
 
 def test_ewc_after_another_strategy_estimates_the_parents_fisher_on_its_lineage(two_increments):
@@ -303,8 +304,8 @@ def micro_outputs(teacher_rows: str = "all"):
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn((5, 11), generator=g), torch.randn((5, 11), generator=g)
     picked = {"all": slice(None), "new": slice(None, 3), "replay": slice(3, None)}[teacher_rows]
-    norm = strategy.Normalisers(new_targets=6.0, replay_targets=4.0, masked_targets=10.0, tokens=40.0)
-    out = strategy.MicroOutputs(student, torch.zeros(5, dtype=torch.long), 3, torch.ones((2, 4)), norm, tiny_model(),
+    norm = Normalisers(new_targets=6.0, replay_targets=4.0, masked_targets=10.0, tokens=40.0)
+    out = MicroOutputs(student, torch.zeros(5, dtype=torch.long), 3, torch.ones((2, 4)), norm, tiny_model(),
                                 0, 1, 1, teacher_logits=teacher[picked], teacher_rows=teacher_rows)
     return out, student, teacher
 
@@ -314,14 +315,14 @@ def test_distill_on_picks_its_rows_and_divides_by_their_target_count(on):
     """distill.rows=all: KL over every masked position / all targets (the behaviour before the key);
     new: the new rows' positions / new targets; replay: the replayed rows' / replay targets. The
     same whether the teacher ran on every row or only on those rows."""
-    from incr_cli.losses import kd_loss_sum
+    from incr_cli.training.losses import kd_loss_sum
 
     rows, count = {"all": (slice(None), 10.0), "new": (slice(None, 3), 6.0), "replay": (slice(3, None), 4.0)}[on]
     out, student, teacher = micro_outputs()
     expected = kd_loss_sum(student[rows], teacher[rows], 2.0) / count
-    torch.testing.assert_close(strategy.LogitDistill(1.0, 2.0, rows=on)(out), expected)
+    torch.testing.assert_close(LogitDistill(1.0, 2.0, rows=on)(out), expected)
     only_those, _, _ = micro_outputs(teacher_rows=on)
-    torch.testing.assert_close(strategy.LogitDistill(1.0, 2.0, rows=on)(only_those), expected)
+    torch.testing.assert_close(LogitDistill(1.0, 2.0, rows=on)(only_those), expected)
 
 
 def test_distill_on_sets_the_terms_and_the_teachers_rows():
@@ -329,17 +330,17 @@ def test_distill_on_sets_the_terms_and_the_teachers_rows():
     teacher); the distill preset (LwF) distils on every row; hidden states need every row."""
     recipe = build_recipe({})
     assert recipe.strategy.name == "replay+distill" and recipe.distill.rows == "replay"
-    terms = strategy.get_strategy("replay+distill").loss_terms(recipe, has_replay=True)
+    terms = methods.get_strategy("replay+distill").loss_terms(recipe, has_replay=True)
     kd = next(t for t in terms if t.name == "distill")
-    assert kd.rows == "replay" and strategy.teacher_rows(terms) == "replay"
-    assert "distill" not in [t.name for t in strategy.get_strategy("replay+distill").loss_terms(recipe, False)]
+    assert kd.rows == "replay" and teacher_rows(terms) == "replay"
+    assert "distill" not in [t.name for t in methods.get_strategy("replay+distill").loss_terms(recipe, False)]
     lwf = build_recipe({"distill": {"rows": "replay"}}, overrides=["strategy.name=distill"])
     assert lwf.distill.rows == "all"
-    assert strategy.teacher_rows(strategy.get_strategy("distill").loss_terms(lwf, False)) == "all"
+    assert teacher_rows(methods.get_strategy("distill").loss_terms(lwf, False)) == "all"
     old = build_recipe({"distill": {"rows": "all"}})
-    assert strategy.teacher_rows(strategy.get_strategy("replay+distill").loss_terms(old, True)) == "all"
+    assert teacher_rows(methods.get_strategy("replay+distill").loss_terms(old, True)) == "all"
     hidden = build_recipe({"distill": {"hidden_weight": 0.5}})
-    assert strategy.teacher_rows(strategy.get_strategy("replay+distill").loss_terms(hidden, True)) == "all"
+    assert teacher_rows(methods.get_strategy("replay+distill").loss_terms(hidden, True)) == "all"
 
 
 def replay_distill_step(tmp_path, *, teacher_on_every_row: bool):
@@ -349,14 +350,14 @@ def replay_distill_step(tmp_path, *, teacher_on_every_row: bool):
     new, old = hand_increment(tmp_path / "new"), hand_increment(tmp_path / "old", tag=21)
     plan = IncrementPlan("v0000", [new.id], [old.id], 40, 40, 2, 2, 1, 3, 0, T)
     run, _ = build_run(tiny_model(), TOK_INPUTS, [new], [old], recipe, plan, device=CPU, precision="fp32",
-                       ctx=DistContext(0, 1, CPU), reporter=Quiet())
+                       ctx=DistContext(0, 1, CPU), reporter=Quiet(), terms=loss_terms(recipe, plan))
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # a student that differs from its teacher (the parent's copy)
         for p in run.model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
     if teacher_on_every_row:  # a zero-weight term that reads every row makes the teacher run on all of them
-        run.terms.append(strategy.LogitDistill(0.0, 2.0, rows="all"))
+        run.terms.append(LogitDistill(0.0, 2.0, rows="all"))
     state = TrainState(first_bad_step=torch.tensor(-1))
     train_step(run, state, check_loss=True)
     return {n: p.detach().clone() for n, p in run.model.named_parameters()}, state

@@ -14,10 +14,10 @@ import pytest
 from helpers_train import SAMPLES, reset_faults
 from typer.testing import CliRunner
 
-from incr_cli import tasks as T
 from incr_cli.cli.app import app
+from incr_cli.config.recipe import ProbeConfig, TaskConfig, build_recipe, load_recipe
 from incr_cli.errors import InputError
-from incr_cli.recipe import ProbeConfig, TaskConfig, build_recipe, load_recipe
+from incr_cli.scoring import tasks as T
 
 runner = CliRunner()
 PROBE = ProbeConfig()

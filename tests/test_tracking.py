@@ -16,12 +16,14 @@ from typer.testing import CliRunner
 
 from incr_cli import tracking
 from incr_cli.cli.app import app
-from incr_cli.flops import Meter, ModelShape, model_shape, step_flops
-from incr_cli.recipe import TrackingConfig, load_recipe
-from incr_cli.reporting import Quiet
-from incr_cli.schedule import lr_factor, warmup_steps
-from incr_cli.train import train_increment
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import TrackingConfig, load_recipe
+from incr_cli.line.increment import train_increment
+from incr_cli.progress import Quiet
+from incr_cli.runtime.flops import Meter, ModelShape, model_shape, step_flops
+from incr_cli.store.workspace import Workspace
+from incr_cli.tracking import base, tensorboard_sink
+from incr_cli.tracking import mlflow_sink as mlflow_mod
+from incr_cli.training.schedule import lr_factor, warmup_steps
 from tests.helpers_train import REPO, _ingest, excerpt
 
 runner = CliRunner()
@@ -157,8 +159,8 @@ def test_each_version_is_one_tensorboard_run_and_one_mlflow_run(one_pending, mlf
 # ----------------------------------------------------------------------------- resume
 
 
-def _run_info(version: str = "v0001") -> tracking.RunInfo:
-    return tracking.RunInfo(version, "v0000", "key-1", ["d0001-a"], {"train": {"lr": 1e-3}})
+def _run_info(version: str = "v0001") -> base.RunInfo:
+    return base.RunInfo(version, "v0000", "key-1", ["d0001-a"], {"train": {"lr": 1e-3}})
 
 
 def _line(step: int) -> dict:
@@ -171,14 +173,14 @@ def test_a_resumed_run_continues_without_duplicated_steps(tmp_path, mlflow_uri):
     to 4 and goes on from 5. Each sink shows steps 1-8 once, in one run."""
     board = tmp_path / "tb"
     artifacts = (tmp_path / "artifacts").as_uri()
-    for sink in (tracking.TensorBoardSink(board), tracking.MlflowSink(mlflow_uri, "incr", None, artifacts)):
+    for sink in (tensorboard_sink.TensorBoardSink(board), mlflow_mod.MlflowSink(mlflow_uri, "incr", None, artifacts)):
         sink.start(_run_info(), [])
         for step in range(1, 7):
             sink.step(_line(step))
-        if isinstance(sink, tracking.TensorBoardSink):
+        if isinstance(sink, tensorboard_sink.TensorBoardSink):
             sink.writer.flush()  # what the killed process had sent
-        resumed = type(sink)(board) if isinstance(sink, tracking.TensorBoardSink) else \
-            tracking.MlflowSink(mlflow_uri, "incr", None, artifacts)
+        resumed = type(sink)(board) if isinstance(sink, tensorboard_sink.TensorBoardSink) else \
+            mlflow_mod.MlflowSink(mlflow_uri, "incr", None, artifacts)
         resumed.start(_run_info(), [_line(s) for s in range(1, 5)])
         for step in range(5, 9):
             resumed.step(_line(step))
@@ -294,7 +296,7 @@ def test_kill_9_after_the_version_was_written_is_finished_by_the_next_command(on
     assert run.info.status == "RUNNING" and ws.latest() == "v0001"  # written and promoted, the run left open
     assert "gate/passed" not in run.data.metrics
     board = ws.root / "tensorboard"
-    assert not (board / "line").exists() and not (board / "v0001" / tracking.TensorBoardSink.FINISHED).exists()
+    assert not (board / "line").exists() and not (board / "v0001" / tensorboard_sink.TensorBoardSink.FINISHED).exists()
 
     result = runner.invoke(app, ["train-increment", str(ws.root), *args])
     assert result.exit_code == 0 and "nothing to train" in result.output, result.output
@@ -318,7 +320,7 @@ def test_a_run_whose_version_never_got_written_is_killed_by_the_next_command(one
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     artifacts = (tmp_path / "artifacts").as_uri()
     for root in (one_pending.root, tmp_path / "another-workspace"):
-        sink = tracking.MlflowSink(mlflow_uri, "incr", None, artifacts, root)
+        sink = mlflow_mod.MlflowSink(mlflow_uri, "incr", None, artifacts, root)
         sink.start(_run_info(), [])
         sink.step(_line(1))  # and the process dies: no finish, no close
     result = runner.invoke(app, ["promote", str(one_pending.root), "v0000"])

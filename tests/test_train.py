@@ -11,17 +11,18 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from incr_cli import step as step_mod
 from incr_cli.cli.app import app
-from incr_cli.data import BatchSampler, open_increment
-from incr_cli.distributed import DistContext
-from incr_cli.masking import mask_batch
-from incr_cli.plan import IncrementPlan, plan_increment
-from incr_cli.recipe import build_recipe, load_recipe
-from incr_cli.reporting import Quiet
-from incr_cli.step import TrainState, build_run, train_step
-from incr_cli.train import gate_checks
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import build_recipe, load_recipe
+from incr_cli.data.shards import BatchSampler, open_increment
+from incr_cli.line.increment import gate_checks
+from incr_cli.methods import loss_terms, plan_increment
+from incr_cli.progress import Quiet
+from incr_cli.runtime.distributed import DistContext
+from incr_cli.store.workspace import Workspace
+from incr_cli.training import step as step_mod
+from incr_cli.training.masking import mask_batch
+from incr_cli.training.plan import IncrementPlan
+from incr_cli.training.step import TrainState, build_run, train_step
 from tests.helpers_train import (
     reset_faults,
     tagged_rows,
@@ -62,7 +63,7 @@ def loop_run(tmp_path, recipe_data: dict, *, replay: bool = False, steps: int = 
     tok_inputs = {"special_ids": SPECIALS, "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0, "word_starts": None}
     cpu = torch.device("cpu")
     run, trainable = build_run(model, tok_inputs, [new], old, recipe, plan, device=cpu, precision="fp32",
-                               ctx=DistContext(0, 1, cpu), reporter=Quiet())
+                               ctx=DistContext(0, 1, cpu), reporter=Quiet(), terms=loss_terms(recipe, plan))
     return run, reference, trainable
 
 
@@ -293,7 +294,7 @@ def test_frozen_parameters_are_unchanged_and_counted(one_pending):
         assert torch.equal(parent[name], child[name]), name
     for name in trained:
         assert not torch.equal(parent[name], child[name]), name
-    from incr_cli.models import load_version
+    from incr_cli.model.weights import load_version
 
     model, _ = load_version(ws, "v0000")
     expected = sum(p.numel() for n, p in model.named_parameters()
@@ -409,7 +410,7 @@ def test_ewc_strategy_adds_its_penalty_and_stores_the_fisher(two_increments):
     assert log[0]["ewc"] == pytest.approx(0.0, abs=1e-12) and log[-1]["ewc"] > 0  # zero at the anchor only
     manifest = ws.verify_version("v0002")
     assert "fisher.safetensors" in manifest["files"]
-    from incr_cli.strategy import load_fisher
+    from incr_cli.methods.ewc import load_fisher
 
     fisher = load_fisher(ws, "v0002")
     assert "bert.encoder.layer.0.attention.self.query.weight" in fisher

@@ -16,13 +16,13 @@ import pytest
 from helpers_arch import write_family_dir
 from typer.testing import CliRunner
 
-from incr_cli import vocab
 from incr_cli.cli.app import app
+from incr_cli.config.recipe import VocabConfig, load_recipe
+from incr_cli.data.ingest import ingest
 from incr_cli.errors import InputError, UsageError
-from incr_cli.ingest import ingest
-from incr_cli.models import init_workspace, load_tokenizer, tokenizer_sha256
-from incr_cli.recipe import VocabConfig, load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.model import vocab
+from incr_cli.model.weights import init_workspace, load_tokenizer, tokenizer_sha256
+from incr_cli.store.workspace import Workspace
 from tests.helpers_train import REPO, excerpt
 
 runner = CliRunner()
@@ -56,7 +56,7 @@ def _ingest(ws: Workspace, path: Path, **kw):
 
 
 def test_candidates_are_frequent_words_the_tokenizer_cuts_and_not_in_the_vocabulary():
-    from incr_cli.models import scratch_tokenizer
+    from incr_cli.model.weights import scratch_tokenizer
 
     tok = scratch_tokenizer()
     counts = vocab.WordCounts()

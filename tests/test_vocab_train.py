@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from helpers_arch import tokenizer_for, write_family_dir
 from typer.testing import CliRunner
 
-from incr_cli import vocab
 from incr_cli.cli.app import app
-from incr_cli.evaluate import evaluate
-from incr_cli.ingest import ingest
-from incr_cli.models import init_workspace
-from incr_cli.recipe import load_recipe
-from incr_cli.strategy import LogitDistill, MicroOutputs, Normalisers
-from incr_cli.train import train_increment
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.data.ingest import ingest
+from incr_cli.line.increment import train_increment
+from incr_cli.model import vocab
+from incr_cli.model.weights import init_workspace
+from incr_cli.scoring.evaluate import evaluate
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.terms import LogitDistill, MicroOutputs, Normalisers
 from tests.helpers_reliability import assert_only_complete_versions, cli, leftovers, run_incr
 from tests.helpers_train import REPO, assert_fill_mask_agrees, assert_same_weights, excerpt, weights
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 from incr_cli.errors import IntegrityError, UsageError, WorkspaceLocked
-from incr_cli.workspace import Workspace, base_manifest, folder_beside, seal_folder
+from incr_cli.store.files import folder_beside
+from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from incr_cli.workspace import Workspace
+    from incr_cli.store.workspace import Workspace
     with Workspace(sys.argv[1]).lock("ingest"):
         print("held", flush=True)
         time.sleep(60)
@@ -213,7 +214,7 @@ def test_copy_to_takes_the_model_line_but_not_the_lock_or_staging(tiny_workspace
 def test_verifying_many_folders_writes_the_verify_cache_once(two_increments, monkeypatch):
     """A lineage's increments are verified with one write of the verify cache, not one per folder
     (the cost that grew with history), and a file altered afterwards is still caught."""
-    import incr_cli.workspace as workspace
+    import incr_cli.store.workspace as workspace
 
     ws = Workspace.open(two_increments.root)
     (ws.staging / "verify-cache.json").unlink(missing_ok=True)

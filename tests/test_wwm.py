@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from incr_cli.data import open_increment
-from incr_cli.ingest import tokenize_with_offsets
-from incr_cli.masking import mask_batch, word_start_table
-from incr_cli.models import init_workspace, load_tokenizer
-from incr_cli.recipe import MaskingConfig, load_recipe
-from incr_cli.segment import ChineseWords
-from incr_cli.train import train_increment
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import MaskingConfig, load_recipe
+from incr_cli.data.packing import tokenize_with_offsets
+from incr_cli.data.segment import ChineseWords
+from incr_cli.data.shards import open_increment
+from incr_cli.line.increment import train_increment
+from incr_cli.model.weights import init_workspace, load_tokenizer
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.masking import mask_batch, word_start_table
 from tests.helpers_train import REPO, SAMPLES, _ingest, excerpt
 
 pytest.importorskip("jieba")
@@ -103,7 +103,7 @@ def test_english_text_is_not_segmented(tiny_workspace, tmp_path: Path):
 
 
 def _ingest_with(ws: Workspace, path: Path) -> str:
-    from incr_cli.ingest import ingest
+    from incr_cli.data.ingest import ingest
 
     with ws.lock("ingest"):
         result = ingest(ws, [str(path)], recipe=load_recipe(ws.recipe_path, ["masking.whole_word=true"]))

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import folder_bytes
+from incr_cli.config.recipe import load_recipe
+from incr_cli.store.files import folder_bytes
 from tests.helpers_reliability import cli
 from tests.helpers_train import tagged_rows, write_increment
 

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.store.workspace import Workspace
 
 # What compress trains with unless the command line says otherwise: DistilBERT's hidden-state
 # cosine term beside the logit KD, and the distilling preset whatever the line's strategy is.
@@ -36,7 +36,7 @@ def compress_cmd(
     defaults add distill.hidden_weight=1 distill.hidden_loss=cosine). Reports parameters, weights on
     disk, encoder tokens/s and held-out perplexity and accuracy of both, per increment.
     """
-    from incr_cli.compress import compress
+    from incr_cli.methods.compress import compress
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
@@ -53,7 +53,7 @@ def compress_cmd(
 
 
 def _rows(m: dict[str, Any]) -> list[list[str]]:
-    from incr_cli.eval_report import fmt
+    from incr_cli.scoring.render import fmt
 
     t, s = m["teacher"], m["student"]
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.store.workspace import Workspace
 
 
 def embed_cmd(
@@ -36,7 +36,7 @@ def embed_cmd(
     and rejected ones get no row; no dedup). Texts longer than model.max_seq_len tokens are cut (and
     counted). --json prints each INPUT's first row and row count. Reads the workspace, takes no lock.
     """
-    from incr_cli.embed import embed_files
+    from incr_cli.scoring.embed import embed_files
 
     out = Output(json_out)
     ws = Workspace.open(workspace)

@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace, check_writable
+from incr_cli.config.recipe import load_recipe
+from incr_cli.store.files import check_writable
+from incr_cli.store.workspace import Workspace
 
 
 def eval_cmd(
@@ -46,8 +47,9 @@ def eval_cmd(
     and every run is kept as WORKSPACE/eval/<UTC time>.json. Eval takes no lock and never writes
     into version or data folders.
     """
-    from incr_cli import eval_report, probe
-    from incr_cli.evaluate import evaluate, save_result, select_increments, select_versions
+    from incr_cli.scoring import probe
+    from incr_cli.scoring import render as eval_report
+    from incr_cli.scoring.evaluate import evaluate, save_result, select_increments, select_versions
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
@@ -73,7 +75,7 @@ def eval_cmd(
 
 def _check_outputs(out_file: Path | None, plot_file: Path | None) -> None:
     """Fail before minutes of scoring, not after: the output paths are writable, matplotlib is there."""
-    from incr_cli import eval_report
+    from incr_cli.scoring import render as eval_report
 
     for option, path in (("--out", out_file), ("--plot", plot_file)):
         if path is not None:
@@ -111,9 +113,9 @@ def probe_cmd(
     """
     import torch
 
-    from incr_cli import probe
-    from incr_cli.device import configure_threads, resolve_device, resolve_precision
-    from incr_cli.evaluate import select_versions
+    from incr_cli.runtime.device import configure_threads, resolve_device, resolve_precision
+    from incr_cli.scoring import probe
+    from incr_cli.scoring.evaluate import select_versions
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
@@ -133,7 +135,7 @@ def probe_cmd(
     if json_out:
         out.emit_json(doc)
         return
-    from incr_cli.eval_report import task_cell
+    from incr_cli.scoring.render import task_cell
 
     out.table(f"{data.name} ({kind}, {data.identity()['examples']:,} examples) on {ws.root}", ["version", data.name],
               [[v, task_cell(s)] for v, s in doc["scores"].items()])

@@ -12,8 +12,8 @@ import typer
 from rich.markup import escape
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace
+from incr_cli.config.recipe import load_recipe
+from incr_cli.store.workspace import Workspace
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
 
@@ -56,7 +56,7 @@ def ingest_cmd(
     malformed, too deeply nested or over-long JSON lines, over-long lines) is skipped or cut, and counted
     in the summary and manifest with the first lines where it was found.
     """
-    from incr_cli.ingest import ingest
+    from incr_cli.data.ingest import ingest
 
     out = Output(json_out)
     ws = Workspace.open(workspace)

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from incr_cli import lifecycle
 from incr_cli.cli.output import JsonOpt, Output, guarded
 from incr_cli.cli.workspace_cmd import MOVE_COLUMNS, WorkspaceArg, human_bytes, move_rows
-from incr_cli.workspace import Workspace
+from incr_cli.line import lifecycle
+from incr_cli.store.workspace import Workspace
 
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="Why (kept in the audit trail, history.jsonl).",
                                                show_default=False)]
@@ -77,8 +77,8 @@ def gc(
     Manifests, metrics and scores of every version stay (a pruned version is still listed), and data
     increments are never removed.
     """
-    from incr_cli.recipe import load_recipe
-    from incr_cli.retention import collect_garbage
+    from incr_cli.config.recipe import load_recipe
+    from incr_cli.line.retention import collect_garbage
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
@@ -112,7 +112,7 @@ def export(
 ) -> None:
     """Write a version as a self-contained folder (weights, config, tokenizer, model card): Hugging Face
     safetensors, or ONNX graphs for fill-mask and embeddings (--format onnx in fp32, --quantize int8)."""
-    from incr_cli.export import export_version
+    from incr_cli.line.export import export_version
 
     out = Output(json_out)
     result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype, quantize=quantize,

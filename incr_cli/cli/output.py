@@ -30,8 +30,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from incr_cli import diskspace
 from incr_cli.errors import EXIT_FAILURE, EXIT_SIGINT, IncrError, clip
+from incr_cli.store import diskspace
 
 # Shared options (Annotated types, reused by every command that takes them).
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (for scripts); logs go to stderr.")]

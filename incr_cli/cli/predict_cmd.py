@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
-from incr_cli.workspace import Workspace
+from incr_cli.store.workspace import Workspace
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,9 @@ def fill_mask_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Show the top-k words each version predicts for [MASK] in each text."""
-    from incr_cli.predict import fill_mask  # torch loads only for commands that need it: --help stays fast
+    from incr_cli.model.predict import (
+        fill_mask,  # torch loads only for commands that need it: --help stays fast
+    )
 
     ws = Workspace.open(workspace)
     names = [ws.resolve_version(v) for v in versions.split(",")]

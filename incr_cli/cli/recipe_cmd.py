@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.config.recipe import load_recipe, preset_settings, recipe_to_dict, recipe_to_yaml
 from incr_cli.errors import EXIT_USAGE, RecipeError
-from incr_cli.recipe import load_recipe, preset_settings, recipe_to_dict, recipe_to_yaml
 
 app = typer.Typer(help="Check and show recipes (YAML files of training settings).", no_args_is_help=True)
 

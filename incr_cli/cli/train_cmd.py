@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.config.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.errors import GateRejected
-from incr_cli.eval_report import fmt
-from incr_cli.metrics import gate_line
-from incr_cli.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
-from incr_cli.reporting import Quiet
-from incr_cli.workspace import Workspace
+from incr_cli.progress import Quiet
+from incr_cli.scoring.continual import gate_line
+from incr_cli.scoring.render import fmt
+from incr_cli.store.workspace import Workspace
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +42,8 @@ def train_increment_cmd(
     Ctrl-C resumes from the saved state. Under torchrun it trains data-parallel; rank 0 writes.
     With --track (or tracking.sinks) the run also goes to TensorBoard and/or MLflow.
     """
-    from incr_cli import distributed
-    from incr_cli.train import train_increment
+    from incr_cli.line.increment import train_increment
+    from incr_cli.runtime import distributed
 
     main = distributed.env_rank() == 0
     out = Output(json_out)

@@ -10,9 +10,11 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
+from incr_cli.config.recipe import load_recipe
 from incr_cli.errors import IncrError, IntegrityError, UsageError
-from incr_cli.recipe import load_recipe
-from incr_cli.workspace import Workspace, WorkspaceLock, folder_bytes
+from incr_cli.store.files import folder_bytes
+from incr_cli.store.lock import WorkspaceLock
+from incr_cli.store.workspace import Workspace
 
 MOVE_COLUMNS = ["time", "from", "to", "command", "by", "reason", "state"]
 WorkspaceArg = Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)]
@@ -30,7 +32,7 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Create WORKSPACE with the base model as version v0000 and the resolved recipe."""
-    from incr_cli.models import init_workspace
+    from incr_cli.model.weights import init_workspace
 
     out = Output(json_out)
     resolved = load_recipe(recipe, overrides or [])
@@ -148,7 +150,7 @@ def workspace_status(ws: Workspace) -> dict:
         except IncrError as exc:
             entry["problem"] = str(exc)
         versions.append(entry)
-    from incr_cli.probe import main_score, recorded_task_scores
+    from incr_cli.scoring.probe import main_score, recorded_task_scores
 
     tasks = recorded_task_scores(ws, [v["version"] for v in versions])
     for entry in versions:

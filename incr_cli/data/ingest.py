@@ -1,0 +1,574 @@
+"""Ingest: text files -> one data increment ``data/dNNNN-NAME/`` of packed token shards.
+
+Two streaming passes, memory bounded whatever the input size:
+
+1. read (``readers``), clean (NFC, control characters dropped, whitespace collapsed), cut over-long
+   documents, drop too-short ones, and drop exact duplicates against the workspace-wide index
+   ``data/index.sqlite`` (which also catches duplicates within this ingest). Kept documents are spooled
+   to a file in the staging folder with their hash.
+2. choose the held-out cutoff (which needs the number of kept documents, hence the spool), then
+   tokenize the spool in batches with the workspace's fast tokenizer and pack it into
+   ``train.bin`` / ``heldout.bin``.
+
+A document is held out when its hash, read as a number in [0, 1), falls below the cutoff: the split
+depends only on the text, so it is the same on every run. The cutoff is ``data.heldout_fraction``,
+raised just enough to hold out ``data.heldout_min_docs`` documents when the increment has at least
+twice as many.
+
+Crash safety: the folder is written under ``staging/`` and renamed into place at the end; the new
+hashes go into the index in one transaction committed just before the rename. Every ingest first
+deletes index rows of increments whose folder does not exist (left by a run killed between the commit
+and the rename), so a killed ingest leaves no trace and a rerun ingests exactly the same documents.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from incr_cli.config.recipe import Recipe
+from incr_cli.data import readers
+from incr_cli.data.clean import clean_text
+from incr_cli.data.coverage import Coverage, check_coverage
+from incr_cli.data.dedup import (
+    DOC_HASHES,
+    doc_hash,
+    hash_unit,
+    heldout_cutoff,
+    lookup,
+    open_index,
+    recover_index,
+)
+from incr_cli.data.packing import PackedWriter, special_ids, token_dtype, tokenize_with_offsets
+from incr_cli.data.readers import FORMATS, ReadState, SourceFile, Tally
+from incr_cli.data.segment import WORDS_SUFFIX, ChineseWords, has_cjk
+from incr_cli.errors import InputError, UsageError, clip, shown
+from incr_cli.faults import fault_point
+from incr_cli.model import vocab
+from incr_cli.progress import Quiet, Reporter
+from incr_cli.store.diskspace import disk_writes
+from incr_cli.store.files import sha256_file
+from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
+
+BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
+# Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
+_UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden"}
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class IngestResult:
+    """What an ingest did. ``increment`` is None when nothing was written (``message`` says why)."""
+
+    increment: str | None
+    message: str
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    documents: dict[str, Any] = field(default_factory=dict)
+    sequences: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, dict[str, Any]] = field(default_factory=dict)  # reason -> {count, examples}
+    duplicates_in: dict[str, int] = field(default_factory=dict)  # earlier increment -> duplicates found there
+    bytes_read: int = 0
+    seconds: float = 0.0
+    unknown: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the increment
+    segmenter: str | None = None  # what gave the Chinese word boundaries (segment.py), if any
+    vocab: dict[str, Any] = field(default_factory=dict)  # vocabulary growth: candidates, added words, tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _NothingNew(Exception):
+    """Raised inside the staged folder to discard it when no document survives."""
+
+
+# ----------------------------------------------------------------------------- the two passes
+
+
+@dataclass
+class _Pass1:
+    kept: int = 0
+    duplicate: int = 0
+    cut: int = 0
+    duplicates_in: Counter = field(default_factory=Counter)
+    units: array = field(default_factory=lambda: array("d"))
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    bytes_read: int = 0
+    raw_docs: int = 0
+
+
+def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, increment: str, fmt: str, text_field: str,
+                      recipe: Recipe, conn: sqlite3.Connection, spool: Path, tally: Tally,
+                      reporter: Reporter) -> None:
+    """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted).
+
+    Kept documents go to ``spool``.txt (one per line: cleaning removed every newline) and their
+    hashes to ``spool``.hash; the counts go to ``out``.
+    """
+    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
+    batch: list[tuple[str, bytes, bool]] = []
+
+    def flush() -> None:
+        if batch:
+            _flush_batch(batch, out, conn, increment, text_file, hash_file)
+
+    total_kb = sum(src.size for src, _ in files) // 1024  # whole units: progress bars count integers
+    shown = 0  # bytes of input the bar has been moved by
+    with open(spool.with_suffix(".txt"), "w", encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "wb") as hash_file, \
+            reporter.progress("reading", total=total_kb, unit="KB") as bar:
+        for src, sha in files:
+            state = ReadState()
+            got_text = False
+            for raw, cut in readers.read_documents(src, fmt, text_field, max_chars, tally, state):
+                got_text = True
+                out.raw_docs += 1
+                text = clean_text(raw)
+                if len(text) > max_chars:
+                    text, cut = text[:max_chars].rstrip(), True
+                if len(text) < min_chars:
+                    tally.reject("too_short")
+                    continue
+                batch.append((text, doc_hash(text), cut))
+                if len(batch) >= BATCH_DOCS:
+                    flush()
+                    shown = _advance(bar, shown, out.bytes_read + state.done, out)
+            out.bytes_read += src.size
+            flush()  # before the bar moves: its "new docs" count then includes this file's last batch
+            shown = _advance(bar, shown, out.bytes_read, out)
+            if state.skipped is None or got_text:  # a .gz broken midway still gave documents
+                out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
+                                    "reader": reader_id(src, fmt, text_field)})
+
+
+def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite3.Connection, increment: str,
+                 text_file: Any, hash_file: Any) -> None:
+    """Dedup ``batch`` (text, hash, cut) within itself and against the index; write the kept ones
+    to the spool files, count every document in ``out``, and empty ``batch``."""
+    unique: dict[bytes, tuple[str, bool]] = {}
+    for text, digest, cut in batch:
+        if digest in unique:
+            out.duplicate += 1
+        else:
+            unique[digest] = (text, cut)
+    hashes = list(unique)
+    known = dict(lookup(conn, "SELECT hash, increment FROM documents WHERE hash IN ({marks})", hashes))
+    conn.executemany("INSERT INTO documents(hash, increment) VALUES (?, ?)",
+                     [(h, increment) for h in hashes if h not in known])
+    lines = []
+    for digest, (text, cut) in unique.items():
+        if digest in known:
+            out.duplicate += 1
+            if known[digest] != increment:  # not a repeat within this ingest
+                out.duplicates_in[known[digest]] += 1
+            continue
+        out.kept += 1
+        out.cut += cut
+        out.units.append(hash_unit(digest))
+        lines.append(text)
+        hash_file.write(digest)
+    if lines:
+        text_file.write("\n".join(lines) + "\n")
+    batch.clear()
+
+
+def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
+    """Move the reading bar by whole KB; return the bytes now shown."""
+    kb = (done - shown) // 1024
+    bar.advance(kb, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
+    return shown + kb * 1024
+
+
+class _Splits:
+    """The train and held-out writers of an increment, and with a segmenter their word-boundary twins
+    (``train.words.bin``, ``heldout.words.bin``: the same row layout, uint8, 1 = continues a word)."""
+
+    def __init__(self, folder: Path, seq_len: int, segmenter: ChineseWords | None, **kw: Any):
+        self.segmenter = segmenter
+        self.train = PackedWriter(folder / "train.bin", seq_len, **kw)
+        self.heldout = PackedWriter(folder / "heldout.bin", seq_len, **kw)
+        self.words = None
+        if segmenter is not None:
+            bits = {"cls_id": 0, "sep_id": 0, "pad_id": 0, "dtype": "uint8"}
+            self.words = (PackedWriter(folder / f"train{WORDS_SUFFIX}", seq_len, **bits),
+                          PackedWriter(folder / f"heldout{WORDS_SUFFIX}", seq_len, **bits))
+
+    def add(self, docs: list[tuple[bool, list[int], str, list[tuple[int, int]]]]) -> None:
+        """docs: (held out?, token ids, text, offsets) of each document, in order."""
+        for k, (writer, held) in enumerate(((self.train, False), (self.heldout, True))):
+            chosen = [d for d in docs if d[0] == held]
+            writer.add([ids for _, ids, _, _ in chosen])
+            if self.words is not None:
+                self.words[k].add([self.segmenter.continues(text, spans) for _, _, text, spans in chosen])
+
+    def close(self) -> None:
+        for writer in (self.train, self.heldout, *(self.words or ())):
+            writer.close()
+
+
+def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, splits: _Splits, *, total: int, tally: Tally,
+                   reporter: Reporter, coverage: Coverage) -> tuple[int, int]:
+    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
+    ``coverage`` counts the unknown tokens and uncovered characters as it goes."""
+    n_train = n_heldout = 0
+    started = time.perf_counter()
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "rb") as hash_file, \
+            reporter.progress("tokenizing", total=total, unit="docs") as bar:
+        while True:
+            texts = [line.rstrip("\n") for _, line in zip(range(BATCH_DOCS), text_file)]
+            if not texts:
+                break
+            digests = hash_file.read(16 * len(texts))
+            ids, offsets = tokenize_with_offsets(tokenizer, texts)
+            coverage.add(texts, ids, offsets)
+            docs = []
+            for i, doc in enumerate(ids):
+                if not doc:  # e.g. only characters the tokenizer's normaliser drops
+                    tally.reject("no_tokens")
+                else:
+                    docs.append((hash_unit(digests[16 * i: 16 * i + 16]) < cutoff, doc, texts[i], offsets[i]))
+            splits.add(docs)
+            held = sum(d[0] for d in docs)
+            n_train += len(docs) - held
+            n_heldout += held
+            fault_point("ingest.batch")
+            rate = (splits.train.tokens + splits.heldout.tokens) / max(time.perf_counter() - started, 1e-9)
+            bar.advance(len(texts), f"{rate:,.0f} tokens/s")
+    return n_train, n_heldout
+
+
+def _segmenter(recipe: Recipe, spool: Path) -> ChineseWords | None:
+    """jieba when ``masking.whole_word`` is on and the spooled text holds Chinese, else None."""
+    if not recipe.masking.whole_word:
+        return None
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file:
+        while block := text_file.read(1 << 20):
+            if has_cjk(block):
+                return ChineseWords()
+    return None
+
+
+def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
+    """How a file was read ("lines", "paragraphs", "jsonl:FIELD"): the same file read another way is new input."""
+    resolved = readers.resolve_format(src.path, fmt)
+    return f"jsonl:{text_field}" if resolved == "jsonl" else resolved
+
+
+def _skipped_summary(tally: Tally) -> dict[str, dict[str, Any]]:
+    return {reason: {"count": n, "examples": tally.examples.get(reason, [])} for reason, n in sorted(tally.files.items())}
+
+
+def _describe_skips(tally: Tally) -> str:
+    """ "a.bin, b.bin and 3 more (binary); x.txt (missing)" """
+    parts = []
+    for reason, n in sorted(tally.files.items()):
+        shown = tally.examples.get(reason, [])[:3]
+        more = f" and {n - len(shown)} more" if n > len(shown) else ""
+        parts.append(f"{', '.join(shown)}{more} ({reason})")
+    return "; ".join(parts)
+
+
+def _name_paths(paths: list[str]) -> str:
+    return " ".join(map(clip, paths[:3])) + (f" (and {len(paths) - 3} more)" if len(paths) > 3 else "")
+
+
+def _warn_skips(reporter: Reporter, tally: Tally) -> None:
+    if tally.files:
+        reporter.warn(f"skipped {sum(tally.files.values())} path(s): {_describe_skips(tally)}")
+
+
+def _documents(p1: _Pass1 | None, tally: Tally, n_train: int = 0, n_heldout: int = 0) -> dict[str, Any]:
+    return {"kept": n_train + n_heldout, "train": n_train, "heldout": n_heldout,
+            "duplicate": p1.duplicate if p1 else 0, "rejected": dict(sorted(tally.docs.items())),
+            "rejected_at": dict(sorted(tally.doc_examples.items())), "cut_long": p1.cut if p1 else 0}
+
+
+def _nothing_new_message(p1: _Pass1) -> str:
+    where = ", ".join(inc for inc, _ in p1.duplicates_in.most_common())
+    return f"nothing new: all {p1.duplicate:,} documents are already in {where or 'this ingest'}"
+
+
+# ----------------------------------------------------------------------------- vocabulary growth
+
+
+class _DryRun(Exception):
+    """Raised inside the staged folder after the candidates are known: nothing is kept."""
+
+
+@dataclass
+class _Growing:
+    """An ingest's vocabulary growth: how many words were asked for, and what happened (the report)."""
+
+    wanted: int
+    dry_run: bool
+    revision: vocab.Revision | None  # the revision ingest starts from (None: a tokenizer passed in)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _count_words(spool: Path, cutoff: float, tokenizer: Any) -> vocab.WordCounts:
+    """The spooled documents' words, per split (the held-out ones never choose a token)."""
+    counts = vocab.WordCounts()
+    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
+            open(spool.with_suffix(".hash"), "rb") as hash_file:
+        for line in text_file:
+            counts.add(tokenizer, line.rstrip("\n"), hash_unit(hash_file.read(16)) < cutoff)
+    return counts
+
+
+def _grow_tokenizer(tmp: Path, spool: Path, cutoff: float, tokenizer: Any, recipe: Recipe, grow: _Growing,
+                    reporter: Reporter) -> Any:
+    """The tokenizer this increment is tokenized with: ``tokenizer``, or a revision of it grown by the
+    increment's most frequent multi-piece words (stored in ``tmp/tokenizer``). Fills ``grow.report``;
+    raises _DryRun after the report on a dry run."""
+    from incr_cli.model.weights import tokenizer_sha256
+
+    counts = _count_words(spool, cutoff, tokenizer)
+    found = vocab.candidates(counts, tokenizer, recipe.vocab)
+    chosen = found[:grow.wanted]
+    grow.report = {"requested": grow.wanted, "candidates": len(found), "added": [c.to_dict() for c in chosen],
+                   "min_frequency": recipe.vocab.min_frequency, "min_pieces": recipe.vocab.min_pieces}
+    if grow.dry_run:
+        raise _DryRun()
+    if len(found) < grow.wanted:
+        reporter.warn(f"--extend-vocab {grow.wanted}: only {len(found)} word(s) occur at least "
+                      f"{recipe.vocab.min_frequency} times and are cut into {recipe.vocab.min_pieces}+ pieces; "
+                      f"adding {len(found)}")
+    if not chosen:
+        return tokenizer
+    start = len(tokenizer)
+    grown = vocab.extend_tokenizer(tokenizer, [c.token for c in chosen], tmp / vocab.TOKENIZER_DIR)
+    parent = grow.revision.lineage if grow.revision else [tokenizer_sha256(tokenizer)]
+    sha = tokenizer_sha256(grown)
+    grow.report.update(
+        sha256=sha, lineage=[*parent, sha], revision=len(parent), base_size=start, size=len(grown),
+        added=[{**c.to_dict(), "id": start + i} for i, c in enumerate(chosen)],
+        tokens=vocab.token_counts(counts, tokenizer, grown))
+    return grown
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt: str = "auto",
+           text_field: str = "text", recipe: Recipe, reporter: Reporter | None = None,
+           tokenizer: Any = None, allow_unknown: bool = False, extend_vocab: int | None = None,
+           dry_run: bool = False) -> IngestResult:
+    """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``. The caller holds the lock.
+
+    ``tokenizer`` defaults to the tokenizer of the workspace's LATEST version. Returns an
+    ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is written then).
+    Raises ``InputError`` when no path gave any readable text or the tokenizer cannot represent it
+    (see ``coverage``; ``allow_unknown`` lifts the data.unknown_max limit), ``UsageError`` for a bad
+    name or format, or for ``extend_vocab`` on a tokenizer that cannot grow.
+
+    ``tokenizer`` defaults to the line's newest tokenizer revision (``vocab.line_tokenizer``).
+    ``extend_vocab`` (default ``vocab.max_new_tokens``) adds up to that many new words as tokens
+    (``vocab.py``); ``dry_run`` then reports the candidates and writes nothing.
+    """
+
+    reporter = reporter or Quiet()
+    started = time.perf_counter()
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise UsageError("ingest needs at least one PATH (a file, a directory or a glob)")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {shown(fmt)}: use one of {', '.join(FORMATS)}")
+    increment = ws.next_increment(name or readers.default_name(paths[0]))
+    line = vocab.line_tokenizer(ws)
+    tokenizer, revision = line if tokenizer is None else (tokenizer, None)
+    grow = _Growing(recipe.vocab.max_new_tokens if extend_vocab is None else extend_vocab, dry_run, revision)
+    if grow.wanted:
+        vocab.growable_kind(tokenizer)  # refuse before reading anything
+    elif dry_run:
+        raise UsageError("--dry-run shows the words --extend-vocab N would add; give --extend-vocab N "
+                         "(or vocab.max_new_tokens) with it")
+
+    ws.clean_staging()
+    with disk_writes(f"increment {increment}", ws.data):
+        return _ingest_into(ws, increment, paths, recipe, tokenizer, reporter, started, fmt=fmt,
+                            text_field=text_field, allow_unknown=allow_unknown, grow=grow)
+
+
+def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe, tokenizer: Any,
+                 reporter: Reporter, started: float, *, fmt: str, text_field: str,
+                 allow_unknown: bool, grow: _Growing) -> IngestResult:
+    conn = open_index(ws)
+    try:
+        gone, added = recover_index(ws, conn)
+        if gone:
+            reporter.warn(f"removed index rows of increments that were never completed: {', '.join(gone)}")
+        if added:
+            reporter.warn(f"rebuilt the dedup index entries of {', '.join(added)} from their {DOC_HASHES}")
+        tally = Tally()
+        files = _find_sources(paths, tally)
+        done = _already_ingested(conn, files, fmt, text_field)
+        if done:
+            _warn_skips(reporter, tally)
+            message = f"nothing new: all {done[0]} source file(s) were already ingested in {done[1]}"
+            return IngestResult(None, message, documents=_documents(None, tally), skipped=_skipped_summary(tally),
+                                seconds=time.perf_counter() - started)
+        p1 = _Pass1()
+        try:
+            manifest = _write_increment(ws, conn, increment, files, p1, fmt=fmt, text_field=text_field,
+                                        recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter,
+                                        allow_unknown=allow_unknown, grow=grow)
+        except _DryRun:
+            return IngestResult(None, _dry_run_message(grow.report), sources=p1.sources,
+                                documents=_documents(p1, tally), seconds=time.perf_counter() - started,
+                                vocab=grow.report)
+        except _NothingNew:
+            return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
+                                documents=_documents(p1, tally), skipped=_skipped_summary(tally),
+                                duplicates_in=dict(p1.duplicates_in), bytes_read=p1.bytes_read,
+                                seconds=time.perf_counter() - started)
+    finally:
+        conn.close()
+
+    docs, seqs, toks = manifest["documents"], manifest["sequences"], manifest["tokens"]
+    message = (f"{increment}: {docs['kept']:,} documents ({docs['heldout']:,} held out), "
+               f"{seqs['train'] + seqs['heldout']:,} sequences, {toks['train'] + toks['heldout']:,} tokens")
+    return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
+                        skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
+                        bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
+                        unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"),
+                        vocab=manifest.get("vocab") or {})
+
+
+def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
+    """The files to read with their sha256; InputError when there is none."""
+    files = []
+    for src in readers.expand_paths(paths, tally):
+        try:
+            files.append((src, sha256_file(src.real, opener=readers.open_binary)))
+        except OSError as exc:
+            tally.skip_file(src.path, readers.stat_reason(exc))
+    if not files:
+        raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally) or 'no files'}")
+    return files
+
+
+def _already_ingested(conn: sqlite3.Connection, files: list[tuple[SourceFile, str]], fmt: str,
+                      text_field: str) -> tuple[int, str] | None:
+    """(files, increments) when every non-empty file was ingested before, read the same way; else None."""
+    rows = lookup(conn, "SELECT sha256, reader, increment FROM sources WHERE sha256 IN ({marks})",
+                   [sha for _, sha in files])
+    known = {(sha, reader): inc for sha, reader, inc in rows}
+    wanted = [(sha, reader_id(src, fmt, text_field)) for src, sha in files if src.size > 0]
+    if not wanted or not all(key in known for key in wanted):
+        return None
+    return len(wanted), ", ".join(sorted({known[key] for key in wanted}))
+
+
+def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, files: list[tuple[SourceFile, str]],
+                     p1: _Pass1, *, fmt: str, text_field: str, recipe: Recipe, tokenizer: Any, tally: Tally,
+                     reporter: Reporter, allow_unknown: bool, grow: _Growing) -> dict[str, Any]:
+    """Both passes inside a staged folder and one index transaction; return the sealed manifest.
+
+    Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing
+    (``_DryRun`` after choosing the words of a vocabulary dry run).
+    """
+    cls_id, sep_id, pad_id = special_ids(tokenizer)
+    seq_len = recipe.model.max_seq_len
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        with ws.staged_folder(ws.increment_dir(increment)) as tmp:
+            spool = tmp / ".spool"
+            _read_clean_dedup(files, p1, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
+                              conn=conn, spool=spool, tally=tally, reporter=reporter)
+            _warn_skips(reporter, tally)
+            if p1.kept == 0:
+                raise _NothingNew()
+            units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
+            cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
+            if grow.wanted:
+                tokenizer = _grow_tokenizer(tmp, spool, cutoff, tokenizer, recipe, grow, reporter)
+            ids, dtype = _tokenizer_fields(tokenizer, grow), token_dtype(len(tokenizer))
+            segmenter = _segmenter(recipe, spool)
+            splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
+            coverage = Coverage(tokenizer.unk_token_id)
+            try:
+                n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, splits, total=p1.kept,
+                                                    tally=tally, reporter=reporter, coverage=coverage)
+            finally:
+                splits.close()
+            train, heldout = splits.train, splits.heldout
+            if n_train + n_heldout == 0:
+                raise _NothingNew()
+            check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
+                           refuse_above=recipe.data.unknown_max, allow_unknown=allow_unknown, reporter=reporter)
+            spool.with_suffix(".txt").unlink()
+            spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
+            _record_sources(conn, increment, p1)
+            manifest = seal_folder(tmp, base_manifest(
+                "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
+                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **ids, reader={"format": fmt, "text_field": text_field},
+                sources=p1.sources, documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
+                sequences={"train": train.rows, "heldout": heldout.rows},
+                tokens={"train": train.tokens, "heldout": heldout.tokens},
+                doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
+                unknown=coverage.to_dict(),
+                words={"segmenter": segmenter.name, "suffix": WORDS_SUFFIX} if segmenter else None,
+            ))
+            conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
+            fault_point("ingest.before_rename")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return manifest
+
+
+def _record_sources(conn: sqlite3.Connection, increment: str, p1: _Pass1) -> None:
+    conn.executemany("INSERT INTO sources(sha256, increment, reader) VALUES (?, ?, ?)",
+                     [(s["sha256"], increment, s["reader"]) for s in p1.sources])
+    conn.execute("INSERT INTO increments(id) VALUES (?)", (increment,))
+
+
+def _tokenizer_fields(tokenizer: Any, grow: _Growing) -> dict[str, Any]:
+    """The manifest's record of the tokenizer the ids come from: vocabulary size, sha256, the lineage
+    of revisions it extends (vocab.py), and what this ingest added (``vocab``; None when nothing)."""
+    from incr_cli.model.weights import tokenizer_sha256
+
+    grown = bool(grow.report.get("sha256"))
+    lineage = (grow.report["lineage"] if grown else grow.revision.lineage if grow.revision
+               else [tokenizer_sha256(tokenizer)])
+    return {"vocab_size": len(tokenizer), "tokenizer_sha256": lineage[-1], "tokenizer_lineage": lineage,
+            "vocab": grow.report if grown else None}
+
+
+def _dry_run_message(report: dict[str, Any]) -> str:
+    n, found = len(report["added"]), report["candidates"]
+    return f"dry run: {n} of {found} candidate word(s) would be added to the vocabulary; nothing was written"
+
+
+def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:
+    """Why no increment was written; InputError when nothing was readable or every document was rejected."""
+    if not p1.sources and set(tally.files) & _UNREADABLE:
+        raise InputError(f"nothing readable in {_name_paths(paths)}: {_describe_skips(tally)}")
+    if p1.duplicate:
+        return _nothing_new_message(p1)
+    if p1.raw_docs or tally.docs:  # bad UTF-8 or JSON lines are rejected by the reader: not in raw_docs
+        hint = "; check --format and --text-field" if set(tally.docs) & {"malformed_json", "missing_field"} else ""
+        if tally.fields_seen:
+            found = ", ".join(name for name, _ in tally.fields_seen.most_common(5))
+            hint = f"; the records' text fields are {found}: choose one with --text-field"
+        elif "not_an_object" in tally.docs:
+            hint = "; JSON Lines needs one object per line ({\"text\": ...}), not an array: check --format"
+        raise InputError(f"nothing usable in {_name_paths(paths)}: every document read was rejected "
+                         f"({_rejections(tally)}){hint}")
+    return f"nothing to ingest: the input holds no documents ({_describe_skips(tally) or 'blank lines only'})"
+
+
+def _rejections(tally: Tally) -> str:
+    return ", ".join(f"{r}: {n:,}" for r, n in sorted(tally.docs.items())) or "all were blank"

@@ -1,0 +1,178 @@
+"""Pure scoring: masked-token loss, perplexity and accuracy of packed held-out sequences, with masks
+seeded by the increment and the recipe so that every version is scored on the same positions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from incr_cli.config.recipe import Recipe
+from incr_cli.data.shards import open_increment
+from incr_cli.errors import IntegrityError
+from incr_cli.model.heads import MaskedLMHead
+from incr_cli.runtime.device import autocast, inference
+from incr_cli.store.files import sha256_file
+from incr_cli.store.workspace import Workspace
+from incr_cli.training.losses import mlm_loss_sum, topk_correct
+from incr_cli.training.masking import mask_batch, stable_seed, tokenizer_inputs
+
+MASK_CHUNK = 64  # rows masked per generator seed; independent of eval.batch_size
+SCORE_KEYS = ("loss", "perplexity", "accuracy", "top5", "tokens")
+CELL_KEYS = (*SCORE_KEYS, "coverage")  # coverage: the share of masked positions scored (see score_sequences)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torch.Tensor, mask_token_id: int,
+               vocab_size: int, word_starts: torch.Tensor | None = None,
+               continues: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (N, T) long on CPU -> (masked input ids (N, T), positions (N, T) bool), on CPU.
+    ``continues`` (N, T) bool: the word-continuation bits of a segmented increment (see mask_batch).
+
+    Chunk c (rows c*MASK_CHUNK ...) is masked with a generator seeded by stable_seed(eval.seed, key, c),
+    so a row's mask depends only on the settings, the key and its index: not on the device, the
+    batch size or the version being scored.
+    """
+    masked, positions = torch.empty_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
+    for c, start in enumerate(range(0, ids.shape[0], MASK_CHUNK)):
+        gen = torch.Generator().manual_seed(stable_seed(recipe.eval.seed, key, c))
+        batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=special_ids,
+                           mask_token_id=mask_token_id, vocab_size=vocab_size, generator=gen,
+                           word_starts=word_starts,
+                           continues=None if continues is None else continues[start:start + MASK_CHUNK])
+        masked[start:start + MASK_CHUNK] = batch.input_ids
+        positions[start:start + MASK_CHUNK] = batch.positions
+    return masked, positions
+
+
+def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe,
+                    special_ids: Sequence[int] | torch.Tensor, mask_token_id: int, vocab_size: int,
+                    device: torch.device | str, precision: str, pad_id: int | None = None,
+                    word_starts: torch.Tensor | None = None, continues: np.ndarray | None = None,
+                    unk_id: int | None = None, model_vocab: int | None = None,
+                    valid_below: int | None = None) -> dict[str, Any]:
+    """Held-out MLM scores of ``head`` on the first ``recipe.eval.max_sequences`` rows of ids (N, T).
+
+    -> {loss: summed cross-entropy / masked tokens, perplexity: exp(loss), accuracy: top-1 share,
+    top5: top-5 share, tokens: masked tokens}; the float entries are None when nothing was masked
+    (no rows). ``pad_id`` defaults to the model config's; ``word_starts`` (V,) is needed for
+    whole-word masking, ``continues`` (N, T) are a segmented increment's word-continuation bits.
+    The head's training flag is restored afterwards.
+
+    ``vocab_size`` is the increment's vocabulary (random replacements of the masks come from it, so
+    masks never depend on the version). A version with a smaller vocabulary (``model_vocab``: it
+    predates the tokens an increment added) reads the ids it lacks as ``unk_id``, predicts over its
+    own ``model_vocab`` logits, and is not scored at positions whose target it lacks; ``valid_below``
+    excludes the positions whose target id is at or above it (to compare two versions on the
+    positions valid for both). ``coverage`` is the share of the masked positions that were scored.
+    """
+    rows = np.asarray(ids[: recipe.eval.max_sequences])
+    if rows.ndim != 2:
+        raise ValueError(f"score_sequences: ids must be (N, T), got shape {rows.shape}")
+    device = torch.device(device)
+    input_ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)
+    specials = torch.as_tensor(special_ids, dtype=torch.long)
+    bits = None
+    if continues is not None and word_starts is not None:
+        bits = torch.from_numpy(np.asarray(continues[: recipe.eval.max_sequences]).astype(bool))
+    masked, positions = eval_masks(input_ids, key=increment_id, recipe=recipe, special_ids=specials,
+                                   mask_token_id=mask_token_id, vocab_size=vocab_size, word_starts=word_starts,
+                                   continues=bits)
+    pad = pad_id if pad_id is not None else getattr(head.model.config, "pad_token_id", None)
+    attention = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    masked_total = int(positions.sum())
+    positions, masked = _restrict(input_ids, masked, positions, unk_id if unk_id is not None else mask_token_id,
+                                  model_vocab, valid_below)
+
+    loss_sum, top1, top5 = _score_batches(head, input_ids, masked, attention, positions, device=device,
+                                          precision=precision, batch_size=recipe.eval.batch_size,
+                                          model_vocab=model_vocab)
+    tokens = int(positions.sum())
+    coverage = tokens / masked_total if masked_total else None
+    if tokens == 0:
+        return {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0, "coverage": coverage}
+    loss = float(loss_sum) / tokens
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+            "accuracy": int(top1) / tokens, "top5": int(top5) / tokens, "tokens": tokens, "coverage": coverage}
+
+
+def _score_batches(head: MaskedLMHead, input_ids: torch.Tensor, masked: torch.Tensor, attention: torch.Tensor,
+                   positions: torch.Tensor, *, device: torch.device, precision: str, batch_size: int,
+                   model_vocab: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, T) ids, masked input, attention and scored positions -> (summed loss, top-1 hits, top-5
+    hits), on the device; logits cut to ``model_vocab`` when given."""
+    # Sums stay on the device; one sync at the end.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.long, device=device)
+    top5 = torch.zeros((), dtype=torch.long, device=device)
+    # The wrapped model's flag, not the wrapper's: a fresh MaskedLMHead says "training" even
+    # around a model in eval mode, and restoring that would switch dropout on for the caller.
+    with inference(getattr(head, "model", head)):
+        for start in range(0, input_ids.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            pos = positions[sl]
+            if not bool(pos.any()):
+                continue
+            targets = input_ids[sl][pos].to(device)  # (n,) row-major like the head's logits
+            with autocast(device, precision):
+                logits, _ = head(masked[sl].to(device), attention[sl].to(device), pos.to(device))  # (n, V)
+            if model_vocab is not None:
+                logits = logits[:, :model_vocab]  # the version's own vocabulary
+            loss_sum += mlm_loss_sum(logits, targets).double()
+            top1 += topk_correct(logits, targets, 1)
+            top5 += topk_correct(logits, targets, 5)
+    return loss_sum, top1, top5
+
+
+def _restrict(ids: torch.Tensor, masked: torch.Tensor, positions: torch.Tensor, unk_id: int,
+              model_vocab: int | None, valid_below: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, masked, positions (N, T) -> (positions scored, masked input as the version reads it): targets
+    at or above ``model_vocab`` / ``valid_below`` are not scored; input ids the version lacks read as unk_id."""
+    limits = [v for v in (model_vocab, valid_below) if v is not None]
+    if limits:
+        positions = positions & (ids < min(limits))
+    if model_vocab is not None:
+        masked = torch.where(masked >= model_vocab, torch.full_like(masked, unk_id), masked)
+    return positions, masked
+
+
+def read_heldout(ws: Workspace, increment_id: str, *, check: bool = True) -> np.ndarray:
+    """The held-out rows of an increment, (n, seq_len) (a memmap, or empty).
+
+    ``check`` compares heldout.bin's sha256 with the manifest (its size is always checked); the
+    train split is not hashed, since eval never reads it.
+    """
+    shards = open_increment(ws, increment_id, verify=False)
+    record = (shards.manifest.get("files") or {}).get("heldout.bin") or {}
+    if check and sha256_file(ws.increment_dir(increment_id) / "heldout.bin") != record.get("sha256"):
+        raise IntegrityError(f"{increment_id}: heldout.bin does not match its sha256 in the manifest; "
+                             f"it was altered: remove {ws.increment_dir(increment_id)} and ingest again")
+    return shards.heldout
+
+
+def heldout_words(ws: Workspace, increment_id: str) -> np.ndarray | None:
+    """The held-out word-continuation bits of a segmented increment (size checked), else None."""
+    return open_increment(ws, increment_id, verify=False).heldout_words
+
+
+def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe: Recipe, tokenizer: Any,
+                    device: torch.device | str, precision: str) -> dict[str, Any]:
+    """score_sequences on an increment's held-out split (its checksum checked first), masked over the
+    increment's own vocabulary like ``incr eval``."""
+    inputs = tokenizer_inputs(tokenizer, recipe)
+    inputs["vocab_size"] = int(ws.increment_manifest(increment_id).get("vocab_size") or inputs["vocab_size"])
+    return score_sequences(head, read_heldout(ws, increment_id), increment_id=increment_id, recipe=recipe,
+                           device=device, precision=precision, continues=heldout_words(ws, increment_id), **inputs)
+
+
+def held_out_scores(model: torch.nn.Module, tokenizer: Any, ws: Workspace, increments: list[str], recipe: Recipe,
+                    device: torch.device, precision: str) -> dict[str, dict[str, Any]]:
+    """{increment: held-out loss, perplexity, accuracy} of ``model`` (the same masks as `incr eval`)."""
+    head = MaskedLMHead(model)
+    return {inc: {k: v for k, v in score_increment(head, ws, inc, recipe, tokenizer, device, precision).items()
+                  if k in ("loss", "perplexity", "accuracy", "top5", "tokens")} for inc in increments}
