@@ -68,7 +68,8 @@ experiment: $(STAMP)
 	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS))
 
 docs: $(STAMP)
-	$(PY) scripts/gen_recipe_reference.py --write README.md
+	$(PY) scripts/gen_recipe_reference.py --write docs/recipes.md
+	$(PY) scripts/doc_tables.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

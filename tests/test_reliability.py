@@ -1,4 +1,4 @@
-"""The README's reliability tables stay true: every test they name exists, and every test of the
+"""The reliability tables of docs/reliability.md stay true: every test they name exists, and every test of the
 reliability files is named there."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-README = (TESTS.parent / "README.md").read_text(encoding="utf-8")
+README = (TESTS.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
 BLOCK = README.split("<!-- reliability:begin -->")[1].split("<!-- reliability:end -->")[0]
 RELIABILITY_FILES = ("test_faults_train.py", "test_integrity.py", "test_bad_input.py", "test_disk_full.py",
                      "test_ddp_faults.py", "test_campaign.py", "test_fsync_audit.py", "test_line.py",

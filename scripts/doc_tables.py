@@ -1,14 +1,14 @@
-"""README tables from the committed results they were measured into, so a figure in the README is
-always one a file holds: each table sits between
+"""The docs' tables from the committed results they were measured into, so a figure in README.md or a
+page of docs/ is always one a file holds: each table sits between
 
-    <!-- table:NAME begin (scripts/readme_tables.py from results/FILE.json; do not edit) -->
+    <!-- table:NAME begin (scripts/doc_tables.py from results/FILE.json; do not edit) -->
     <!-- table:NAME end -->
 
-and is rendered here from that file (``TABLES``). ``tests/test_docs.py`` fails when the README and
+and is rendered here from that file (``TABLES``). ``tests/test_docs.py`` fails when a page and
 the files disagree.
 
-    python scripts/readme_tables.py           # rewrite the README's tables from results/
-    python scripts/readme_tables.py --check   # exit 1 when any table differs (what the test checks)
+    python scripts/doc_tables.py           # rewrite the pages' tables from results/
+    python scripts/doc_tables.py --check   # exit 1 when any table differs (what the test checks)
 
 Each JSON is written by the script that measured it: results/int8-table.json by
 ``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``,
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def _mb(n: float) -> str:
@@ -138,18 +138,18 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "compress": ("results/compress-check.json", compress_table),
     "vocab": ("results/vocab-growth.json", vocab_table),
 }
-BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) begin \(scripts/readme_tables\.py from (?P<file>[^;]+); "
+BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) begin \(scripts/doc_tables\.py from (?P<file>[^;]+); "
                    r"do not edit\) -->\n)(?P<body>.*?)(<!-- table:(?P=name) end -->)", re.S)
 
 
 def render(text: str) -> tuple[str, list[str]]:
-    """README text with every table block rendered from its file -> (new text, names of the blocks)."""
+    """A page's text with every table block rendered from its file -> (new text, names of the blocks)."""
     names: list[str] = []
 
     def fill(match: re.Match) -> str:
         name, file = match["name"], match["file"]
         if name not in TABLES or TABLES[name][0] != file:
-            raise SystemExit(f"README: table {name!r} from {file}: not in scripts/readme_tables.py's TABLES")
+            raise SystemExit(f"table {name!r} from {file}: not in scripts/doc_tables.py's TABLES")
         names.append(name)
         body = TABLES[name][1](json.loads((REPO / file).read_text(encoding="utf-8")))
         return match.group(1) + body + "\n" + match.group(5)
@@ -161,17 +161,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 when a table differs from its file")
     args = ap.parse_args(argv)
-    text = README.read_text(encoding="utf-8")
-    new, names = render(text)
-    if args.check:
-        if new != text:
-            print("README.md: a table differs from its results file; run python scripts/readme_tables.py",
-                  file=sys.stderr)
-            return 1
-        print(f"README.md: {len(names)} tables match their files ({', '.join(names)})")
-        return 0
-    README.write_text(new, encoding="utf-8")
-    print(f"README.md: rendered {', '.join(names) or 'no tables'}")
+    stale = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        new, names = render(text)
+        if not names:
+            continue
+        shown = page.relative_to(REPO)
+        if args.check:
+            if new != text:
+                stale.append(str(shown))
+            else:
+                print(f"{shown}: {len(names)} tables match their files ({', '.join(names)})")
+            continue
+        page.write_text(new, encoding="utf-8")
+        print(f"{shown}: rendered {', '.join(names)}")
+    if stale:
+        print(f"{', '.join(stale)}: a table differs from its results file; run python scripts/doc_tables.py",
+              file=sys.stderr)
+        return 1
     return 0
 
 
