@@ -4,7 +4,7 @@ page of docs/ is always one a file holds: each table sits between
     <!-- table:NAME begin (scripts/doc_tables.py from results/FILE.json; do not edit) -->
     <!-- table:NAME end -->
 
-and is rendered here from that file (``TABLES``). ``tests/test_docs.py`` fails when a page and
+and is rendered here from that file (``TABLES``). ``tests/docs/test_docs.py`` fails when a page and
 the files disagree.
 
     python scripts/doc_tables.py           # rewrite the pages' tables from results/

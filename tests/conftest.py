@@ -19,7 +19,7 @@ TINY_RECIPE = REPO / "recipes" / "cpu-tiny.yaml"
 @pytest.fixture(autouse=True)
 def _cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """`runtime.precision: auto` resolves as on a CPU without bf16 matrix units in every test, so no
-    test's result depends on this machine's CPU; tests/test_precision.py stubs both answers."""
+    test's result depends on this machine's CPU; tests/runtime/test_precision.py stubs both answers."""
     from incr_cli.runtime import device
 
     monkeypatch.setattr(device, "cpu_has_bf16_matmul", lambda: False)

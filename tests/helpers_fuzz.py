@@ -1,4 +1,4 @@
-"""Hypothesis settings, input strategies and oracles for the fuzz suite (tests/test_fuzz.py).
+"""Hypothesis settings, input strategies and oracles for the fuzz suite (tests/faults/test_fuzz.py).
 
 The oracles restate the documented reading rules in the plainest way (split the whole input on "\\n",
 decode each line strictly), so the streaming readers, with their bounded buffers, gzip and line

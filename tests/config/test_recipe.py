@@ -16,7 +16,7 @@ from incr_cli.config.recipe import (
 )
 from incr_cli.errors import RecipeError
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 def problems_of(data, overrides=()) -> list[str]:

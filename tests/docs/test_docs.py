@@ -10,7 +10,7 @@ from pathlib import Path
 from incr_cli.cli.app import app
 from incr_cli.errors import EXIT_FAILURE, EXIT_LOCKED, EXIT_REJECTED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 PAGES = {p: p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 DOCS = "\n".join(PAGES.values())
@@ -117,3 +117,10 @@ def test_a_figure_that_its_file_does_not_hold_fails_the_check():
     digit = next(i for i, ch in enumerate(body) if ch.isdigit() and i > body.index("\n"))
     edited = text.replace(body, body[:digit] + str((int(body[digit]) + 1) % 10) + body[digit + 1:], 1)
     assert rt.render(edited)[0] != edited  # one digit changed by hand: the rendering puts it back
+
+
+def test_every_file_path_the_docs_name_exists():
+    named = set(re.findall(r"\b((?:tests|scripts|benchmarks|incr_cli|recipes)/[\w/.-]+\.(?:py|yaml|md|json))", DOCS))
+    assert len(named) > 10
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"the docs name files that do not exist: {missing}"

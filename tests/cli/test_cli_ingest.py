@@ -15,7 +15,7 @@ from incr_cli.cli.ingest_cmd import split_overrides
 from incr_cli.errors import EXIT_LOCKED, EXIT_USAGE
 from incr_cli.store.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

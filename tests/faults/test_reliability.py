@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 README = (TESTS.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
 BLOCK = README.split("<!-- reliability:begin -->")[1].split("<!-- reliability:end -->")[0]
 RELIABILITY_FILES = ("test_faults_train.py", "test_integrity.py", "test_bad_input.py", "test_disk_full.py",
@@ -17,8 +17,15 @@ RELIABILITY_FILES = ("test_faults_train.py", "test_integrity.py", "test_bad_inpu
                      "test_fuzz.py")
 
 
+def _path(file: str) -> Path:
+    """The test file of that name in the wing folder that holds it (the table names files, not folders)."""
+    found = list(TESTS.rglob(file))
+    assert len(found) == 1, f"{file}: {len(found)} files of that name under tests/"
+    return found[0]
+
+
 def _test_functions(file: str) -> set[str]:
-    tree = ast.parse((TESTS / file).read_text(encoding="utf-8"))
+    tree = ast.parse(_path(file).read_text(encoding="utf-8"))
     return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
 
@@ -39,6 +46,7 @@ def test_every_parametrized_case_the_table_names_is_collected():
     named = set(re.findall(r"`(test_\w+\.py::test_\w+\[[^\]]+\])`", BLOCK))
     files = sorted({n.split("::")[0] for n in named})
     collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                                *(str(TESTS / f) for f in files)], capture_output=True, text=True, cwd=TESTS.parent)
-    ids = {line.split("tests/", 1)[-1] for line in collected.stdout.splitlines() if "::" in line}
+                                *(str(_path(f)) for f in files)], capture_output=True, text=True, cwd=TESTS.parent)
+    ids = {line.split("::", 1)[0].rsplit("/", 1)[-1] + "::" + line.split("::", 1)[1]
+           for line in collected.stdout.splitlines() if "::" in line}
     assert named and not named - ids, f"README names cases that are not collected: {sorted(named - ids)}"

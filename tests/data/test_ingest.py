@@ -25,7 +25,7 @@ from incr_cli.errors import InputError, UsageError
 from incr_cli.model.weights import load_tokenizer
 from incr_cli.store.workspace import Workspace
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ("the quick brown fox jumps over a lazy dog while emma reads her letters and harriet walks "
          "into the garden with mr knightley who speaks of frank churchill").split()
 

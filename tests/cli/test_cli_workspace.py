@@ -15,7 +15,7 @@ from incr_cli.cli.app import app
 from incr_cli.cli.workspace_cmd import workspace_status
 from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "incr_cli"
 ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 MAX_FUNCTION_LINES = 60
@@ -150,6 +150,16 @@ def test_no_private_name_is_imported_across_modules():
 def _architecture_modules() -> list[str]:
     block = ARCHITECTURE[ARCHITECTURE.index("<!-- modules:begin -->"):ARCHITECTURE.index("<!-- modules:end -->")]
     return re.findall(r"^\| `([^`]+)` \|", block, flags=re.M)
+
+
+def test_the_tests_mirror_the_wings():
+    """One folder of tests a wing, plus faults/, docs/ and project/; no test file left at the top."""
+    tests = ROOT / "tests"
+    assert not list(tests.glob("test_*.py")), "a test file at tests/: move it into its wing's folder"
+    folders = {p.parent.name for p in tests.rglob("test_*.py")}
+    assert folders <= set(WINGS) | {"faults", "docs", "project"}, folders - set(WINGS)
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), "two test files of one name (pytest imports them by basename)"
 
 
 def test_the_architecture_page_lists_every_module_in_wing_order():

@@ -73,7 +73,7 @@ def test_precision_check_compare_passes_within_the_tolerance_only(tmp_path, caps
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     import precision_check
 
     def doc(precision: str, ppl: float) -> Path:

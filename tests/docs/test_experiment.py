@@ -11,7 +11,7 @@ import pytest
 
 from incr_cli.store.workspace import Workspace
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import experiment  # noqa: E402
 
