@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,14 +190,37 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(path)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back at once)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode ``open()`` would (0666 less the umask). safetensors
+    writes its files 0600, so a server running as another user could not read a version's weights."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
+
+
 @contextlib.contextmanager
 def filled_then_renamed(tmp: Path, final: Path, ready: Callable[[], None] | None = None) -> Iterator[Path]:
     """The one way a folder appears whole or not at all: make ``tmp``, yield it to be filled, fsync
     it, call ``ready`` (last checks), rename it to ``final`` and fsync both folders. On any
-    exception ``tmp`` is removed and ``final`` is untouched."""
+    exception ``tmp`` is removed and ``final`` is untouched. Its files get the modes the umask gives."""
     tmp.mkdir()
     try:
         yield tmp
+        umask_modes(tmp)
         fsync_tree(tmp)
         if ready is not None:
             ready()
