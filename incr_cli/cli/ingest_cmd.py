@@ -30,13 +30,16 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def ingest_cmd(
     workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
     paths: Annotated[list[str], typer.Argument(
-        help="Files, directories (read recursively, sorted) and globs; .gz files are decompressed. "
+        help="Files, directories (read recursively, sorted) and globs; .gz, .bz2 and .xz are decompressed. "
              "Recipe overrides section.key=value may follow.", show_default=False)],
     name: Annotated[str | None, typer.Option("--name", help="Increment name (default: the first path's stem).")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help="auto (jsonl for *.jsonl/*.json, else lines), lines (one document per line), "
-                         "paragraphs (blank-line separated) or jsonl.")] = "auto",
-    text_field: Annotated[str, typer.Option("--text-field", help="JSON Lines: the field holding the text.")] = "text",
+        "--format", help="auto (by name: jsonl for *.jsonl/*.json, csv for *.csv, tsv for *.tsv/*.tab, else "
+                         "lines), lines (one document per line), paragraphs (blank-line separated), jsonl, "
+                         "csv or tsv (a header row, then one document a row). gzip, bzip2 and xz are read "
+                         "whatever the name.")] = "auto",
+    text_field: Annotated[str, typer.Option(
+        "--text-field", help="JSON Lines: the field holding the text; CSV/TSV: the column.")] = "text",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
     allow_unknown: Annotated[bool, typer.Option(
         "--allow-unknown", help="Ingest even when more than data.unknown_max of the tokens are unknown ([UNK]) "

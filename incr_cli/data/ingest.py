@@ -23,6 +23,7 @@ and the rename), so a killed ingest leaves no trace and a rerun ingests exactly 
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from array import array
@@ -60,6 +61,7 @@ from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
 # Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden"}
 
 
@@ -83,6 +85,7 @@ class IngestResult:
     unknown: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the increment
     segmenter: str | None = None  # what gave the Chinese word boundaries (segment.py), if any
     vocab: dict[str, Any] = field(default_factory=dict)  # vocabulary growth: candidates, added words, tokens
+    warnings: list[str] = field(default_factory=list)  # input read as asked that may be meant otherwise
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +108,7 @@ class _Pass1:
     sources: list[dict[str, Any]] = field(default_factory=list)
     bytes_read: int = 0
     raw_docs: int = 0
+    warned: int = 0  # how many of the reader's warnings were shown
 
 
 def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, increment: str, fmt: str, text_field: str,
@@ -146,9 +150,14 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
             out.bytes_read += src.size
             flush()  # before the bar moves: its "new docs" count then includes this file's last batch
             shown = _advance(bar, shown, out.bytes_read, out)
+            for warning in tally.warnings[out.warned:]:
+                reporter.warn(warning)
+            out.warned = len(tally.warnings)
             if state.skipped is None or got_text:  # a .gz broken midway still gave documents
+                resolved = readers.resolve_format(src.path, fmt)
                 out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
-                                    "reader": reader_id(src, fmt, text_field)})
+                                    "reader": reader_id(src, fmt, text_field), "format": resolved,
+                                    "text_field": text_field if resolved in FIELD_FORMATS else None})
 
 
 def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite3.Connection, increment: str,
@@ -259,10 +268,14 @@ def _segmenter(recipe: Recipe, spool: Path) -> ChineseWords | None:
     return None
 
 
+FIELD_FORMATS = ("jsonl", "csv", "tsv")  # the formats that read one field of each record
+
+
 def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
-    """How a file was read ("lines", "paragraphs", "jsonl:FIELD"): the same file read another way is new input."""
+    """How a file was read ("lines", "paragraphs", "jsonl:FIELD", "csv:FIELD"): the same file read
+    another way is new input."""
     resolved = readers.resolve_format(src.path, fmt)
-    return f"jsonl:{text_field}" if resolved == "jsonl" else resolved
+    return f"{resolved}:{text_field}" if resolved in FIELD_FORMATS else resolved
 
 
 def _skipped_summary(tally: Tally) -> dict[str, dict[str, Any]]:
@@ -382,6 +395,10 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     paths = [str(p) for p in paths]
     if not paths:
         raise UsageError("ingest needs at least one PATH (a file, a directory or a glob)")
+    urls = [p for p in paths if _URL.match(p)]
+    if urls:
+        raise InputError(f"{shown(urls[0])} is a URL: incr ingest reads local files; download it first "
+                         "(e.g. curl -LO URL) and pass the file")
     if fmt not in FORMATS:
         raise UsageError(f"--format {shown(fmt)}: use one of {', '.join(FORMATS)}")
     increment = ws.next_increment(name or readers.default_name(paths[0]))
@@ -429,7 +446,7 @@ def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe
                                 vocab=grow.report)
         except _NothingNew:
             return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
-                                documents=_documents(p1, tally), skipped=_skipped_summary(tally),
+                                documents=_documents(p1, tally), skipped=_skipped_summary(tally), warnings=tally.warnings,
                                 duplicates_in=dict(p1.duplicates_in), bytes_read=p1.bytes_read,
                                 seconds=time.perf_counter() - started)
     finally:
@@ -442,7 +459,7 @@ def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe
                         skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
                         bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
                         unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"),
-                        vocab=manifest.get("vocab") or {})
+                        vocab=manifest.get("vocab") or {}, warnings=tally.warnings)
 
 
 def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
@@ -559,7 +576,8 @@ def _nothing_written(p1: _Pass1, tally: Tally, paths: list[str]) -> str:
     if p1.duplicate:
         return _nothing_new_message(p1)
     if p1.raw_docs or tally.docs:  # bad UTF-8 or JSON lines are rejected by the reader: not in raw_docs
-        hint = "; check --format and --text-field" if set(tally.docs) & {"malformed_json", "missing_field"} else ""
+        hint = ("; check --format and --text-field"
+                if set(tally.docs) & {"malformed_json", "missing_field", "malformed_csv"} else "")
         if tally.fields_seen:
             found = ", ".join(name for name, _ in tally.fields_seen.most_common(5))
             hint = f"; the records' text fields are {found}: choose one with --text-field"

@@ -7,13 +7,20 @@ Formats (``--format``):
 - ``lines``: one document per line.
 - ``paragraphs``: documents separated by blank lines (the lines of a paragraph are joined).
 - ``jsonl``: one JSON object per line; the document is its ``text_field`` (a string).
-- ``auto``: ``jsonl`` for ``*.jsonl`` / ``*.json`` (also ``.gz``-compressed), ``lines`` otherwise.
+- ``csv`` / ``tsv``: a header row, then one document a row: its ``text_field`` column (quoted
+  newlines, a byte-order mark and fields up to the document limit handled by the ``csv`` module).
+- ``auto``: by the name, a compression suffix aside: ``jsonl`` for ``*.jsonl`` / ``*.json``, ``csv``
+  for ``*.csv``, ``tsv`` for ``*.tsv`` / ``*.tab``, ``lines`` otherwise. A file read as lines whose
+  first line looks like a delimited header is read as asked, with a warning (``header_like``).
+
+Compression is recognised by content, whatever the name: gzip, bzip2 and xz.
 
 Reasons counted per file: ``missing``, ``unreadable``, ``symlink_loop``, ``not_a_file`` (FIFO,
 socket, device), ``hidden`` (a name starting with "." met while walking a directory), ``binary``
-(a NUL byte in the first 8 KB), ``empty``, ``corrupt`` (a broken .gz: documents read before the
-damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``not_an_object`` (a line that
-is JSON but not an object), ``missing_field``, ``too_long``
+(a NUL byte in the first 8 KB), ``empty``, ``corrupt`` (a broken .gz, .bz2 or .xz: documents read
+before the damage are kept). Per document: ``invalid_utf8``, ``malformed_json``, ``not_an_object`` (a line that
+is JSON but not an object), ``missing_field`` (a CSV row without the
+text column counts here too), ``malformed_csv`` (a row the csv module cannot parse), ``too_long``
 (a JSON line over the size limit, which cannot be cut and parsed), ``too_deep`` (a JSON line nesting
 arrays or objects more than ``MAX_JSON_DEPTH`` levels); the first few of each are recorded as
 ``PATH:LINE`` (lines counted by "\n", from 1; a paragraph by its first line).
@@ -21,12 +28,16 @@ arrays or objects more than ``MAX_JSON_DEPTH`` levels); the first few of each ar
 
 from __future__ import annotations
 
+import bz2
+import csv
 import errno
 import glob
 import gzip
 import io
 import json
+import lzma
 import os
+import re
 import stat
 import zlib
 from collections import Counter
@@ -36,7 +47,9 @@ from pathlib import Path
 
 from incr_cli.errors import clip
 
-FORMATS = ("auto", "lines", "paragraphs", "jsonl")
+FORMATS = ("auto", "lines", "paragraphs", "jsonl", "csv", "tsv")
+DELIMITERS = {"csv": ",", "tsv": "\t"}
+COMPRESSED = (".gz", ".bz2", ".xz")
 BINARY_SNIFF_BYTES = 8192
 # Read buffer of every input, plain or decompressed: larger than the sniff, so that one peek sees all
 # of it (a file's default buffer is its block size, often 4 KB).
@@ -59,6 +72,7 @@ class Tally:
     examples: dict[str, list[str]] = field(default_factory=dict)
     doc_examples: dict[str, list[str]] = field(default_factory=dict)
     fields_seen: Counter = field(default_factory=Counter)  # string fields of records missing --text-field
+    warnings: list[str] = field(default_factory=list)  # input read as asked that may be meant otherwise
     max_examples: int = 10
 
     def skip_file(self, path: str, reason: str) -> None:
@@ -174,7 +188,7 @@ def default_name(spec: str) -> str:
         parts = [p for p in Path(spec).parts if not _is_glob(p)]
         spec = parts[-1] if parts else ""
     stem = Path(spec).name
-    for ext in (".gz", ".jsonl", ".json", ".txt", ".text", ".md"):
+    for ext in (*COMPRESSED, ".jsonl", ".json", ".csv", ".tsv", ".tab", ".txt", ".text", ".md"):
         if stem.lower().endswith(ext) and len(stem) > len(ext):
             stem = stem[: -len(ext)]
     clean = "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "-" for c in stem)
@@ -185,8 +199,28 @@ def default_name(spec: str) -> str:
 def resolve_format(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
-    name = path.lower().removesuffix(".gz")
-    return "jsonl" if name.endswith((".jsonl", ".json")) else "lines"
+    name = path.lower()
+    for ext in COMPRESSED:
+        name = name.removesuffix(ext)
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".csv"):
+        return "csv"
+    return "tsv" if name.endswith((".tsv", ".tab")) else "lines"
+
+
+def _decompressed(raw: io.BufferedReader) -> io.BufferedIOBase:
+    """``raw``, or a reader of what it decompresses to when it starts with a gzip, bzip2 or xz header."""
+    magic = raw.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        inner: io.IOBase = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif magic[:3] == b"BZh":
+        inner = bz2.BZ2File(raw, mode="rb")
+    elif magic == b"\xfd7zXZ\x00":
+        inner = lzma.LZMAFile(raw, mode="rb")
+    else:
+        return raw
+    return io.BufferedReader(inner, _READ_BUFFER)  # type: ignore[arg-type]
 
 
 def open_binary(path: str) -> io.BufferedReader:
@@ -246,10 +280,7 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
         return
     with raw:
         try:
-            magic = raw.peek(2)[:2]
-            stream: io.BufferedIOBase = raw
-            if magic == b"\x1f\x8b":
-                stream = io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), _READ_BUFFER)  # type: ignore[arg-type]
+            stream = _decompressed(raw)
             head = stream.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
             if not head or _looks_binary(head):
                 state.skipped = "binary" if head else "empty"
@@ -258,7 +289,10 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
             # 4 bytes per character at most in UTF-8, plus the newline
             limit = MAX_JSON_LINE_BYTES if fmt == "jsonl" else 4 * max_doc_chars + 4
             lines = _Lines(stream, limit)
-            if fmt == "lines":
+            if fmt in DELIMITERS:
+                yield from _read_delimited(stream, src.path, fmt, text_field, 4 * max_doc_chars, tally, raw, state)
+            elif fmt == "lines":
+                _warn_header_like(head, src.path, tally)
                 yield from _read_lines(lines, src.path, tally, raw, state)
             elif fmt == "paragraphs":
                 yield from _read_paragraphs(lines, src.path, max_doc_chars, tally, raw, state)
@@ -266,7 +300,7 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
                 yield from _read_jsonl(lines, src.path, text_field, tally, raw, state)
             else:
                 raise ValueError(f"unknown format {fmt!r}")
-        except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError) as exc:
             state.skipped = "unreadable" if isinstance(exc, PermissionError) else "corrupt"
             tally.skip_file(src.path, state.skipped)
         finally:
@@ -338,6 +372,55 @@ def _read_jsonl(lines: _Lines, path: str, text_field: str, tally: Tally, raw: io
 
 
 MAX_FIELD_SAMPLES = 50  # fields of records without the text field, kept to name them in the error
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+_HEADER_NAME = re.compile(r"[A-Za-z_][\w.-]{0,39}")  # no spaces: prose with a comma is no header
+_COLUMN_NAME = re.compile(r"[^\W\d][\w .-]{0,39}")  # worth naming in an error: short, a word first
+
+
+def _read_delimited(stream: io.BufferedIOBase, path: str, fmt: str, text_field: str, max_chars: int, tally: Tally,
+                    raw: io.BufferedReader, state: ReadState) -> Iterator[tuple[str, bool]]:
+    """CSV or TSV with a header row: each row's ``text_field`` column. A row the csv module cannot
+    parse (or whose field is over ``max_chars``) is rejected and reading goes on at the next one."""
+    csv.field_size_limit(max_chars)  # a longer field is rejected, not held
+    rows = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=""),
+                      delimiter=DELIMITERS[fmt])
+    header = next(rows, None)
+    if header is None:
+        return
+    names = [name.strip() for name in header]
+    column = names.index(text_field) if text_field in names else None
+    if column is None:
+        tally.fields_seen.update(name for name in names if _COLUMN_NAME.fullmatch(name))  # not a row of text
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            tally.reject("too_long" if "field limit" in str(exc) else "malformed_csv", path=path, line=rows.line_num)
+            continue
+        if not rows.line_num & 1023:
+            state.done = raw.tell()
+        if not row:
+            continue  # a blank line
+        if column is None or column >= len(row):
+            tally.reject("missing_field", path=path, line=rows.line_num)
+        elif _NOT_UTF8.search(row[column]):
+            tally.reject("invalid_utf8", path=path, line=rows.line_num)
+        elif row[column].strip():
+            yield row[column], False
+
+
+def _warn_header_like(head: bytes, path: str, tally: Tally) -> None:
+    """Warn when a file about to be read as lines starts like a CSV or TSV header ("id,text"): its
+    header and other columns would become training text."""
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace").lstrip("\ufeff")
+    for fmt, delimiter in DELIMITERS.items():
+        names = first.split(delimiter)
+        if len(names) >= 2 and all(_HEADER_NAME.fullmatch(name.strip()) for name in names):
+            tally.warnings.append(f"{clip(path)} is read as lines, but its first line looks like a {fmt.upper()} "
+                                  f"header ({clip(first, 80)}): pass --format {fmt} to read one column")
+            return
 
 
 def _string_fields(line: bytes) -> list[str]:

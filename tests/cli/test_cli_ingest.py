@@ -64,7 +64,7 @@ def test_ingest_errors_have_exit_codes(tiny_workspace: Workspace, tmp_path: Path
     assert res.exit_code == EXIT_USAGE and "not an incr workspace" in res.stderr
     res = runner.invoke(app, ["ingest", ws, str(tmp_path), "data.heldout_fractoin=0.2"])
     assert res.exit_code == EXIT_USAGE and "did you mean" in res.stderr
-    res = runner.invoke(app, ["ingest", ws, str(tmp_path), "--format", "csv"])
+    res = runner.invoke(app, ["ingest", ws, str(tmp_path), "--format", "xml"])
     assert res.exit_code == EXIT_USAGE and "--format" in res.stderr
 
 

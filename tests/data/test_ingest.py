@@ -370,7 +370,7 @@ def test_bad_name_and_format_are_usage_errors(tiny_workspace: Workspace, tiny_re
     with pytest.raises(UsageError, match="increment name"):
         ingest(tiny_workspace, [src], name="../evil", recipe=tiny_recipe)
     with pytest.raises(UsageError, match="--format"):
-        ingest(tiny_workspace, [src], fmt="csv", recipe=tiny_recipe)
+        ingest(tiny_workspace, [src], fmt="xml", recipe=tiny_recipe)
 
 
 def test_default_name() -> None:

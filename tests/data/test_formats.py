@@ -1,0 +1,119 @@
+"""Input formats beside lines and JSON Lines: CSV and TSV with a header, bzip2 and xz, and the
+mistakes that must not pass silently (a CSV read as lines, a URL, a missing column)."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import lzma
+import os
+from pathlib import Path
+
+import pytest
+
+from incr_cli.config.recipe import Recipe
+from incr_cli.data import readers
+from incr_cli.data.ingest import ingest
+from incr_cli.errors import InputError
+from incr_cli.store.workspace import Workspace
+
+ROWS = [{"id": str(i), "text": f"Row {i} holds \"quotes\", commas, and\na newline inside its field ({i * 7})."}
+        for i in range(40)]
+
+
+def read_all(path: Path, fmt: str = "auto", text_field: str = "text", max_doc_chars: int = 10_000):
+    tally = readers.Tally()
+    (src,) = readers.expand_paths([str(path)], tally)
+    docs = [text for text, _cut in readers.read_documents(src, fmt, text_field, max_doc_chars, tally,
+                                                          readers.ReadState())]
+    return docs, tally
+
+
+def write_csv(path: Path, rows: list[dict[str, str]], *, delimiter: str = ",", bom: bool = False) -> Path:
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        writer = csv.DictWriter(f, list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_auto_reads_a_csv_column_not_its_lines(tmp_path, bom):
+    docs, tally = read_all(write_csv(tmp_path / "data.csv", ROWS, bom=bom))
+    assert docs == [r["text"] for r in ROWS]  # no header, no id column, quoted newlines kept
+    assert not tally.docs and not tally.warnings
+
+
+def test_tsv_by_name_and_csv_by_flag(tmp_path):
+    tsv = write_csv(tmp_path / "data.tab", [{"body": r["text"], "id": r["id"]} for r in ROWS], delimiter="\t")
+    assert read_all(tsv, text_field="body")[0] == [r["text"] for r in ROWS]
+    odd = write_csv(tmp_path / "export.dat", ROWS)
+    assert read_all(odd, fmt="csv")[0] == [r["text"] for r in ROWS]
+
+
+def test_a_missing_column_rejects_every_row_and_names_the_columns(tmp_path):
+    docs, tally = read_all(write_csv(tmp_path / "d.csv", [{"id": "1", "body": "b"}, {"id": "2", "body": "c"}]))
+    assert docs == [] and tally.docs == {"missing_field": 2}
+    assert set(tally.fields_seen) == {"id", "body"}
+
+
+def test_bad_rows_are_counted_and_reading_goes_on(tmp_path):
+    good = [f"good row number {i}" for i in range(3)]
+    body = ("id,text\n" f"1,{good[0]}\n" f"2,\"{'x' * 300}\"\n" f"3,{good[1]}\n").encode()
+    body += b"4,not utf-8 \xff here\n" + f"5,\"{good[2]}\"\n6\n".encode()
+    (tmp_path / "bad.csv").write_bytes(body)
+    docs, tally = read_all(tmp_path / "bad.csv", max_doc_chars=50)  # a field of 300 > 4 * 50 characters
+    assert docs == good
+    assert tally.docs == {"too_long": 1, "invalid_utf8": 1, "missing_field": 1}
+    assert tally.doc_examples["invalid_utf8"] == [f"{tmp_path / 'bad.csv'}:5"]
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"])
+def test_compression_is_recognised_by_content(tmp_path, compress):
+    lines = [f"compressed line {i} of plain text" for i in range(20)]
+    (tmp_path / "data.txt.z").write_bytes(compress(("\n".join(lines) + "\n").encode()))
+    assert read_all(tmp_path / "data.txt.z")[0] == [line + "\n" for line in lines]  # raw lines: cleaning comes later
+    plain = write_csv(tmp_path / "rows.csv", ROWS)
+    (tmp_path / "rows.csv.z").write_bytes(compress(plain.read_bytes()))
+    os.rename(tmp_path / "rows.csv.z", tmp_path / "rows.csv.xz")  # auto goes by the name under the suffix
+    assert read_all(tmp_path / "rows.csv.xz")[0] == [r["text"] for r in ROWS]
+
+
+def test_a_broken_xz_is_corrupt_and_keeps_nothing_false(tmp_path):
+    (tmp_path / "a.txt.xz").write_bytes(lzma.compress(b"one line\n" * 1000)[:40])
+    docs, tally = read_all(tmp_path / "a.txt.xz")
+    assert tally.files == {"corrupt": 1} and all(d == "one line\n" for d in docs)
+
+
+def test_lines_that_start_like_a_header_warn(tmp_path):
+    (tmp_path / "a.txt").write_text("id,text\n1,hello there\n", encoding="utf-8")
+    docs, tally = read_all(tmp_path / "a.txt")
+    assert docs == ["id,text\n", "1,hello there\n"]  # read as asked...
+    assert len(tally.warnings) == 1 and "--format csv" in tally.warnings[0]  # ...and said
+    (tmp_path / "b.txt").write_text("id\ttext\n1\thello\n", encoding="utf-8")
+    assert "--format tsv" in read_all(tmp_path / "b.txt")[1].warnings[0]
+    (tmp_path / "prose.txt").write_text("Call me Ishmael, said he.\nYes,no\n", encoding="utf-8")
+    assert read_all(tmp_path / "prose.txt")[1].warnings == []  # a sentence with a comma is no header
+
+
+def test_ingest_records_the_format_and_field_of_each_source(tiny_workspace: Workspace, tiny_recipe: Recipe,
+                                                           tmp_path: Path) -> None:
+    res = ingest(tiny_workspace, [str(write_csv(tmp_path / "data.csv", ROWS))], recipe=tiny_recipe)
+    assert res.documents["kept"] == len(ROWS)
+    (source,) = tiny_workspace.increment_manifest(res.increment)["sources"]
+    assert source["format"] == "csv" and source["text_field"] == "text" and source["reader"] == "csv:text"
+    again = ingest(tiny_workspace, [str(tmp_path / "data.csv")], fmt="lines", recipe=tiny_recipe)
+    assert again.increment is not None and again.warnings  # the same file read as lines is new input, and warned
+
+
+def test_ingest_names_the_columns_when_the_text_column_is_missing(tiny_workspace, tiny_recipe, tmp_path):
+    path = write_csv(tmp_path / "d.tsv", [{"id": r["id"], "body": r["text"]} for r in ROWS], delimiter="\t")
+    with pytest.raises(InputError, match="fields are (id, body|body, id): choose one with --text-field"):
+        ingest(tiny_workspace, [str(path)], recipe=tiny_recipe)
+    assert tiny_workspace.increments() == []
+
+
+def test_a_url_is_refused_before_anything_is_read(tiny_workspace, tiny_recipe):
+    with pytest.raises(InputError, match="is a URL: .*download it first"):
+        ingest(tiny_workspace, ["https://example.com/corpus.jsonl"], recipe=tiny_recipe)
