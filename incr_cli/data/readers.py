@@ -41,7 +41,7 @@ import re
 import stat
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,7 +290,9 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
             limit = MAX_JSON_LINE_BYTES if fmt == "jsonl" else 4 * max_doc_chars + 4
             lines = _Lines(stream, limit)
             if fmt in DELIMITERS:
-                yield from _read_delimited(stream, src.path, fmt, text_field, 4 * max_doc_chars, tally, raw, state)
+                csv.field_size_limit(4 * max_doc_chars)  # a longer field is rejected, not held
+                yield from _read_delimited(stream, src.path, DELIMITERS[fmt], text_field, tally,
+                                           lambda: setattr(state, "done", raw.tell()))
             elif fmt == "lines":
                 _warn_header_like(head, src.path, tally)
                 yield from _read_lines(lines, src.path, tally, raw, state)
@@ -377,13 +379,13 @@ _HEADER_NAME = re.compile(r"[A-Za-z_][\w.-]{0,39}")  # no spaces: prose with a c
 _COLUMN_NAME = re.compile(r"[^\W\d][\w .-]{0,39}")  # worth naming in an error: short, a word first
 
 
-def _read_delimited(stream: io.BufferedIOBase, path: str, fmt: str, text_field: str, max_chars: int, tally: Tally,
-                    raw: io.BufferedReader, state: ReadState) -> Iterator[tuple[str, bool]]:
+def _read_delimited(stream: io.BufferedIOBase, path: str, delimiter: str, text_field: str, tally: Tally,
+                    mark: Callable[[], None]) -> Iterator[tuple[str, bool]]:
     """CSV or TSV with a header row: each row's ``text_field`` column. A row the csv module cannot
-    parse (or whose field is over ``max_chars``) is rejected and reading goes on at the next one."""
-    csv.field_size_limit(max_chars)  # a longer field is rejected, not held
+    parse (or whose field is over its limit) is rejected and reading goes on at the next one;
+    ``mark`` records how far into the file reading is."""
     rows = csv.reader(io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline=""),
-                      delimiter=DELIMITERS[fmt])
+                      delimiter=delimiter)
     header = next(rows, None)
     if header is None:
         return
@@ -400,7 +402,7 @@ def _read_delimited(stream: io.BufferedIOBase, path: str, fmt: str, text_field: 
             tally.reject("too_long" if "field limit" in str(exc) else "malformed_csv", path=path, line=rows.line_num)
             continue
         if not rows.line_num & 1023:
-            state.done = raw.tell()
+            mark()
         if not row:
             continue  # a blank line
         if column is None or column >= len(row):
