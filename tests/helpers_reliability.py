@@ -192,3 +192,19 @@ def mount_small_disk(folder: Path, size_mb: int):
 def page_bytes(*paths: Path) -> int:
     """What ``paths`` occupy on a tmpfs: whole pages."""
     return sum(-(-p.stat().st_size // PAGE) * PAGE for p in paths)
+
+
+def mount_read_only(source: Path, target: Path):
+    """``source`` seen read-only at ``target`` (a bind mount remounted ro: a real read-only
+    filesystem) -> unmount; pytest.skip where the machine does not allow it (not root, no mount)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    target.mkdir(parents=True, exist_ok=True)
+    for args in (["mount", "--bind", str(source), str(target)], ["mount", "-o", "remount,bind,ro", str(target)]):
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+            pytest.skip(f"cannot mount read-only here: {done.stderr.strip() or done.returncode}")
+    return lambda: subprocess.run(["umount", "-l", str(target)], capture_output=True)

@@ -44,8 +44,8 @@ def eval_cmd(
     Then, over the lineage of LATEST: final average, forgetting, backward and forward transfer.
     With downstream tasks in the recipe (eval.tasks), a versions x tasks table of their scores too.
     Results are cached in WORKSPACE/eval/cache (a repeated eval of unchanged versions loads no model)
-    and every run is kept as WORKSPACE/eval/<UTC time>.json. Eval takes no lock and never writes
-    into version or data folders.
+    and every run is kept as WORKSPACE/eval/<UTC time>.json (a read-only workspace: scored and printed,
+    nothing kept). Eval takes no lock and never writes into version or data folders.
     """
     from incr_cli.scoring import probe
     from incr_cli.scoring import render as eval_report
@@ -64,12 +64,17 @@ def eval_cmd(
     kept = save_result(ws, result, out_file)
     if plot_file is not None:
         eval_report.plot(result, plot_file)
+    if kept is None:
+        out.warn(f"{ws.root} is read-only: the scores are printed, not cached or saved under eval/")
     if json_out:
         out.emit_json(result.to_json())
         return
     eval_report.render(result, out)
     cells = result.cache_hits + result.cache_misses
-    out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; results in {kept}"
+    where = (f"results in {kept}" if kept is not None else
+             f"results not kept: {ws.root} is read-only, so neither the cache nor eval/ was written "
+             "(--out FILE keeps them elsewhere)")
+    out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; {where}"
             + (f"; plot in {plot_file}" if plot_file is not None else ""))
 
 

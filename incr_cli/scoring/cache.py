@@ -14,7 +14,7 @@ from incr_cli.config.recipe import Recipe
 from incr_cli.errors import IntegrityError
 from incr_cli.scoring.score import CELL_KEYS, SCORE_KEYS
 from incr_cli.store.diskspace import disk_writes
-from incr_cli.store.files import atomic_write_text
+from incr_cli.store.files import NOT_WRITABLE, atomic_write_text
 from incr_cli.store.workspace import Workspace
 
 CACHE_FORMAT = 1  # bump when scoring changes, so older cached cells are never reused
@@ -55,6 +55,7 @@ class ScoreCache:
     def __init__(self, folder: Path, enabled: bool = True):
         self.folder = folder
         self.enabled = enabled
+        self.read_only = False  # set when a write found the folder read-only
         self.hits = 0
         self.misses = 0
 
@@ -73,11 +74,16 @@ class ScoreCache:
         return None
 
     def put(self, key: str, scores: dict[str, Any], about: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.read_only:
             return
-        with disk_writes("eval cache", self.folder):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
+        try:
+            with disk_writes("eval cache", self.folder):
+                self.folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.folder / f"{key}.json", json.dumps({"key": key, **about, "scores": scores}) + "\n")
+        except OSError as exc:
+            if exc.errno not in NOT_WRITABLE:
+                raise
+            self.read_only = True  # a read-only workspace: eval scores and prints, and keeps nothing
 
 
 class ScoreBook:

@@ -35,7 +35,7 @@ from incr_cli.scoring.cache import ScoreCache, cache_key, eval_settings, heldout
 from incr_cli.scoring.continual import ContinualSummary, summarize
 from incr_cli.scoring.result import Column, EvalResult, VersionInfo
 from incr_cli.scoring.score import SCORE_KEYS, heldout_words, read_heldout, score_sequences
-from incr_cli.store.files import atomic_write_text
+from incr_cli.store.files import NOT_WRITABLE, atomic_write_text
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.masking import tokenizer_inputs
 
@@ -223,18 +223,24 @@ def _score_cells(ws: Workspace, todo: Cells, scores: dict[str, dict[str, dict[st
                 torch.cuda.empty_cache()
 
 
-def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> Path:
+def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> Path | None:
     """Write the JSON document to ``WORKSPACE/eval/<UTC time>.json`` (atomically; never overwrites
-    an earlier result) and to ``out`` when given -> the path of the copy under eval/."""
+    an earlier result) and to ``out`` when given -> the path of the copy under eval/, or None when
+    the workspace is read-only (``out`` is written all the same)."""
     text = json.dumps(result.to_json(), indent=2) + "\n"
-    ws.eval_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = ws.eval_dir / f"{stamp}.json"
-    n = 1
-    while path.exists():
-        n += 1
-        path = ws.eval_dir / f"{stamp}-{n}.json"
-    atomic_write_text(path, text, what="eval result")
+    path: Path | None = ws.eval_dir / f"{stamp}.json"
+    try:
+        ws.eval_dir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while path.exists():
+            n += 1
+            path = ws.eval_dir / f"{stamp}-{n}.json"
+        atomic_write_text(path, text, what="eval result")
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE:
+            raise
+        path = None
     if out is not None:
         out = Path(out)
         if out.parent and not out.parent.is_dir():

@@ -82,6 +82,9 @@ def path_errors(path: Path, what: str = "cannot be used as a workspace") -> Iter
         raise UsageError(f"{clip(str(path))}: {what} ({exc.strerror or exc})") from None
 
 
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # a read-only filesystem, or permission denied
+
+
 def check_writable(path: Path, option: str) -> None:
     """Fail before minutes of work when ``path`` (an output file option) cannot be written atomically."""
     with path_errors(path, f"{option} cannot be written"):

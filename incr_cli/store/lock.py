@@ -12,9 +12,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from incr_cli.errors import WorkspaceLocked
+from incr_cli.errors import UsageError, WorkspaceLocked, clip
 from incr_cli.store.diskspace import disk_writes
-from incr_cli.store.files import now_iso
+from incr_cli.store.files import NOT_WRITABLE, now_iso
 
 LOCK_FILE = ".incr.lock"
 
@@ -67,7 +67,13 @@ class WorkspaceLock:
         return holder
 
     def acquire(self) -> WorkspaceLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._check_writable()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in NOT_WRITABLE:
+                raise
+            raise self._not_writable(self.path, exc.strerror) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -90,6 +96,20 @@ class WorkspaceLock:
         self._fd = fd
         return self
 
+    def _check_writable(self) -> None:
+        """Refuse, before any work, a workspace this process cannot write (a read-only mount, another
+        user's folders): every writing command takes the lock first, so this is where it is known."""
+        root = self.path.parent
+        for folder in (root, root / "checkpoints", root / "data", root / "staging"):
+            if folder.is_dir() and not os.access(folder, os.W_OK):
+                raise self._not_writable(folder, "read-only file system" if _read_only_mount(folder)
+                                         else "permission denied")
+
+    def _not_writable(self, path: Path, why: str | None) -> UsageError:
+        return UsageError(f"{clip(str(path))}: cannot be written ({(why or 'not writable').lower()}); "
+                          f"'{self.command}' writes into the workspace: run it where the workspace is writable "
+                          f"(or as its owner)")
+
     def release(self) -> None:
         if self._fd is None:
             return
@@ -104,3 +124,10 @@ class WorkspaceLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
