@@ -20,10 +20,14 @@ def embed_cmd(
     out_file: Annotated[Path, typer.Option("--out", help="The .npy file to write (float32, one row per document).",
                                            show_default=False)],
     version: Annotated[str, typer.Option("--version", help="The version to embed with (vNNNN or latest).")] = "latest",
-    pooling: Annotated[str, typer.Option("--pooling", help="mean (over the tokens) or cls (the first token).")] = "mean",
+    pooling: Annotated[str | None, typer.Option(
+        "--pooling", help="mean (over the tokens) or cls (the first token). Default: the pooling the version's "
+                          "sentence-transformers packaging declares, else mean.", show_default=False)] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help="auto (jsonl for *.jsonl/*.json, else lines), lines, paragraphs or jsonl.")] = "auto",
-    text_field: Annotated[str, typer.Option("--text-field", help="JSON Lines: the field holding the text.")] = "text",
+        "--format", help="auto (by name: jsonl, csv, tsv, else lines), lines, paragraphs, jsonl, csv or tsv, "
+                         "as ingest reads them.")] = "auto",
+    text_field: Annotated[str, typer.Option(
+        "--text-field", help="JSON Lines: the field holding the text; CSV/TSV: the column.")] = "text",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Texts per forward pass.")] = 64,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: runtime.device).",
                                                show_default=False)] = None,

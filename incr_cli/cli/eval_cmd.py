@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -64,17 +64,22 @@ def eval_cmd(
     kept = save_result(ws, result, out_file)
     if plot_file is not None:
         eval_report.plot(result, plot_file)
+    _show(out, result, ws, kept, plot_file)
+
+
+def _show(out: Output, result: Any, ws: Workspace, kept: Path | None, plot_file: Path | None) -> None:
     if kept is None:
-        out.warn(f"{ws.root} is read-only: the scores are printed, not cached or saved under eval/")
-    if json_out:
+        out.warn(f"{ws.root} is read-only: the scores are printed, not cached or saved under eval/ "
+                 "(--out FILE keeps them elsewhere)")
+    if out.json_mode:
         out.emit_json(result.to_json())
         return
+    from incr_cli.scoring import render as eval_report
+
     eval_report.render(result, out)
     cells = result.cache_hits + result.cache_misses
-    where = (f"results in {kept}" if kept is not None else
-             f"results not kept: {ws.root} is read-only, so neither the cache nor eval/ was written "
-             "(--out FILE keeps them elsewhere)")
-    out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; {where}"
+    out.log(f"{cells} cells ({result.cache_hits} from the cache) in {result.seconds:.1f}s; "
+            + (f"results in {kept}" if kept is not None else "results not kept")
             + (f"; plot in {plot_file}" if plot_file is not None else ""))
 
 

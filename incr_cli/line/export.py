@@ -34,6 +34,7 @@ import yaml
 from incr_cli import __version__
 from incr_cli.errors import UsageError
 from incr_cli.faults import fault_point
+from incr_cli.model.packaging import packaging_files
 from incr_cli.store.files import folder_beside, folder_bytes
 from incr_cli.store.workspace import Workspace
 
@@ -116,6 +117,10 @@ def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype
     card = model_card(ws, name, fmt)
     with folder_beside(out, "incr-export") as tmp:
         write_weights(model, tokenizer, tmp, fmt)
+        if fmt not in ONNX_FORMATS:  # SentenceTransformer(out) loads it as the model it was
+            for rel, data in packaging_files(ws.version_dir(name)).items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         fault_point("export.write")
     return ExportResult(out, name, fmt, folder_bytes(out), sorted(p.name for p in out.iterdir()))

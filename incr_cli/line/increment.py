@@ -27,6 +27,7 @@ from incr_cli.faults import fault_point
 from incr_cli.methods import get_strategy, loss_terms, plan_increment, reported_loss_names
 from incr_cli.methods.base import Strategy, StrategyInputs
 from incr_cli.model import vocab
+from incr_cli.model.packaging import packaging_files
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.runtime import device as devices
 from incr_cli.runtime import distributed
@@ -563,7 +564,7 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     }
     log = "".join(json.dumps(line) + "\n" for line in state.log)
     extra = {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(), "train_log.jsonl": log.encode(),
-             **s.strategy.version_files(s.strategy_inputs(Quiet()))}
+             **s.strategy.version_files(s.strategy_inputs(Quiet())), **packaging_files(ws.version_dir(plan.parent))}
     run.model.eval()
     fault_point("train.version_write")
     sealed = models.save_version(ws, version, run.model, s.tokenizer, _version_manifest(s, state, metrics), extra)

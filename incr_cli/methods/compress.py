@@ -33,6 +33,7 @@ from torch import nn
 from incr_cli.config.recipe import Recipe, recipe_to_dict
 from incr_cli.data.shards import IncrementShards, open_increment
 from incr_cli.errors import UsageError
+from incr_cli.model.packaging import packaging_files
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.runtime import device as devices
 from incr_cli.store.files import folder_beside
@@ -206,8 +207,12 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
         new = Workspace(tmp)
         shutil.copy2(ws.recipe_path, new.recipe_path)
         _copy_data(ws, new)
+        # the packaging's pooling holds for a student of the teacher's width (its dimension is named there)
+        teacher = ws.version_dir(manifest["teacher"]["version"])
+        width = json.loads((teacher / "config.json").read_text(encoding="utf-8")).get("hidden_size")
+        packaging = packaging_files(teacher) if student.config.hidden_size == width else {}
         save_version(new, "v0000", student, tokenizer, manifest,
-                     {"metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
+                     {**packaging, "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode()})
         new.move_latest("v0000", command="compress", reason=f"student distilled from {ws.root}")
         shutil.rmtree(new.staging, ignore_errors=True)  # its verify cache names the temporary paths
 

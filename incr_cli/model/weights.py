@@ -28,6 +28,7 @@ from incr_cli import __version__
 from incr_cli.config.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.errors import IntegrityError, UsageError, clip, shown
 from incr_cli.faults import fault_point
+from incr_cli.model.packaging import packaging_files
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.store.diskspace import disk_writes, tensor_bytes
 from incr_cli.store.files import atomic_write_text, path_errors, read_manifest, safe_relpath
@@ -57,6 +58,7 @@ class LoadedBase:
     tokenizer: Any  # a fast tokenizer
     source_info: dict[str, Any]
     head_initialised: bool
+    folder: Path | None = None  # where a local or packaged base was read from (its packaging files)
 
 
 @dataclass
@@ -311,7 +313,7 @@ def _local_dir(folder: Path, recipe: Recipe, allow_pickle: bool, reporter: Repor
     head_initialised, missing = _head_initialised(model, info, reporter, where)
     source_info = {"kind": "local", "spec": str(folder), "path": str(folder.resolve()),
                    "architecture": type(model).__name__, "missing_keys": missing[:20]}
-    return LoadedBase(model, tokenizer, source_info, head_initialised)
+    return LoadedBase(model, tokenizer, source_info, head_initialised, folder)
 
 
 def _hub(model_id: str, recipe: Recipe, allow_pickle: bool, reporter: Reporter) -> LoadedBase:
@@ -498,6 +500,7 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
             replaced = _check_replaceable(ws, force)
             reporter.log(f"loading base {base}")
             loaded = resolve_base(base, recipe, allow_pickle=allow_pickle, reporter=reporter)
+            packaging = packaging_files(loaded.folder) if loaded.folder is not None else {}  # before --force removes
             if replaced:
                 for name in ("LATEST", "recipe.yaml", HISTORY_FILE, CURRENT_LINK):
                     (ws.root / name).unlink(missing_ok=True)
@@ -510,7 +513,7 @@ def init_workspace(root: Path | str, base: str, recipe: Recipe, *, force: bool =
                         "status": "base", "promoted": True, "recipe": recipe_to_dict(recipe),
                         "seeds": {"init": INIT_SEED} if loaded.head_initialised else {},
                         "software": software_versions(), "device": "cpu"}
-            sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest)
+            sealed = save_version(ws, "v0000", loaded.model, loaded.tokenizer, manifest, packaging)
             fault_point("init.latest")
             ws.move_latest("v0000", command="init", reason=f"base {base}")
     except BaseException:

@@ -29,6 +29,7 @@ from torch import nn
 from incr_cli.config.recipe import Recipe
 from incr_cli.data.shards import IncrementShards
 from incr_cli.errors import InputError, UsageError
+from incr_cli.model.packaging import declared_pooling
 from incr_cli.progress import ProgressLike, Quiet, Reporter
 from incr_cli.runtime.device import autocast, inference, resolve_device
 from incr_cli.store.files import atomic_write_bytes
@@ -263,15 +264,21 @@ def read_inputs(paths: Sequence[str], *, fmt: str, text_field: str, recipe: Reci
 
 
 def embed_files(ws: Workspace, version: str, paths: Sequence[str], out: Path, *, recipe: Recipe, fmt: str = "auto",
-                text_field: str = "text", pooling: str = "mean", batch_size: int = 64, device: str | None = None,
+                text_field: str = "text", pooling: str | None = None, batch_size: int = 64, device: str | None = None,
                 reporter: Reporter | None = None) -> EmbedResult:
     """Embed the documents of ``paths`` with ``version`` and write them to ``out`` (.npy, atomically).
+
+    ``pooling`` defaults to the one the version's sentence-transformers packaging declares
+    (``packaging.declared_pooling``), else mean.
 
     Row i is the i-th document: INPUTs in argument order, a folder's files sorted, documents in
     file order (as ``incr ingest`` reads them, without its dedup or held-out split)."""
     from incr_cli.model.weights import load_version
 
     reporter = reporter or Quiet()
+    if pooling is None:
+        declared = declared_pooling(ws.version_dir(version))
+        pooling = declared.mode if declared else "mean"
     if pooling not in POOLINGS:
         raise UsageError(f"--pooling {pooling}: use one of {', '.join(POOLINGS)}")
     if out.suffix != ".npy":
