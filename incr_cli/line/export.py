@@ -114,7 +114,7 @@ def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype
     name = ws.resolve_version(version)
     ws.require_weights(name)
     model, tokenizer = models.load_version(ws, name)  # checksums first
-    card = model_card(ws, name, fmt)
+    card = model_card(ws, name, fmt, str(out.resolve()))
     with folder_beside(out, "incr-export") as tmp:
         write_weights(model, tokenizer, tmp, fmt)
         if fmt not in ONNX_FORMATS:  # SentenceTransformer(out) loads it as the model it was
@@ -226,8 +226,12 @@ def _write_graphs(model: Any, folder: Path, quantize: str | None) -> list[Path]:
 # ----------------------------------------------------------------------------- the model card
 
 
-def model_card(ws: Workspace, version: str, fmt: str) -> str:
-    """README.md in the Hub's format: YAML metadata, then lineage, data, recipe, scores, forgetting."""
+UNKNOWN_LICENSE = "unknown"
+
+
+def model_card(ws: Workspace, version: str, fmt: str, where: str) -> str:
+    """README.md in the Hub's format: YAML metadata, then use, lineage, data, scores, tasks, recipe.
+    ``where`` is the folder or repository id the usage snippet loads from."""
     manifest = ws.version_manifest(version)
     lineage = ws.lineage(version)
     source = manifest.get("source") or {}
@@ -235,12 +239,18 @@ def model_card(ws: Workspace, version: str, fmt: str) -> str:
     if source.get("kind") == "hub":
         meta["base_model"] = source.get("id")
     meta["tags"] = ["incr", "continual-learning", "masked-lm"]
-    front = yaml.safe_dump(meta, sort_keys=False) + "license:  # fill in: the license of the base model and your data\n"
+    license_id = source.get("license") or UNKNOWN_LICENSE
+    meta["license"] = license_id
+    front = yaml.safe_dump(meta, sort_keys=False)
+    if license_id == UNKNOWN_LICENSE:
+        front += "# license unknown: the base's card names none; set it (and your data's terms) before publishing\n"
+    packaged = bool(packaging_files(ws.version_dir(version))) and fmt not in ONNX_FORMATS
+    use = (_ONNX_USE if fmt in ONNX_FORMATS else _HF_USE + (_ST_USE if packaged else "")).replace(_WHERE, where)
     parts = [f"---\n{front}---\n",
              f"# {ws.root.name} {version}\n",
              f"A masked-language model trained continually with incr {__version__}: {len(lineage) - 1} increment(s) "
              f"on top of {_describe(source)}. {_FORMATS.get(fmt, f'Weights exported as {fmt}.')}\n",
-             "## Use\n", _ONNX_USE if fmt in ONNX_FORMATS else _HF_USE,
+             "## Use\n", use,
              "## Lineage\n", _lineage_table(ws, lineage),
              "## Data increments\n", _data_table(ws, manifest.get("trained_on") or []),
              "## Held-out scores and forgetting\n", _scores_table(ws, lineage),
@@ -254,8 +264,12 @@ _GRAPHS = ("`model.onnx` gives fill-mask logits, `encoder.onnx` hidden states an
 _FORMATS = {"onnx-fp32": f"Exported as fp32 ONNX graphs for serving with ONNX Runtime: {_GRAPHS}",
             "int8": f"Exported as ONNX graphs with int8 weights (ONNX Runtime dynamic quantisation) for CPU serving: "
                     f"{_GRAPHS}"}
+_WHERE = "PATH/TO/THIS/FOLDER"  # replaced by the export's folder, or the repository id it is pushed to
 _HF_USE = ("```python\nfrom transformers import pipeline\n\nfill = pipeline(\"fill-mask\", "
            "model=\"PATH/TO/THIS/FOLDER\")\n```\n")
+_ST_USE = ("\nIt keeps its sentence-transformers packaging (pooling, normalisation):\n\n```python\n"
+           "from sentence_transformers import SentenceTransformer\n\n"
+           "embeddings = SentenceTransformer(\"PATH/TO/THIS/FOLDER\").encode([\"a sentence\"])\n```\n")
 _ONNX_USE = """```python
 import onnxruntime as ort
 from transformers import AutoTokenizer

@@ -21,6 +21,25 @@ TOP_FILES = (MODULES, "sentence_bert_config.json", "config_sentence_transformers
 MAX_MODULE_BYTES = 256 << 20  # a dense layer's weights are a few MB; refuse to copy something absurd
 
 
+def card_license(folder: Path) -> str | None:
+    """The ``license:`` of a model folder's card (README.md's YAML front matter), or of its config."""
+    import yaml
+
+    try:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+        if text.startswith("---"):
+            meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+            if isinstance(meta, dict) and isinstance(meta.get("license"), str) and meta["license"].strip():
+                return meta["license"].strip()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, IndexError):
+        pass
+    try:
+        found = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("license")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found.strip() if isinstance(found, str) and found.strip() else None
+
+
 def packaging_files(folder: Path) -> dict[str, bytes]:
     """{relative path: bytes} of the sentence-transformers files in ``folder`` ({} when it has none)."""
     if not (folder / MODULES).is_file():

@@ -28,7 +28,7 @@ from incr_cli import __version__
 from incr_cli.config.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 from incr_cli.errors import IntegrityError, UsageError, clip, shown
 from incr_cli.faults import fault_point
-from incr_cli.model.packaging import packaging_files
+from incr_cli.model.packaging import card_license, packaging_files
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.store.diskspace import disk_writes, tensor_bytes
 from incr_cli.store.files import atomic_write_text, path_errors, read_manifest, safe_relpath
@@ -312,7 +312,7 @@ def _local_dir(folder: Path, recipe: Recipe, allow_pickle: bool, reporter: Repor
     _require_fast(tokenizer, where)
     head_initialised, missing = _head_initialised(model, info, reporter, where)
     source_info = {"kind": "local", "spec": str(folder), "path": str(folder.resolve()),
-                   "architecture": type(model).__name__, "missing_keys": missing[:20]}
+                   "architecture": type(model).__name__, "missing_keys": missing[:20], "license": card_license(folder)}
     return LoadedBase(model, tokenizer, source_info, head_initialised, folder)
 
 

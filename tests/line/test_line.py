@@ -273,7 +273,8 @@ def test_export_writes_a_loadable_folder_with_a_model_card(line, tmp_path):
     card = (full / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "fill-mask"
-    assert "license" in meta and meta["license"] is None  # left for the user
+    assert meta["license"] == "unknown"  # a scratch base has no card: the user sets it before publishing
+    assert "PATH/TO" not in card and f'model="{full.resolve()}"' in card
     for fragment in ("## Lineage", "| v0002 | v0001 | promoted |", "d0002-fortunes", "## Recipe", "forgetting"):
         assert fragment in card, fragment
     model = AutoModelForMaskedLM.from_pretrained(str(half))

@@ -96,3 +96,21 @@ def test_the_export_loads_in_sentence_transformers_with_incr_embeds_vectors(st_l
     theirs = model.encode(TEXTS, convert_to_numpy=True)
     assert theirs.shape == ours.shape == (len(TEXTS), 32)
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+def test_the_card_names_the_base_license_and_loads_from_where_it_is(tmp_path, tiny_recipe_path):
+    base = write_st_model(tmp_path / "base")
+    (base / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# a base\n")
+    incr_cli.init(tmp_path / "ws", base=str(base), recipe=tiny_recipe_path)
+    incr_cli.export(tmp_path / "ws", tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "license: apache-2.0" in meta and "unknown" not in meta
+    assert "PATH/TO" not in card and f'pipeline("fill-mask", model="{tmp_path / "out"}")' in card
+    assert f'SentenceTransformer("{tmp_path / "out"}")' in card
+
+
+def test_a_card_without_a_known_license_says_so(st_line):
+    _, _, out = st_line  # its base has no card
+    meta = (out / "README.md").read_text().split("---")[1]
+    assert "license: unknown" in meta and "set it (and your data's terms) before publishing" in meta
