@@ -131,10 +131,44 @@ def export(
                 f"pipeline('fill-mask', model={where!r})")
 
 
+def push(
+    workspace: WorkspaceArg,
+    repo_id: Annotated[str, typer.Argument(help="The Hub repository: NAME or OWNER/NAME.", show_default=False)],
+    version: Annotated[str | None, typer.Option("--version", help="The version to publish (default: LATEST).",
+                                                show_default=False)] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    license_id: Annotated[str | None, typer.Option(
+        "--license", help="The license to declare (e.g. apache-2.0); needed when the base's card names none.",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be sent; send nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish a version to the Hugging Face Hub: its export (weights, tokenizer, sentence-transformers
+    packaging) with a model card naming REPO_ID, in one commit. The token comes from HF_TOKEN or
+    `hf auth login`, the endpoint from HF_ENDPOINT. Exit 2 without a token, offline, with an
+    unknown license and no --license, or when the Hub refuses or cannot be reached."""
+    from incr_cli.line.push import push_version
+
+    out = Output(json_out)
+    result = push_version(Workspace.open(workspace), version, repo_id, private=private, license_id=license_id,
+                          dry_run=dry_run)
+    if json_out:
+        out.emit_json(result.to_json())
+        return
+    out.table(f"{result.version} -> {repo_id}" + (" (dry run)" if dry_run else ""), ["file", "bytes"],
+              [[name, human_bytes(size)] for name, size in result.files.items()])
+    if dry_run:
+        out.log(f"dry run: {len(result.files)} files ({human_bytes(sum(result.files.values()))}) would be sent to "
+                f"{repo_id}, license {result.license}; nothing was sent")
+    else:
+        out.log(f"pushed {result.version} to {result.url} ({result.commit})")
+
+
 def register(app: typer.Typer) -> None:
-    """Add promote, rollback and history to the app."""
+    """Add promote, rollback, history, gc, export and push to the app."""
     app.command("promote")(guarded(promote))
     app.command("rollback")(guarded(rollback))
     app.command("history")(guarded(history))
     app.command("gc")(guarded(gc))
     app.command("export")(guarded(export))
+    app.command("push")(guarded(push))

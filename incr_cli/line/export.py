@@ -229,9 +229,10 @@ def _write_graphs(model: Any, folder: Path, quantize: str | None) -> list[Path]:
 UNKNOWN_LICENSE = "unknown"
 
 
-def model_card(ws: Workspace, version: str, fmt: str, where: str) -> str:
+def model_card(ws: Workspace, version: str, fmt: str, where: str, license_id: str | None = None) -> str:
     """README.md in the Hub's format: YAML metadata, then use, lineage, data, scores, tasks, recipe.
-    ``where`` is the folder or repository id the usage snippet loads from."""
+    ``where`` is the folder or repository id the usage snippet loads from; ``license_id`` overrides
+    the license recorded from the base's card."""
     manifest = ws.version_manifest(version)
     lineage = ws.lineage(version)
     source = manifest.get("source") or {}
@@ -239,7 +240,7 @@ def model_card(ws: Workspace, version: str, fmt: str, where: str) -> str:
     if source.get("kind") == "hub":
         meta["base_model"] = source.get("id")
     meta["tags"] = ["incr", "continual-learning", "masked-lm"]
-    license_id = source.get("license") or UNKNOWN_LICENSE
+    license_id = license_id or source.get("license") or UNKNOWN_LICENSE
     meta["license"] = license_id
     front = yaml.safe_dump(meta, sort_keys=False)
     if license_id == UNKNOWN_LICENSE:
