@@ -10,7 +10,8 @@ Every function takes the workspace path first, takes the workspace lock itself w
 returns a typed result and raises the typed errors of ``incr_cli.errors`` (each has the CLI's exit
 code as ``.exit_code``: 2 usage or input, 75 locked, 1 failure). It is silent unless given
 ``on_message``, a callable that receives each line the CLI would log (warnings start with
-"warning: "). A gate rejection is not an error here: the version is written, and the result says
+"warning: "), or a ``reporter`` (``incr_cli.progress.Reporter``: the CLI passes its rich / plain /
+JSON output, so each command is argument parsing and rendering over these functions). A gate rejection is not an error here: the version is written, and the result says
 ``promoted=False`` with the failed checks in ``metrics["gate"]``.
 
 Heavy modules (torch, transformers) are imported inside the functions that need them, so that
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from incr_cli.config.recipe import Recipe, load_recipe
 from incr_cli.errors import GateRejected
-from incr_cli.progress import ProgressLike, Quiet
+from incr_cli.progress import ProgressLike, Quiet, Reporter
 from incr_cli.store.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -64,32 +65,37 @@ class _Forward(Quiet):
             yield bar
 
 
+def _reporter(reporter: Reporter | None, on_message: OnMessage | None) -> Reporter:
+    return reporter if reporter is not None else _Forward(on_message)
+
+
 def _recipe(ws: Workspace, recipe: str | Path | None, overrides: Sequence[str]) -> Recipe:
     return load_recipe(Path(recipe) if recipe is not None else ws.recipe_path, list(overrides))
 
 
 def init(workspace: str | Path, base: str, *, recipe: str | Path | None = None, overrides: Sequence[str] = (),
-         force: bool = False, allow_pickle: bool = False, on_message: OnMessage | None = None) -> InitResult:
+         force: bool = False, allow_pickle: bool = False, on_message: OnMessage | None = None,
+         reporter: Reporter | None = None) -> InitResult:
     """``incr init``: a workspace at ``workspace`` with ``base`` as v0000 -> ``InitResult`` (``.version``)."""
     from incr_cli.model.weights import init_workspace
 
     resolved = load_recipe(Path(recipe) if recipe is not None else None, list(overrides))
     return init_workspace(workspace, base, resolved, force=force, allow_pickle=allow_pickle,
-                          reporter=_Forward(on_message))
+                          reporter=_reporter(reporter, on_message))
 
 
 def ingest(workspace: str | Path, paths: Iterable[str | Path], *, name: str | None = None, fmt: str = "auto",
-           text_field: str = "text", overrides: Sequence[str] = (), on_message: OnMessage | None = None,
-           **options: Any) -> IngestResult:
+           text_field: str = "text", overrides: Sequence[str] = (), recipe: str | Path | None = None,
+           on_message: OnMessage | None = None, reporter: Reporter | None = None, **options: Any) -> IngestResult:
     """``incr ingest``: ``paths`` as the next increment -> ``IngestResult`` (``.increment`` None when
     nothing new). ``options``: ``allow_unknown``, ``extend_vocab``, ``dry_run`` as on the CLI."""
     from incr_cli.data.ingest import ingest as ingest_paths
 
     ws = Workspace.open(workspace)
-    resolved = _recipe(ws, None, overrides)
+    resolved = _recipe(ws, recipe, overrides)
     with ws.lock("ingest"):
         return ingest_paths(ws, [str(p) for p in paths], name=name, fmt=fmt, text_field=text_field,
-                            recipe=resolved, reporter=_Forward(on_message), **options)
+                            recipe=resolved, reporter=_reporter(reporter, on_message), **options)
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,12 @@ class Increment:
     promoted: bool
     message: str
     metrics: dict[str, Any] | None = field(default=None, repr=False)
+    plan: Any = field(default=None, repr=False)  # training.plan.IncrementPlan: what was (or would be) trained
+    recipe: Recipe | None = field(default=None, repr=False)  # the resolved recipe it ran with
+
+    @property
+    def nothing_to_train(self) -> bool:
+        return self.plan is not None and self.plan.nothing_to_train
 
     @property
     def metrics_path(self) -> Path | None:
@@ -116,17 +128,26 @@ class Increment:
 
 
 def train_increment(workspace: str | Path, *, overrides: Sequence[str] = (), recipe: str | Path | None = None,
-                    parent: str | None = None, on_message: OnMessage | None = None) -> Increment:
+                    parent: str | None = None, dry_run: bool = False, on_message: OnMessage | None = None,
+                    reporter: Reporter | None = None) -> Increment:
     """``incr train-increment``: train what is pending into a new version, gate it, promote it when
     it passes -> ``Increment``. Raises ``TrainingFailed`` (non-finite loss, out of memory),
-    ``WorkspaceLocked``, ``Interrupted``; rerunning after a crash resumes, as on the CLI."""
+    ``WorkspaceLocked``, ``Interrupted``; rerunning after a crash resumes, as on the CLI. ``dry_run``
+    plans and trains nothing. Under torchrun every rank calls it; rank 0 takes the lock and writes."""
+    from contextlib import nullcontext
+
     from incr_cli.line.increment import train_increment as train
+    from incr_cli.runtime import distributed
 
     ws = Workspace.open(workspace)
     resolved = _recipe(ws, recipe, overrides)
+    report = _reporter(reporter, on_message)
+    if dry_run:
+        result = train(ws, resolved, parent=parent, reporter=report, dry_run=True)
+        return Increment(ws.root, result.plan.parent, None, False, result.message, None, result.plan, resolved)
     try:
-        with ws.lock("train-increment"):
-            result = train(ws, resolved, parent=parent, reporter=_Forward(on_message))
+        with ws.lock("train-increment") if distributed.env_rank() == 0 else nullcontext():
+            result = train(ws, resolved, parent=parent, reporter=report)
     except GateRejected as exc:
         result = getattr(exc, "result", None)
         if result is None:
@@ -134,44 +155,50 @@ def train_increment(workspace: str | Path, *, overrides: Sequence[str] = (), rec
         message = str(exc)
     else:
         message = result.message
-    return Increment(ws.root, result.plan.parent, result.version, result.promoted, message, result.metrics)
+    return Increment(ws.root, result.plan.parent, result.version, result.promoted, message, result.metrics,
+                     result.plan, resolved)
 
 
 def evaluate(workspace: str | Path, *, versions: str = "promoted", data: str | None = None,
-             texts: Sequence[str | Path] = (), overrides: Sequence[str] = (), device: str | None = None,
-             use_cache: bool = True, on_message: OnMessage | None = None) -> EvalResult:
+             texts: Sequence[str | Path] = (), overrides: Sequence[str] = (), recipe: str | Path | None = None,
+             device: str | None = None, use_cache: bool = True, out: str | Path | None = None,
+             on_message: OnMessage | None = None, reporter: Reporter | None = None) -> EvalResult:
     """``incr eval``: score versions on every increment's held-out split (and ``texts``), with the
     recipe's downstream tasks -> ``EvalResult`` (``.scores[version][increment]``, ``.summaries``,
-    ``.tasks``). Saved under ``WS/eval/`` as the CLI does; takes no lock."""
+    ``.tasks``). Saved under ``WS/eval/`` as the CLI does (``.saved``; None on a read-only
+    workspace) and to ``out`` when given; takes no lock."""
     from incr_cli.scoring import probe
     from incr_cli.scoring.evaluate import evaluate as score
     from incr_cli.scoring.evaluate import save_result, select_increments, select_versions
 
     ws = Workspace.open(workspace)
-    resolved = _recipe(ws, None, overrides)
-    reporter = _Forward(on_message)
-    tasks = probe.load_tasks(resolved)
+    resolved = _recipe(ws, recipe, overrides)
+    report = _reporter(reporter, on_message)
+    tasks = probe.load_tasks(resolved)  # a bad task file fails first
+    chosen = select_versions(ws, versions)
     increments = [] if data is None and texts else select_increments(ws, data)
-    result = score(ws, select_versions(ws, versions), increments, resolved, texts=[Path(t) for t in texts],
-                   device=device, reporter=reporter, use_cache=use_cache)
-    probe.add_task_scores(ws, result, resolved, tasks, reporter=reporter, use_cache=use_cache)
-    save_result(ws, result)
+    result = score(ws, chosen, increments, resolved, texts=[Path(t) for t in texts], device=device, reporter=report,
+                   use_cache=use_cache)
+    probe.add_task_scores(ws, result, resolved, tasks, reporter=report, use_cache=use_cache)
+    result.saved = save_result(ws, result, Path(out) if out is not None else None)
     return result
 
 
 def promote(workspace: str | Path, version: str, *, reason: str | None = None,
-            on_message: OnMessage | None = None) -> Move:
+            on_message: OnMessage | None = None, reporter: Reporter | None = None) -> Move:
     """``incr promote``: make ``version`` LATEST (its files verified first) -> ``Move``."""
     from incr_cli.line import lifecycle
 
-    return lifecycle.promote(Workspace.open(workspace), version, reason=reason, reporter=_Forward(on_message))
+    return lifecycle.promote(Workspace.open(workspace), version, reason=reason,
+                             reporter=_reporter(reporter, on_message))
 
 
-def rollback(workspace: str | Path, *, reason: str | None = None, on_message: OnMessage | None = None) -> Move:
+def rollback(workspace: str | Path, *, reason: str | None = None, on_message: OnMessage | None = None,
+             reporter: Reporter | None = None) -> Move:
     """``incr rollback``: LATEST goes back to the version it named before -> ``Move``."""
     from incr_cli.line import lifecycle
 
-    return lifecycle.rollback(Workspace.open(workspace), reason=reason, reporter=_Forward(on_message))
+    return lifecycle.rollback(Workspace.open(workspace), reason=reason, reporter=_reporter(reporter, on_message))
 
 
 def export(workspace: str | Path, out: str | Path, *, version: str | None = None, dtype: str = "fp32",

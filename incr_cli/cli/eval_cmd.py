@@ -47,24 +47,17 @@ def eval_cmd(
     and every run is kept as WORKSPACE/eval/<UTC time>.json (a read-only workspace: scored and printed,
     nothing kept). Eval takes no lock and never writes into version or data folders.
     """
-    from incr_cli.scoring import probe
+    from incr_cli import api
     from incr_cli.scoring import render as eval_report
-    from incr_cli.scoring.evaluate import evaluate, save_result, select_increments, select_versions
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
-    resolved = load_recipe(recipe or ws.recipe_path, overrides or [])
-    tasks = probe.load_tasks(resolved)  # a bad task file fails first
-    _check_outputs(out_file, plot_file)
-    chosen = select_versions(ws, versions)
-    increments = [] if data is None and text else select_increments(ws, data)
-    result = evaluate(ws, chosen, increments, resolved, texts=text or [], device=device, reporter=out,
-                      use_cache=not no_cache)
-    probe.add_task_scores(ws, result, resolved, tasks, reporter=out, use_cache=not no_cache)
-    kept = save_result(ws, result, out_file)
+    _check_outputs(out_file, plot_file)  # before minutes of scoring
+    result = api.evaluate(ws.root, versions=versions, data=data, texts=text or [], overrides=overrides or [],
+                          recipe=recipe, device=device, use_cache=not no_cache, out=out_file, reporter=out)
     if plot_file is not None:
         eval_report.plot(result, plot_file)
-    _show(out, result, ws, kept, plot_file)
+    _show(out, result, ws, result.saved, plot_file)
 
 
 def _show(out: Output, result: Any, ws: Workspace, kept: Path | None, plot_file: Path | None) -> None:

@@ -12,7 +12,6 @@ import typer
 from rich.markup import escape
 
 from incr_cli.cli.output import JsonOpt, Output, guarded
-from incr_cli.config.recipe import load_recipe
 from incr_cli.store.workspace import Workspace
 
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_]+\.[A-Za-z_]+=")
@@ -59,15 +58,14 @@ def ingest_cmd(
     malformed, too deeply nested or over-long JSON lines, over-long lines) is skipped or cut, and counted
     in the summary and manifest with the first lines where it was found.
     """
-    from incr_cli.data.ingest import ingest
+    from incr_cli import api
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
     paths, overrides = split_overrides(paths)
-    resolved = load_recipe(recipe or ws.recipe_path, overrides)
-    with ws.lock("ingest"):
-        result = ingest(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=out,
-                        allow_unknown=allow_unknown, extend_vocab=extend_vocab, dry_run=dry_run)
+    result = api.ingest(ws.root, paths, name=name, fmt=fmt, text_field=text_field, overrides=overrides,
+                        recipe=recipe, reporter=out, allow_unknown=allow_unknown, extend_vocab=extend_vocab,
+                        dry_run=dry_run)
     if json_out:
         out.emit_json({"workspace": str(ws.root), **result.to_dict()})
         return

@@ -24,14 +24,18 @@ def promote(
     json_out: JsonOpt = False,
 ) -> None:
     """Make VERSION LATEST (a rejected one after review, or an earlier one); its files are verified first."""
+    from incr_cli import api
+
     out = Output(json_out)
-    _report_move(out, lifecycle.promote(Workspace.open(workspace), version, reason=reason, reporter=out), "promote")
+    _report_move(out, api.promote(workspace, version, reason=reason, reporter=out), "promote")
 
 
 def rollback(workspace: WorkspaceArg, reason: ReasonOpt = None, json_out: JsonOpt = False) -> None:
     """LATEST goes back to the version it named before the current one (repeat to go further back)."""
+    from incr_cli import api
+
     out = Output(json_out)
-    _report_move(out, lifecycle.rollback(Workspace.open(workspace), reason=reason, reporter=out), "rollback")
+    _report_move(out, api.rollback(workspace, reason=reason, reporter=out), "rollback")
 
 
 def _report_move(out: Output, move: Any, command: str) -> None:
@@ -112,11 +116,10 @@ def export(
 ) -> None:
     """Write a version as a self-contained folder (weights, config, tokenizer, model card): Hugging Face
     safetensors, or ONNX graphs for fill-mask and embeddings (--format onnx in fp32, --quantize int8)."""
-    from incr_cli.line.export import export_version
+    from incr_cli import api
 
     out = Output(json_out)
-    result = export_version(Workspace.open(workspace), version, out_dir, dtype=dtype, quantize=quantize,
-                            file_format=file_format)
+    result = api.export(workspace, out_dir, version=version, dtype=dtype, quantize=quantize, file_format=file_format)
     if json_out:
         out.emit_json(result.to_json())
         return

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.config.recipe import load_recipe, recipe_to_dict, recipe_to_yaml
+from incr_cli.config.recipe import recipe_to_dict, recipe_to_yaml
 from incr_cli.errors import GateRejected
 from incr_cli.progress import Quiet
 from incr_cli.scoring.continual import gate_line
 from incr_cli.scoring.render import fmt
-from incr_cli.store.workspace import Workspace
 
 
 def register(app: typer.Typer) -> None:
@@ -42,41 +40,31 @@ def train_increment_cmd(
     Ctrl-C resumes from the saved state. Under torchrun it trains data-parallel; rank 0 writes.
     With --track (or tracking.sinks) the run also goes to TensorBoard and/or MLflow.
     """
-    from incr_cli.line.increment import train_increment
+    from incr_cli import api
     from incr_cli.runtime import distributed
 
-    main = distributed.env_rank() == 0
+    main = distributed.env_rank() == 0  # under torchrun every rank trains; rank 0 writes and talks
     out = Output(json_out)
-    ws = Workspace.open(workspace)
     sinks = [] if track is None else [f"tracking.sinks=[{', '.join(t.strip() for t in track.split(',') if t.strip())}]"]
-    resolved = load_recipe(recipe or ws.recipe_path, [*(overrides or []), *sinks])
-    reporter = out if main else Quiet()
-    if dry_run:
-        result = train_increment(ws, resolved, parent=parent, reporter=reporter, dry_run=True)
-        if main:
-            _render_plan(out, result.plan, resolved, json_out)
-        return
-    try:
-        with ws.lock("train-increment") if main else nullcontext():  # one writer: rank 0
-            result = train_increment(ws, resolved, parent=parent, reporter=reporter)
-    except GateRejected as exc:
-        rejected = getattr(exc, "result", None)
-        if main and rejected is not None and rejected.metrics:
-            _render_metrics(out, rejected.metrics, json_out)
-        raise
+    result = api.train_increment(workspace, overrides=[*(overrides or []), *sinks], recipe=recipe, parent=parent,
+                                 dry_run=dry_run, reporter=out if main else Quiet())
     if not main:
         return
-    if result.plan.nothing_to_train:
+    if dry_run:
+        _render_plan(out, result.plan, result.recipe, json_out)
+    elif result.nothing_to_train:
         if json_out:
-            out.emit_json({"version": None, "parent": result.plan.parent, "nothing_to_train": True,
+            out.emit_json({"version": None, "parent": result.parent, "nothing_to_train": True,
                            "message": result.message})
         else:
             out.log(result.message)
-        return
-    if result.metrics:
-        _render_metrics(out, result.metrics, json_out)
-    if not json_out:
-        out.log(result.message)
+    else:
+        if result.metrics:
+            _render_metrics(out, result.metrics, json_out)
+        if not result.promoted:
+            raise GateRejected(result.message)  # the version is written and kept as rejected: exit 3
+        if not json_out:
+            out.log(result.message)
 
 
 def _render_plan(out: Output, plan: Any, recipe: Any, json_out: bool) -> None:

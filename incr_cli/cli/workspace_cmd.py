@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from incr_cli.cli.output import JsonOpt, Output, OverridesArg, guarded
-from incr_cli.config.recipe import load_recipe
 from incr_cli.errors import IncrError, IntegrityError, UsageError
 from incr_cli.store.files import folder_bytes
 from incr_cli.store.lock import WorkspaceLock
@@ -32,11 +31,11 @@ def init(
     json_out: JsonOpt = False,
 ) -> None:
     """Create WORKSPACE with the base model as version v0000 and the resolved recipe."""
-    from incr_cli.model.weights import init_workspace
+    from incr_cli import api
 
     out = Output(json_out)
-    resolved = load_recipe(recipe, overrides or [])
-    result = init_workspace(workspace, base, resolved, force=force, allow_pickle=allow_pickle, reporter=out)
+    result = api.init(workspace, base, recipe=recipe, overrides=overrides or [], force=force,
+                      allow_pickle=allow_pickle, reporter=out)
     if json_out:
         out.emit_json({"workspace": str(result.root), "version": result.version, "latest": result.version,
                        "head_initialised": result.head_initialised, "source": result.source_info,

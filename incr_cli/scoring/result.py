@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from incr_cli import FORMAT_VERSION, __version__
@@ -55,6 +56,7 @@ class EvalResult:
     task_summary: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> over the lineage
     task_settings: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    saved: Path | None = None  # the copy under WS/eval/ (None: not saved, e.g. a read-only workspace)
 
     def value(self, version: str, column: str, metric: str) -> float | None:
         return self.scores.get(version, {}).get(column, {}).get(metric)
