@@ -29,16 +29,18 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 def ingest_cmd(
     workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
     paths: Annotated[list[str], typer.Argument(
-        help="Files, directories (read recursively, sorted) and globs; .gz, .bz2 and .xz are decompressed. "
+        help="Files, directories (read recursively, sorted; a Hugging Face datasets folder as its Arrow files), globs, "
+             "or - for standard input; .gz, .bz2, .xz and .zst are decompressed. "
              "Recipe overrides section.key=value may follow.", show_default=False)],
     name: Annotated[str | None, typer.Option("--name", help="Increment name (default: the first path's stem).")] = None,
     fmt: Annotated[str, typer.Option(
-        "--format", help="auto (by name: jsonl for *.jsonl/*.json, csv for *.csv, tsv for *.tsv/*.tab, else "
-                         "lines), lines (one document per line), paragraphs (blank-line separated), jsonl, "
-                         "csv or tsv (a header row, then one document a row). gzip, bzip2 and xz are read "
+        "--format", help="auto (by name: jsonl for *.jsonl/*.json, csv for *.csv, tsv for *.tsv/*.tab, parquet "
+                         "for *.parquet, arrow for *.arrow; else by content, else lines), lines (one document "
+                         "per line), paragraphs (blank-line separated), jsonl, csv or tsv (a header row, then "
+                         "one document a row), parquet or arrow (a column). gzip, bzip2, xz and zstd are read "
                          "whatever the name.")] = "auto",
     text_field: Annotated[str, typer.Option(
-        "--text-field", help="JSON Lines: the field holding the text; CSV/TSV: the column.")] = "text",
+        "--text-field", help="JSON Lines: the field holding the text; CSV, TSV, Parquet, Arrow: the column.")] = "text",
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe file (default: WORKSPACE/recipe.yaml).")] = None,
     allow_unknown: Annotated[bool, typer.Option(
         "--allow-unknown", help="Ingest even when more than data.unknown_max of the tokens are unknown ([UNK]) "

@@ -23,12 +23,16 @@ and the rename), so a killed ingest leaves no trace and a rerun ingests exactly 
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import sqlite3
+import sys
 import time
+import uuid
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,7 @@ from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
 BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
 # Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
+STDIN_CHUNK = 1 << 20  # standard input is copied a MiB at a time: memory stays bounded
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden"}
 
@@ -111,15 +116,15 @@ class _Pass1:
     warned: int = 0  # how many of the reader's warnings were shown
 
 
-def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, increment: str, fmt: str, text_field: str,
-                      recipe: Recipe, conn: sqlite3.Connection, spool: Path, tally: Tally,
-                      reporter: Reporter) -> None:
+def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass1, conn: sqlite3.Connection,
+                      spool: Path, tally: Tally) -> None:
     """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted).
 
     Kept documents go to ``spool``.txt (one per line: cleaning removed every newline) and their
     hashes to ``spool``.hash; the counts go to ``out``.
     """
-    max_chars, min_chars = recipe.data.max_doc_chars, recipe.data.min_doc_chars
+    increment, fmt, text_field, reporter = job.increment, job.fmt, job.text_field, job.reporter
+    max_chars, min_chars = job.recipe.data.max_doc_chars, job.recipe.data.min_doc_chars
     batch: list[tuple[str, bytes, bool]] = []
 
     def flush() -> None:
@@ -154,7 +159,7 @@ def _read_clean_dedup(files: list[tuple[SourceFile, str]], out: _Pass1, *, incre
                 reporter.warn(warning)
             out.warned = len(tally.warnings)
             if state.skipped is None or got_text:  # a .gz broken midway still gave documents
-                resolved = readers.resolve_format(src.path, fmt)
+                resolved = readers.resolve_format(src.path, fmt, src.real)
                 out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
                                     "reader": reader_id(src, fmt, text_field), "format": resolved,
                                     "text_field": text_field if resolved in FIELD_FORMATS else None})
@@ -268,13 +273,13 @@ def _segmenter(recipe: Recipe, spool: Path) -> ChineseWords | None:
     return None
 
 
-FIELD_FORMATS = ("jsonl", "csv", "tsv")  # the formats that read one field of each record
+FIELD_FORMATS = ("jsonl", "csv", "tsv", "parquet", "arrow")  # the formats that read one field of each record
 
 
 def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
     """How a file was read ("lines", "paragraphs", "jsonl:FIELD", "csv:FIELD"): the same file read
     another way is new input."""
-    resolved = readers.resolve_format(src.path, fmt)
+    resolved = readers.resolve_format(src.path, fmt, src.real)
     return f"{resolved}:{text_field}" if resolved in FIELD_FORMATS else resolved
 
 
@@ -327,6 +332,27 @@ class _Growing:
     dry_run: bool
     revision: vocab.Revision | None  # the revision ingest starts from (None: a tokenizer passed in)
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    """One ingest: where it writes, what it reads and how; shared by its two passes."""
+
+    ws: Workspace
+    increment: str
+    paths: list[str]
+    recipe: Recipe
+    tokenizer: Any
+    reporter: Reporter
+    fmt: str
+    text_field: str
+    allow_unknown: bool
+    grow: _Growing
+    started: float = field(default_factory=time.perf_counter)
+    stdin: str | None = None  # the spooled copy of standard input, read for the path "-"
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _count_words(spool: Path, cutoff: float, tokenizer: Any) -> vocab.WordCounts:
@@ -391,7 +417,6 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
     """
 
     reporter = reporter or Quiet()
-    started = time.perf_counter()
     paths = [str(p) for p in paths]
     if not paths:
         raise UsageError("ingest needs at least one PATH (a file, a directory or a glob)")
@@ -412,14 +437,34 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                          "(or vocab.max_new_tokens) with it")
 
     ws.clean_staging()
-    with disk_writes(f"increment {increment}", ws.data):
-        return _ingest_into(ws, increment, paths, recipe, tokenizer, reporter, started, fmt=fmt,
-                            text_field=text_field, allow_unknown=allow_unknown, grow=grow)
+    job = _Job(ws, increment, paths, recipe, tokenizer, reporter, fmt, text_field, allow_unknown, grow)
+    with disk_writes(f"increment {increment}", ws.data), _stdin_spooled(job):
+        return _ingest_into(job)
 
 
-def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe, tokenizer: Any,
-                 reporter: Reporter, started: float, *, fmt: str, text_field: str,
-                 allow_unknown: bool, grow: _Growing) -> IngestResult:
+@contextlib.contextmanager
+def _stdin_spooled(job: _Job) -> Iterator[None]:
+    """For the path "-": standard input copied, streamed, into a file under staging (removed after),
+    so it is hashed, deduplicated and recorded like any file; its source reads as "-"."""
+    if "-" not in job.paths:
+        yield
+        return
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("the path - reads standard input, which is a terminal here: pipe the text in "
+                         "(e.g. zcat dump.gz | incr ingest WS - --name NAME)")
+    spool = job.ws.staging / f"stdin-{uuid.uuid4().hex[:8]}"
+    job.ws.staging.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(spool, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, STDIN_CHUNK)
+        job.stdin = str(spool)
+        yield
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+def _ingest_into(job: _Job) -> IngestResult:
+    ws, reporter, grow = job.ws, job.reporter, job.grow
     conn = open_index(ws)
     try:
         gone, added = recover_index(ws, conn)
@@ -428,44 +473,41 @@ def _ingest_into(ws: Workspace, increment: str, paths: list[str], recipe: Recipe
         if added:
             reporter.warn(f"rebuilt the dedup index entries of {', '.join(added)} from their {DOC_HASHES}")
         tally = Tally()
-        files = _find_sources(paths, tally)
-        done = _already_ingested(conn, files, fmt, text_field)
+        files = _find_sources(job.paths, tally, job.stdin)
+        done = _already_ingested(conn, files, job.fmt, job.text_field)
         if done:
             _warn_skips(reporter, tally)
             message = f"nothing new: all {done[0]} source file(s) were already ingested in {done[1]}"
             return IngestResult(None, message, documents=_documents(None, tally), skipped=_skipped_summary(tally),
-                                seconds=time.perf_counter() - started)
+                                seconds=job.seconds())
         p1 = _Pass1()
         try:
-            manifest = _write_increment(ws, conn, increment, files, p1, fmt=fmt, text_field=text_field,
-                                        recipe=recipe, tokenizer=tokenizer, tally=tally, reporter=reporter,
-                                        allow_unknown=allow_unknown, grow=grow)
+            manifest = _write_increment(job, conn, files, p1, tally)
         except _DryRun:
             return IngestResult(None, _dry_run_message(grow.report), sources=p1.sources,
-                                documents=_documents(p1, tally), seconds=time.perf_counter() - started,
-                                vocab=grow.report)
+                                documents=_documents(p1, tally), seconds=job.seconds(), vocab=grow.report)
         except _NothingNew:
-            return IngestResult(None, _nothing_written(p1, tally, paths), sources=p1.sources,
+            return IngestResult(None, _nothing_written(p1, tally, job.paths), sources=p1.sources,
                                 documents=_documents(p1, tally), skipped=_skipped_summary(tally), warnings=tally.warnings,
-                                duplicates_in=dict(p1.duplicates_in), bytes_read=p1.bytes_read,
-                                seconds=time.perf_counter() - started)
+                                duplicates_in=dict(p1.duplicates_in), bytes_read=p1.bytes_read, seconds=job.seconds())
     finally:
         conn.close()
 
     docs, seqs, toks = manifest["documents"], manifest["sequences"], manifest["tokens"]
-    message = (f"{increment}: {docs['kept']:,} documents ({docs['heldout']:,} held out), "
+    message = (f"{job.increment}: {docs['kept']:,} documents ({docs['heldout']:,} held out), "
                f"{seqs['train'] + seqs['heldout']:,} sequences, {toks['train'] + toks['heldout']:,} tokens")
-    return IngestResult(increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
+    return IngestResult(job.increment, message, sources=p1.sources, documents=docs, sequences=seqs, tokens=toks,
                         skipped=manifest["skipped"], duplicates_in=dict(p1.duplicates_in),
-                        bytes_read=p1.bytes_read, seconds=time.perf_counter() - started,
+                        bytes_read=p1.bytes_read, seconds=job.seconds(),
                         unknown=manifest["unknown"], segmenter=(manifest.get("words") or {}).get("segmenter"),
                         vocab=manifest.get("vocab") or {}, warnings=tally.warnings)
 
 
-def _find_sources(paths: list[str], tally: Tally) -> list[tuple[SourceFile, str]]:
-    """The files to read with their sha256; InputError when there is none."""
+def _find_sources(paths: list[str], tally: Tally, stdin: str | None = None) -> list[tuple[SourceFile, str]]:
+    """The files to read with their sha256; InputError when there is none. ``stdin``: the file
+    holding what standard input gave, read for the path "-"."""
     files = []
-    for src in readers.expand_paths(paths, tally):
+    for src in readers.expand_paths(paths, tally, stdin=stdin):
         try:
             files.append((src, sha256_file(src.real, opener=readers.open_binary)))
         except OSError as exc:
@@ -487,22 +529,21 @@ def _already_ingested(conn: sqlite3.Connection, files: list[tuple[SourceFile, st
     return len(wanted), ", ".join(sorted({known[key] for key in wanted}))
 
 
-def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, files: list[tuple[SourceFile, str]],
-                     p1: _Pass1, *, fmt: str, text_field: str, recipe: Recipe, tokenizer: Any, tally: Tally,
-                     reporter: Reporter, allow_unknown: bool, grow: _Growing) -> dict[str, Any]:
+def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[SourceFile, str]], p1: _Pass1,
+                     tally: Tally) -> dict[str, Any]:
     """Both passes inside a staged folder and one index transaction; return the sealed manifest.
 
     Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing
     (``_DryRun`` after choosing the words of a vocabulary dry run).
     """
+    ws, increment, recipe, tokenizer, reporter, grow = job.ws, job.increment, job.recipe, job.tokenizer, job.reporter, job.grow
     cls_id, sep_id, pad_id = special_ids(tokenizer)
     seq_len = recipe.model.max_seq_len
     conn.execute("BEGIN IMMEDIATE")
     try:
         with ws.staged_folder(ws.increment_dir(increment)) as tmp:
             spool = tmp / ".spool"
-            _read_clean_dedup(files, p1, increment=increment, fmt=fmt, text_field=text_field, recipe=recipe,
-                              conn=conn, spool=spool, tally=tally, reporter=reporter)
+            _read_clean_dedup(job, files, p1, conn, spool, tally)
             _warn_skips(reporter, tally)
             if p1.kept == 0:
                 raise _NothingNew()
@@ -523,13 +564,13 @@ def _write_increment(ws: Workspace, conn: sqlite3.Connection, increment: str, fi
             if n_train + n_heldout == 0:
                 raise _NothingNew()
             check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
-                           refuse_above=recipe.data.unknown_max, allow_unknown=allow_unknown, reporter=reporter)
+                           refuse_above=recipe.data.unknown_max, allow_unknown=job.allow_unknown, reporter=reporter)
             spool.with_suffix(".txt").unlink()
             spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
             _record_sources(conn, increment, p1)
             manifest = seal_folder(tmp, base_manifest(
                 "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
-                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **ids, reader={"format": fmt, "text_field": text_field},
+                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **ids, reader={"format": job.fmt, "text_field": job.text_field},
                 sources=p1.sources, documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
                 sequences={"train": train.rows, "heldout": heldout.rows},
                 tokens={"train": train.tokens, "heldout": heldout.tokens},

@@ -9,11 +9,16 @@ Formats (``--format``):
 - ``jsonl``: one JSON object per line; the document is its ``text_field`` (a string).
 - ``csv`` / ``tsv``: a header row, then one document a row: its ``text_field`` column (quoted
   newlines, a byte-order mark and fields up to the document limit handled by the ``csv`` module).
+- ``parquet`` / ``arrow``: the ``text_field`` column, in record batches (pyarrow, the ``parquet``
+  extra); a Hugging Face ``datasets`` folder (``save_to_disk``) is read as its Arrow files.
 - ``auto``: by the name, a compression suffix aside: ``jsonl`` for ``*.jsonl`` / ``*.json``, ``csv``
-  for ``*.csv``, ``tsv`` for ``*.tsv`` / ``*.tab``, ``lines`` otherwise. A file read as lines whose
+  for ``*.csv``, ``tsv`` for ``*.tsv`` / ``*.tab``, ``parquet`` for ``*.parquet`` / ``*.pq``,
+  ``arrow`` for ``*.arrow`` / ``*.feather``; else by content (Parquet's and Arrow's magic bytes),
+  else ``lines``. A file read as lines whose
   first line looks like a delimited header is read as asked, with a warning (``header_like``).
 
-Compression is recognised by content, whatever the name: gzip, bzip2 and xz.
+Compression is recognised by content, whatever the name: gzip, bzip2 and xz (standard library),
+zstd (the ``zstd`` extra).
 
 Reasons counted per file: ``missing``, ``unreadable``, ``symlink_loop``, ``not_a_file`` (FIFO,
 socket, device), ``hidden`` (a name starting with "." met while walking a directory), ``binary``
@@ -45,11 +50,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from incr_cli.errors import clip
+from incr_cli.errors import UsageError, clip
 
-FORMATS = ("auto", "lines", "paragraphs", "jsonl", "csv", "tsv")
+try:
+    from zstandard import ZstdError as _ZstdError
+except ImportError:  # the zstd extra is not installed: a .zst file is refused before any read
+
+    class _ZstdError(Exception):  # type: ignore[no-redef]
+        pass
+
+FORMATS = ("auto", "lines", "paragraphs", "jsonl", "csv", "tsv", "parquet", "arrow")
+COLUMNAR = ("parquet", "arrow")  # read column-wise with pyarrow, in record batches
+PYARROW_HINT = "pip install 'incr-cli[parquet]' (pyarrow)"
 DELIMITERS = {"csv": ",", "tsv": "\t"}
-COMPRESSED = (".gz", ".bz2", ".xz")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+ZSTD_HINT = "pip install 'incr-cli[zstd]' (the zstandard package)"
 BINARY_SNIFF_BYTES = 8192
 # Read buffer of every input, plain or decompressed: larger than the sniff, so that one peek sees all
 # of it (a file's default buffer is its block size, often 4 KB).
@@ -120,69 +135,113 @@ def _is_glob(spec: str) -> bool:
     return any(c in _GLOB_CHARS for c in spec)
 
 
-def expand_paths(specs: list[str], tally: Tally) -> list[SourceFile]:
+def expand_paths(specs: list[str], tally: Tally, *, stdin: str | None = None) -> list[SourceFile]:
     """Files named by ``specs`` (files, directories walked recursively, globs), in a stable order.
+    The spec "-" is standard input: the file ``stdin`` holding it, shown as "-" (skipped as
+    ``missing`` when no such file was made).
 
     Each directory's entries are visited sorted by name; a file reached twice (through a symlink or
     two specs) is read once; a symlinked directory is followed once (loops end there).
     """
-    found: list[SourceFile] = []
-    seen_files: set[str] = set()
-    seen_dirs: set[str] = set()
+    finder = _Finder(tally)
+    for spec in specs:
+        spec = os.path.expanduser(str(spec))
+        if spec == "-":
+            if stdin is None:
+                tally.skip_file("-", "missing")
+            else:
+                finder.seen_files.add(os.path.realpath(stdin))
+                finder.found.append(SourceFile("-", stdin, os.path.getsize(stdin)))
+        elif not os.path.lexists(spec) and _is_glob(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                tally.skip_file(spec, "missing")
+            for match in matches:
+                finder.visit(match)
+        else:
+            finder.visit(spec)
+    return finder.found
 
-    def add_file(path: str, st: os.stat_result) -> None:
-        real = os.path.realpath(path)
-        if real in seen_files:
-            return
-        seen_files.add(real)
-        found.append(SourceFile(os.path.abspath(path), real, st.st_size))
 
-    def visit(path: str) -> None:
+class _Finder:
+    """The files under the paths it visits, each once, skipping (and counting) what is no file."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.tally = tally
+        self.found: list[SourceFile] = []
+        self.seen_files: set[str] = set()
+        self.seen_dirs: set[str] = set()
+
+    def visit(self, path: str) -> None:
         try:
             st = os.stat(path)  # follows symlinks: a loop raises ELOOP
         except OSError as exc:
-            tally.skip_file(path, stat_reason(exc))
+            self.tally.skip_file(path, stat_reason(exc))
             return
         if stat.S_ISDIR(st.st_mode):
-            walk(path)
+            arrow = dataset_files(path, self.tally)
+            if arrow is None:
+                self.walk(path)
+            for part in arrow or []:
+                self.visit(part)
         elif stat.S_ISREG(st.st_mode):
-            add_file(path, st)
+            real = os.path.realpath(path)
+            if real not in self.seen_files:
+                self.seen_files.add(real)
+                self.found.append(SourceFile(os.path.abspath(path), real, st.st_size))
         else:
-            tally.skip_file(path, "not_a_file")  # a FIFO would block open() forever
+            self.tally.skip_file(path, "not_a_file")  # a FIFO would block open() forever
 
-    def walk(top: str) -> None:
+    def walk(self, top: str) -> None:
         real_top = os.path.realpath(top)
-        if real_top in seen_dirs:
+        if real_top in self.seen_dirs:
             return
-        seen_dirs.add(real_top)
+        self.seen_dirs.add(real_top)
         # Our own recursion (not os.walk) so that symlinked folders are followed exactly once.
         try:
             with os.scandir(top) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            tally.skip_file(top, stat_reason(exc))
+            self.tally.skip_file(top, stat_reason(exc))
             return
         for entry in entries:
             if entry.name.startswith("."):
-                tally.skip_file(entry.path, "hidden")
+                self.tally.skip_file(entry.path, "hidden")
                 continue
-            visit(entry.path)
+            self.visit(entry.path)
 
-    for spec in specs:
-        spec = os.path.expanduser(str(spec))
-        if not os.path.lexists(spec) and _is_glob(spec):
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                tally.skip_file(spec, "missing")
-            for match in matches:
-                visit(match)
-        else:
-            visit(spec)
-    return found
+
+def dataset_files(folder: str, tally: Tally) -> list[str] | None:
+    """The Arrow files of a Hugging Face ``datasets`` folder (``save_to_disk``), None for any other
+    folder. A ``DatasetDict`` gives its ``train`` split (or its only one), with a warning naming the
+    others; pass a split's own folder for another. Its JSON sidecars are never read as text."""
+    top = Path(folder)
+    try:
+        if (top / "dataset_dict.json").is_file():
+            splits = [str(x) for x in json.loads((top / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]]
+            split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+            if split is None:
+                tally.skip_file(folder, "no_train_split")
+                tally.warnings.append(f"{clip(folder)} is a DatasetDict without a train split ({', '.join(splits)}): "
+                                      f"pass one split's folder, e.g. {clip(str(top / splits[0]))}")
+                return []
+            if len(splits) > 1:
+                tally.warnings.append(f"{clip(folder)}: reading the {split} split of {', '.join(splits)}; pass "
+                                      f"another split's folder (e.g. {clip(str(top / splits[-1]))}) to read it")
+            return dataset_files(str(top / split), tally) or []
+        if (top / "state.json").is_file() and (top / "dataset_info.json").is_file():
+            state = json.loads((top / "state.json").read_text(encoding="utf-8"))
+            return [str(top / str(part["filename"])) for part in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        tally.skip_file(folder, "corrupt")  # a datasets folder whose sidecars do not say where its data is
+        return []
+    return None
 
 
 def default_name(spec: str) -> str:
     """An increment name from a path: its stem without extensions, with only safe characters."""
+    if spec == "-":
+        return "stdin"
     spec = os.path.expanduser(str(spec)).rstrip("/\\")
     if _is_glob(spec):
         parts = [p for p in Path(spec).parts if not _is_glob(p)]
@@ -196,7 +255,9 @@ def default_name(spec: str) -> str:
     return clean or "data"
 
 
-def resolve_format(path: str, fmt: str) -> str:
+def resolve_format(path: str, fmt: str, real: str | None = None) -> str:
+    """The format ``auto`` means for a file named ``path`` (its content read at ``real``, default
+    ``path``: standard input's spooled copy is named "-")."""
     if fmt != "auto":
         return fmt
     name = path.lower()
@@ -206,7 +267,25 @@ def resolve_format(path: str, fmt: str) -> str:
         return "jsonl"
     if name.endswith(".csv"):
         return "csv"
-    return "tsv" if name.endswith((".tsv", ".tab")) else "lines"
+    if name.endswith((".tsv", ".tab")):
+        return "tsv"
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".arrow", ".feather")):
+        return "arrow"
+    return _sniff(real or path)
+
+
+def _sniff(path: str) -> str:
+    """``lines``, unless the file starts like Parquet or an Arrow file (a name without its suffix)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return "lines"  # the read that follows names the problem
+    if head[:4] == b"PAR1":
+        return "parquet"
+    return "arrow" if head[:6] == b"ARROW1" or head[:4] == b"\xff\xff\xff\xff" else "lines"
 
 
 def _decompressed(raw: io.BufferedReader) -> io.BufferedIOBase:
@@ -218,6 +297,12 @@ def _decompressed(raw: io.BufferedReader) -> io.BufferedIOBase:
         inner = bz2.BZ2File(raw, mode="rb")
     elif magic == b"\xfd7zXZ\x00":
         inner = lzma.LZMAFile(raw, mode="rb")
+    elif magic[:4] == b"\x28\xb5\x2f\xfd":
+        try:
+            import zstandard
+        except ImportError:
+            raise UsageError(f"{clip(raw.name)} is zstd-compressed: reading it needs {ZSTD_HINT}") from None
+        inner = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     else:
         return raw
     return io.BufferedReader(inner, _READ_BUFFER)  # type: ignore[arg-type]
@@ -271,7 +356,10 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
     Invalid UTF-8 rejects only the line (or paragraph) it is in; a binary or empty file is skipped
     whole; a broken .gz keeps what was read before the damage.
     """
-    fmt = resolve_format(src.path, fmt)
+    fmt = resolve_format(src.path, fmt, src.real)
+    if fmt in COLUMNAR:
+        yield from _read_columnar(src, fmt, text_field, tally, state)
+        return
     try:
         raw = open_binary(src.real)
     except OSError as exc:
@@ -302,7 +390,7 @@ def read_documents(src: SourceFile, fmt: str, text_field: str, max_doc_chars: in
                 yield from _read_jsonl(lines, src.path, text_field, tally, raw, state)
             else:
                 raise ValueError(f"unknown format {fmt!r}")
-        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError) as exc:
+        except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, OSError, _ZstdError) as exc:
             state.skipped = "unreadable" if isinstance(exc, PermissionError) else "corrupt"
             tally.skip_file(src.path, state.skipped)
         finally:
@@ -411,6 +499,61 @@ def _read_delimited(stream: io.BufferedIOBase, path: str, delimiter: str, text_f
             tally.reject("invalid_utf8", path=path, line=rows.line_num)
         elif row[column].strip():
             yield row[column], False
+
+
+def _read_columnar(src: SourceFile, fmt: str, text_field: str, tally: Tally,
+                   state: ReadState) -> Iterator[tuple[str, bool]]:
+    """Parquet or Arrow (file or stream format, as ``datasets`` writes it): the ``text_field``
+    column, read in record batches so memory stays bounded whatever the file's size. A null or
+    non-string value counts as ``missing_field``; a file pyarrow cannot read is ``corrupt``."""
+    try:
+        import pyarrow
+    except ImportError:
+        raise UsageError(f"{clip(src.path)} is {fmt}: reading it needs {PYARROW_HINT}") from None
+    try:
+        names, rows, columns = _columns(src.real, fmt, text_field)
+        if text_field not in names:
+            tally.fields_seen.update(name for name in names if _COLUMN_NAME.fullmatch(name))
+            tally.reject("missing_field", rows if rows is not None else sum(len(c) for c in columns), path=src.path)
+            return
+        done = 0
+        for column in columns:
+            for value in column.to_pylist():
+                done += 1
+                if not isinstance(value, str):
+                    tally.reject("missing_field", path=src.path, line=done)
+                elif value.strip():
+                    yield value, False
+            state.done = src.size * done // rows if rows else state.done
+    except (pyarrow.ArrowException, OSError) as exc:
+        state.skipped = "unreadable" if isinstance(exc, PermissionError) else "corrupt"
+        tally.skip_file(src.path, state.skipped)
+    finally:
+        state.done = src.size
+
+
+def _columns(path: str, fmt: str, text_field: str) -> tuple[list[str], int | None, Iterator]:
+    """(column names, rows when known, an iterator of ``text_field``'s chunks) of a columnar file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        batches = parquet.iter_batches(batch_size=4096, columns=[text_field]) if text_field in names else iter(())
+        return names, parquet.metadata.num_rows, (b.column(0) for b in batches)
+    source = pa.memory_map(path)
+    try:
+        reader = pa.ipc.open_file(source)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except pa.ArrowInvalid:  # not the file format: the stream format (datasets' .arrow files)
+        source.seek(0)
+        reader = pa.ipc.open_stream(source)
+        batches = iter(reader)
+    names = reader.schema.names
+    if text_field not in names:
+        return names, None, (b.column(0) for b in batches)  # counted, to say how many rows lacked it
+    return names, None, (b.column(text_field) for b in batches)
 
 
 def _warn_header_like(head: bytes, path: str, tally: Tally) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import json
 import lzma
 import os
 from pathlib import Path
@@ -24,9 +25,8 @@ ROWS = [{"id": str(i), "text": f"Row {i} holds \"quotes\", commas, and\na newlin
 
 def read_all(path: Path, fmt: str = "auto", text_field: str = "text", max_doc_chars: int = 10_000):
     tally = readers.Tally()
-    (src,) = readers.expand_paths([str(path)], tally)
-    docs = [text for text, _cut in readers.read_documents(src, fmt, text_field, max_doc_chars, tally,
-                                                          readers.ReadState())]
+    docs = [text for src in readers.expand_paths([str(path)], tally)
+            for text, _cut in readers.read_documents(src, fmt, text_field, max_doc_chars, tally, readers.ReadState())]
     return docs, tally
 
 
@@ -117,3 +117,99 @@ def test_ingest_names_the_columns_when_the_text_column_is_missing(tiny_workspace
 def test_a_url_is_refused_before_anything_is_read(tiny_workspace, tiny_recipe):
     with pytest.raises(InputError, match="is a URL: .*download it first"):
         ingest(tiny_workspace, ["https://example.com/corpus.jsonl"], recipe=tiny_recipe)
+
+
+def test_zstd_is_recognised_by_content(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    lines = [f"zstd line {i} of text" for i in range(50)]
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(f'{{"text": "{line}"}}\n' for line in lines).encode()))
+    assert read_all(tmp_path / "a.jsonl.zst")[0] == lines  # jsonl by the name under .zst, zstd by content
+
+
+def _table(n: int, *, nulls: int = 0):
+    pa = pytest.importorskip("pyarrow")
+    texts = [f"columnar row {i} of the corpus" for i in range(n - nulls)] + [None] * nulls
+    return pa.table({"id": list(range(n)), "text": texts})
+
+
+def test_parquet_is_read_column_wise_in_batches(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = _table(10_000, nulls=3)
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=1000)
+    docs, tally = read_all(tmp_path / "big.parquet")
+    assert docs == table.column("text").to_pylist()[:-3] and tally.docs == {"missing_field": 3}
+    pq.write_table(table, tmp_path / "no-suffix")
+    assert readers.resolve_format(str(tmp_path / "no-suffix"), "auto") == "parquet"  # by its magic bytes
+    assert len(read_all(tmp_path / "no-suffix")[0]) == 10_000 - 3
+
+
+def test_arrow_files_and_streams(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    table = _table(300)
+    with pa.ipc.new_file(tmp_path / "f.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=64)
+    with pa.ipc.new_stream(tmp_path / "s.arrow", table.schema) as w:
+        w.write_table(table, max_chunksize=64)
+    for name in ("f.arrow", "s.arrow"):
+        assert read_all(tmp_path / name)[0] == table.column("text").to_pylist(), name
+
+
+def test_a_columnar_file_without_the_column_names_its_columns(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"id": [1, 2, 3], "body": ["a", "b", "c"]}), tmp_path / "t.parquet")
+    docs, tally = read_all(tmp_path / "t.parquet")
+    assert docs == [] and tally.docs == {"missing_field": 3} and set(tally.fields_seen) == {"id", "body"}
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1" + b"\x00" * 100)
+    assert read_all(tmp_path / "broken.parquet")[1].files == {"corrupt": 1}
+
+
+def _save_to_disk(folder: Path, texts: list[str]) -> Path:
+    """A folder laid out as ``datasets.Dataset.save_to_disk`` writes it: Arrow stream shards, state.json
+    naming them, dataset_info.json (the library itself is not needed to read it)."""
+    pa = pytest.importorskip("pyarrow")
+    folder.mkdir(parents=True)
+    half = len(texts) // 2
+    files = []
+    for i, part in enumerate([texts[:half], texts[half:]]):
+        name = f"data-{i:05d}-of-00002.arrow"
+        table = pa.table({"text": part, "label": [0] * len(part)})
+        with pa.ipc.new_stream(folder / name, table.schema) as w:
+            w.write_table(table)
+        files.append({"filename": name})
+    (folder / "state.json").write_text(json.dumps({"_data_files": files, "_fingerprint": "f", "_split": None}))
+    (folder / "dataset_info.json").write_text(json.dumps({"features": {"text": {"dtype": "string"}}}))
+    return folder
+
+
+def test_a_datasets_folder_and_a_dataset_dict(tmp_path):
+    train = [f"train example {i}" for i in range(20)]
+    one = _save_to_disk(tmp_path / "one", train)
+    docs, tally = read_all(one)
+    assert docs == train and not tally.docs  # its JSON sidecars are not read as text
+    _save_to_disk(tmp_path / "dict" / "train", train)
+    _save_to_disk(tmp_path / "dict" / "test", ["test example"] * 4)
+    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    tally = readers.Tally()
+    found = readers.expand_paths([str(tmp_path / "dict")], tally)
+    assert [Path(f.path).parent.name for f in found] == ["train", "train"]
+    assert "reading the train split of train, test" in tally.warnings[0]
+    assert [Path(f.path).parent.name for f in readers.expand_paths([str(tmp_path / "dict" / "test")], tally)] == ["test"] * 2
+
+
+def test_stdin_is_ingested_streamed_and_recorded_as_dash(tiny_workspace: Workspace, tiny_recipe_path, tmp_path):
+    import subprocess
+    import sys
+
+    text = "".join(f"piped document number {i} about the garden\n" for i in range(300))
+    run = subprocess.run([sys.executable, "-m", "incr_cli", "ingest", str(tiny_workspace.root), "-", "--json"],
+                         input=text, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["increment"].endswith("-stdin") and doc["documents"]["kept"] == 300
+    assert [s["path"] for s in doc["sources"]] == ["-"]
+    assert not list(tiny_workspace.staging.glob("stdin-*"))  # the spooled copy is gone
+    again = subprocess.run([sys.executable, "-m", "incr_cli", "ingest", str(tiny_workspace.root), "-"],
+                           input=text, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "already ingested" in again.stderr + again.stdout

@@ -205,12 +205,9 @@ MAX_PARAMETERS = 6
 # are left out: a Typer command takes one parameter per option.
 PARAMETER_EXCEPTIONS: dict[str, int] = {
     "incr_cli.config.recipe.knob": 7,
-    "incr_cli.data.ingest._read_clean_dedup": 10,
     "incr_cli.data.ingest._tokenize_pack": 8,
     "incr_cli.data.ingest._grow_tokenizer": 7,
     "incr_cli.data.ingest.ingest": 11,
-    "incr_cli.data.ingest._ingest_into": 11,
-    "incr_cli.data.ingest._write_increment": 13,
     "incr_cli.data.shards.__init__": 8,
     "incr_cli.line.increment.evaluate_lineage": 7,
     "incr_cli.line.increment.before_scores": 7,
