@@ -67,7 +67,7 @@ BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
 # Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
 STDIN_CHUNK = 1 << 20  # standard input is copied a MiB at a time: memory stays bounded
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden"}
+_UNREADABLE = {"missing", "unreadable", "symlink_loop", "not_a_file", "binary", "hidden", "no_train_split"}
 
 
 # ----------------------------------------------------------------------------- result

@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from incr_cli.errors import UsageError, clip
 
@@ -302,7 +303,7 @@ def _decompressed(raw: io.BufferedReader) -> io.BufferedIOBase:
             import zstandard
         except ImportError:
             raise UsageError(f"{clip(raw.name)} is zstd-compressed: reading it needs {ZSTD_HINT}") from None
-        inner = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        inner = _ZstdReader(raw, zstandard)
     else:
         return raw
     return io.BufferedReader(inner, _READ_BUFFER)  # type: ignore[arg-type]
@@ -311,6 +312,41 @@ def _decompressed(raw: io.BufferedReader) -> io.BufferedIOBase:
 def open_binary(path: str) -> io.BufferedReader:
     """Open a file for reading (a seam for tests that simulate unreadable files, since root reads all)."""
     return open(path, "rb", buffering=_READ_BUFFER)  # noqa: SIM115 - the caller closes it
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of one or more zstd frames. Unlike zstandard's stream_reader, a frame
+    cut short (a truncated download) raises ``ZstdError`` at the end instead of ending quietly, so
+    the file counts as ``corrupt`` and the documents before the damage are kept."""
+
+    def __init__(self, raw: io.BufferedReader, zstandard: Any) -> None:
+        super().__init__()
+        self.raw, self.zstd = raw, zstandard
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+        self.started = False  # bytes of the current frame have been fed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            if self.frame.eof:  # one frame ended: another may follow
+                rest = self.frame.unused_data
+                self.frame, self.started = self.zstd.ZstdDecompressor().decompressobj(), False
+                if rest:
+                    self.pending, self.started = self.frame.decompress(rest), True
+                    continue
+            chunk = self.raw.read(_READ_BUFFER)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise self.zstd.ZstdError("the zstd frame is cut short (a truncated file)")
+                return 0
+            self.pending, self.started = self.frame.decompress(chunk), True
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
 
 
 # ----------------------------------------------------------------------------- reading documents

@@ -213,3 +213,39 @@ def test_stdin_is_ingested_streamed_and_recorded_as_dash(tiny_workspace: Workspa
     again = subprocess.run([sys.executable, "-m", "incr_cli", "ingest", str(tiny_workspace.root), "-"],
                            input=text, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "already ingested" in again.stderr + again.stdout
+
+
+def test_every_format_ingests_the_same_documents_as_jsonl(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path):
+    """The same 60 documents (quotes, commas, tabs, newlines, non-ASCII) in every format: each
+    increment holds exactly the documents (by hash) the .jsonl gives."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    zstandard = pytest.importorskip("zstandard")
+    from incr_cli.data.dedup import DOC_HASHES
+
+    docs = [f"Document {i}: \"quoted\", with commas,\ttabs and\na newline; café {i * 13}" for i in range(60)]
+    src = tmp_path / "src"
+    src.mkdir()
+    jsonl = "".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)).encode()
+    (src / "d.jsonl").write_bytes(jsonl)
+    (src / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl))
+    (src / "d.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    rows = [{"id": str(i), "text": d} for i, d in enumerate(docs)]
+    write_csv(src / "d.csv", rows)
+    write_csv(src / "d.tsv", rows, delimiter="\t")
+    table = pa.table({"id": list(range(60)), "text": docs})
+    pq.write_table(table, src / "d.parquet", row_group_size=16)
+    with pa.ipc.new_file(src / "d.arrow", table.schema) as w:
+        w.write_table(table)
+    _save_to_disk(src / "dataset", docs)
+
+    def hashes(name: str) -> list[bytes]:
+        ws = tiny_workspace.copy_to(tmp_path / f"ws-{name}")
+        res = ingest(ws, [str(src / name)], recipe=tiny_recipe)
+        assert res.documents["kept"] == len(docs) and not res.documents["rejected"], (name, res.documents)
+        data = (ws.increment_dir(res.increment) / DOC_HASHES).read_bytes()
+        return sorted(data[i:i + 16] for i in range(0, len(data), 16))
+
+    want = hashes("d.jsonl")
+    for name in ("d.jsonl.zst", "d.jsonl.gz", "d.csv", "d.tsv", "d.parquet", "d.arrow", "dataset"):
+        assert hashes(name) == want, name

@@ -113,6 +113,44 @@ def _huge_line(d: Path) -> Path:
     return d / "huge.txt"
 
 
+def _truncated_parquet(d: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"row {i} text" for i in range(100)]}), d / "cut.parquet")
+    data = (d / "cut.parquet").read_bytes()
+    (d / "cut.parquet").write_bytes(data[: len(data) // 2])  # the footer (its schema) is gone
+    return d / "cut.parquet"
+
+
+def _ragged_csv(d: Path) -> Path:
+    (d / "ragged.csv").write_text("id,text\n1,a first good row of text\n2\n3,a second good row of text,extra\n")
+    return d / "ragged.csv"
+
+
+def _numbers_column(d: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3], "body": [[1], [2], None]}), d / "numbers.parquet")
+    return d / "numbers.parquet"
+
+
+def _broken_zstd(d: Path) -> Path:
+    import zstandard
+
+    lines = "".join(f"zstd line {i} with some words in it\n" for i in range(4000)).encode()
+    frame = zstandard.ZstdCompressor().compress(lines)
+    (d / "cut.txt.zst").write_bytes(frame[: len(frame) * 3 // 4])
+    return d / "cut.txt.zst"
+
+
+def _dataset_dict_without_train(d: Path) -> Path:
+    (d / "dd").mkdir()
+    (d / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["validation", "test"]}))
+    return d / "dd"
+
+
 INGEST_CASES = {
     # name: (input, exit code, what the output says)
     "invalid UTF-8": (_invalid_utf8, 2, "every document read was rejected (invalid_utf8: 2)"),
@@ -123,6 +161,11 @@ INGEST_CASES = {
     "symlink loop": (_symlink_loop, 2, "(symlink_loop)"),
     "missing path": (lambda d: d / "nope.txt", 2, "nope.txt (missing)"),
     "huge single line": (_huge_line, 0, "cut to data.max_doc_chars  1"),
+    "truncated Parquet": (_truncated_parquet, 0, "skipped files: corrupt"),
+    "ragged CSV": (_ragged_csv, 0, "rejected: missing_field  1"),
+    "non-string text column": (_numbers_column, 2, "every document read was rejected (missing_field: 3); check --format"),
+    "broken zstd frame": (_broken_zstd, 0, "skipped files: corrupt"),
+    "DatasetDict without a train split": (_dataset_dict_without_train, 2, "dd (no_train_split)"),
 }
 
 
