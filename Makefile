@@ -9,7 +9,7 @@ INCR := $(VENV)/bin/incr
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench bench-gpu gpu-check experiment increment clean docs
+.PHONY: install test test-fast lint demo bench bench-ingest-scale bench-gpu gpu-check experiment increment clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ increment: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Ingest at 256 MB and 2 GB of generated text, 1 core against all, the raw tokenizer, every format
+# (about 30 minutes on 2 cores); writes results/ingest-scale.json, rendered into docs/performance.md.
+bench-ingest-scale: $(STAMP)
+	$(PY) benchmarks/bench_ingest_scale.py
+	$(PY) scripts/doc_tables.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

