@@ -86,10 +86,29 @@ def tokenize_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def tokenize_with_offsets(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """``tokenize_batch`` plus each token's (start, end) character span in its text."""
-    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
-                    return_offsets_mapping=True, split_special_tokens=True, verbose=False)
-    return enc["input_ids"], enc["offset_mapping"]
+    """``tokenize_batch`` plus each token's (start, end) character span in its text.
+
+    A fast tokenizer is called through its Rust backend directly: transformers' wrapper turns each
+    encoding into Python dicts and lists first, about a fifth of ingest's tokenizing time, for the
+    same ids and spans (no truncation, no padding, special-token text split like any other)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False,
+                        return_offsets_mapping=True, split_special_tokens=True, verbose=False)
+        return enc["input_ids"], enc["offset_mapping"]
+    saved = backend.truncation, backend.padding, backend.encode_special_tokens
+    backend.no_truncation()
+    backend.no_padding()
+    backend.encode_special_tokens = True  # "[MASK]" in a document is text, as split_special_tokens=True says
+    try:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+    finally:
+        truncation, padding, backend.encode_special_tokens = saved
+        if truncation:
+            backend.enable_truncation(**truncation)
+        if padding:
+            backend.enable_padding(**{k: v for k, v in padding.items() if k != "length" or v is not None})
+    return [e.ids for e in encodings], [e.offsets for e in encodings]
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int, int]:

@@ -478,3 +478,19 @@ def test_kill_9_midway_then_rerun_equals_uninterrupted(tmp_path: Path, tiny_reci
     assert a["files"] == b["files"]  # byte-identical shards
     assert index_rows(ws) == index_rows(ref)
     assert not list(ws.staging.glob("tmp-*"))
+
+
+def test_tokenizing_through_the_backend_gives_the_wrappers_ids_and_spans_and_restores_it():
+    from incr_cli.data.packing import tokenize_with_offsets
+    from incr_cli.model.weights import scratch_tokenizer
+
+    tok = scratch_tokenizer()
+    texts = make_docs(40) + ["a [MASK] in the text [SEP] and [CLS]", "café naïve 中文 🙂", "", "   "]
+    tok.backend_tokenizer.enable_truncation(8)  # a setting of the caller's, to be left as it was
+    ids, spans = tokenize_with_offsets(tok, texts)
+    assert tok.backend_tokenizer.truncation["max_length"] == 8 and not tok.backend_tokenizer.encode_special_tokens
+    tok.backend_tokenizer.no_truncation()
+    want = tok(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    assert ids == want["input_ids"] and [list(map(tuple, s)) for s in spans] == [list(map(tuple, s))
+                                                                              for s in want["offset_mapping"]]
+    assert tok.mask_token_id not in ids[40]  # "[MASK]" written in a document is text, not the mask token
