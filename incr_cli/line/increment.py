@@ -38,7 +38,7 @@ from incr_cli.scoring.score import CELL_KEYS, score_sequences
 from incr_cli.store.files import finite_json
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
-from incr_cli.training.masking import tokenizer_inputs
+from incr_cli.training.masking import TokenIds, tokenizer_inputs
 from incr_cli.training.plan import IncrementPlan, run_key
 from incr_cli.training.step import Run, TrainState, build_run, log_line, tail_losses, train_step
 
@@ -46,7 +46,7 @@ from incr_cli.training.step import Run, TrainState, build_run, log_line, tail_lo
 
 
 def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: list[str], recipe: Recipe,
-                     tok_inputs: dict[str, Any], *, model_vocab: int | None = None,
+                     tok_inputs: TokenIds, *, model_vocab: int | None = None,
                      valid_below: int | None = None) -> dict[str, dict[str, float | None]]:
     """Held-out scores of the student now (``evaluate.CELL_KEYS``), per increment with held-out rows.
 
@@ -57,16 +57,16 @@ def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: l
     for inc in increments:
         if len(shards[inc].heldout) == 0:
             continue
-        args = {**tok_inputs, "vocab_size": int(shards[inc].manifest.get("vocab_size") or tok_inputs["vocab_size"])}
-        s = score_sequences(run.student_head, shards[inc].heldout, increment_id=inc, recipe=recipe, device=run.device,
-                            precision=run.precision, continues=shards[inc].heldout_words, model_vocab=model_vocab,
-                            valid_below=valid_below, **args)
+        tokens = tok_inputs.of_vocab(shards[inc].manifest.get("vocab_size") or tok_inputs.vocab_size)
+        s = score_sequences(run.student_head, shards[inc].heldout, increment_id=inc, recipe=recipe, tokens=tokens,
+                            device=run.device, precision=run.precision, continues=shards[inc].heldout_words,
+                            model_vocab=model_vocab, valid_below=valid_below)
         scores[inc] = {k: finite_json(s[k]) for k in CELL_KEYS}
     return scores
 
 
 def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], plan: IncrementPlan,
-                  recipe: Recipe, tok_inputs: dict[str, Any], parent_vocab: int | None = None) -> dict[str, dict[str, Any]]:
+                  recipe: Recipe, tok_inputs: TokenIds, parent_vocab: int | None = None) -> dict[str, dict[str, Any]]:
     """The parent's scores on the gate's increments (``evaluate.gate_sample``): read from the score
     book where recorded (the parent's own "after", or an eval), scored now (and recorded) only where
     not; each entry says which ("source": "recorded" or "scored"). ``parent_vocab``: the student
@@ -280,7 +280,7 @@ class Session:
     trainable: int  # trainable parameters
     shards: dict[str, IncrementShards]  # the lineage's and the new increments, opened
     tokenizer: Any
-    tok_inputs: dict[str, Any]  # evaluate.tokenizer_inputs
+    tok_inputs: TokenIds  # masking.tokenizer_inputs
     strategy: Strategy
     store: ResumeStore
     tracker: tracking.Tracker  # TensorBoard / MLflow sinks (rank 0; a no-op elsewhere)

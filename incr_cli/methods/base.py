@@ -27,6 +27,7 @@ from incr_cli.data.shards import IncrementShards
 from incr_cli.errors import IntegrityError
 from incr_cli.progress import Reporter
 from incr_cli.store.workspace import Workspace
+from incr_cli.training.masking import TokenIds
 from incr_cli.training.plan import TrainingData
 from incr_cli.training.terms import HiddenDistill, LogitDistill, LossTerm, MlmNew, MlmReplay
 
@@ -44,7 +45,7 @@ class StrategyInputs:
     replay: list[str]  # the parent's lineage (the data it was trained on)
     model: nn.Module  # the student's Hugging Face model (holding the parent's weights in extra_terms)
     shards: dict[str, IncrementShards]  # every increment above, opened
-    tok_inputs: dict[str, Any]  # ``evaluate.tokenizer_inputs``
+    tok_inputs: TokenIds  # ``masking.tokenizer_inputs``
     device: torch.device
     precision: str
     reporter: Reporter

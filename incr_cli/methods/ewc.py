@@ -32,7 +32,7 @@ from incr_cli.methods.base import Strategy, StrategyInputs
 from incr_cli.runtime import device as devices
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.losses import ewc_penalty, mlm_loss_sum
-from incr_cli.training.masking import mask_batch, stable_seed
+from incr_cli.training.masking import TokenIds, mask_batch, stable_seed
 from incr_cli.training.terms import LossTerm, MicroOutputs
 
 FISHER_FILE = "fisher.safetensors"
@@ -100,7 +100,7 @@ class Ewc(Strategy):
 # ----------------------------------------------------------------------------- the Fisher
 
 
-def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Recipe, tok_inputs: dict[str, Any], *,
+def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Recipe, tok_inputs: TokenIds, *,
                     device: torch.device, precision: str, batches: int | None = None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the MLM loss of ``model`` on the train rows of ``shards``.
 
@@ -129,9 +129,9 @@ def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Rec
         for b in range(batches):
             ids = torch.from_numpy(sampler.next_batch().input_ids).to(device)  # (B, T)
             generator.manual_seed(stable_seed("ewc-fisher", recipe.train.seed, b))
-            masked = mask_batch(ids, recipe.masking, special_ids=tok_inputs["special_ids"].to(device),
-                                mask_token_id=tok_inputs["mask_token_id"], vocab_size=tok_inputs["vocab_size"],
-                                generator=generator, word_starts=_on(tok_inputs.get("word_starts"), device))
+            masked = mask_batch(ids, recipe.masking, special_ids=tok_inputs.special_ids.to(device),
+                                mask_token_id=tok_inputs.mask_token_id, vocab_size=tok_inputs.vocab_size,
+                                generator=generator, word_starts=_on(tok_inputs.word_starts, device))
             with torch.enable_grad(), devices.autocast(device, precision):
                 logits, _ = head(masked.input_ids, ids != pad_id, masked.positions)  # (N, V)
             loss = mlm_loss_sum(logits, masked.targets) / max(int(masked.targets.numel()), 1)

@@ -202,18 +202,19 @@ def _score_cells(ws: Workspace, todo: Cells, scores: dict[str, dict[str, dict[st
             inputs = tokenizer_inputs(tokenizer, recipe)
             revision = vocab.version_revision(ws, version, tokenizer)
             for col, key in cells:
-                args = dict(inputs)
+                tokens, view = inputs, {}
                 if col.kind == "increment":
-                    args.update(vocab.scoring_vocab(
+                    view = vocab.scoring_vocab(
                         ws.increment_manifest(col.id), col.id, revision, "its scores would be meaningless: leave "
-                        "it out with --data or that version with --versions"))
+                        "it out with --data or that version with --versions")
+                    tokens = inputs.of_vocab(view.pop("vocab_size"))
                     if col.id not in heldout:
                         heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
                     ids, words = heldout[col.id]
                 else:
                     ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
-                result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, device=dev,
-                                         precision=precision, continues=words, **args)
+                result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, tokens=tokens, device=dev,
+                                         precision=precision, continues=words, **view)
                 scores[version][col.id] = result
                 if key:
                     cache.put(key, result, {"version": version, "column": col.id, "settings": settings})

@@ -4,7 +4,6 @@ seeded by the increment and the recipe so that every version is scored on the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from incr_cli.runtime.device import autocast, inference
 from incr_cli.store.files import sha256_file
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.losses import mlm_loss_sum, topk_correct
-from incr_cli.training.masking import mask_batch, stable_seed, tokenizer_inputs
+from incr_cli.training.masking import TokenIds, mask_batch, stable_seed, tokenizer_inputs
 
 MASK_CHUNK = 64  # rows masked per generator seed; independent of eval.batch_size
 SCORE_KEYS = ("loss", "perplexity", "accuracy", "top5", "tokens")
@@ -28,8 +27,7 @@ CELL_KEYS = (*SCORE_KEYS, "coverage")  # coverage: the share of masked positions
 # ----------------------------------------------------------------------------- scoring
 
 
-def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torch.Tensor, mask_token_id: int,
-               vocab_size: int, word_starts: torch.Tensor | None = None,
+def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, tokens: TokenIds,
                continues: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (N, T) long on CPU -> (masked input ids (N, T), positions (N, T) bool), on CPU.
     ``continues`` (N, T) bool: the word-continuation bits of a segmented increment (see mask_batch).
@@ -41,31 +39,29 @@ def eval_masks(ids: torch.Tensor, *, key: str, recipe: Recipe, special_ids: torc
     masked, positions = torch.empty_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
     for c, start in enumerate(range(0, ids.shape[0], MASK_CHUNK)):
         gen = torch.Generator().manual_seed(stable_seed(recipe.eval.seed, key, c))
-        batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=special_ids,
-                           mask_token_id=mask_token_id, vocab_size=vocab_size, generator=gen,
-                           word_starts=word_starts,
+        batch = mask_batch(ids[start:start + MASK_CHUNK], recipe.masking, special_ids=tokens.special_ids,
+                           mask_token_id=tokens.mask_token_id, vocab_size=tokens.vocab_size, generator=gen,
+                           word_starts=tokens.word_starts,
                            continues=None if continues is None else continues[start:start + MASK_CHUNK])
         masked[start:start + MASK_CHUNK] = batch.input_ids
         positions[start:start + MASK_CHUNK] = batch.positions
     return masked, positions
 
 
-def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe,
-                    special_ids: Sequence[int] | torch.Tensor, mask_token_id: int, vocab_size: int,
-                    device: torch.device | str, precision: str, pad_id: int | None = None,
-                    word_starts: torch.Tensor | None = None, continues: np.ndarray | None = None,
-                    unk_id: int | None = None, model_vocab: int | None = None,
-                    valid_below: int | None = None) -> dict[str, Any]:
+def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, recipe: Recipe, tokens: TokenIds,
+                    device: torch.device | str, precision: str, continues: np.ndarray | None = None,
+                    model_vocab: int | None = None, valid_below: int | None = None) -> dict[str, Any]:
     """Held-out MLM scores of ``head`` on the first ``recipe.eval.max_sequences`` rows of ids (N, T).
 
     -> {loss: summed cross-entropy / masked tokens, perplexity: exp(loss), accuracy: top-1 share,
     top5: top-5 share, tokens: masked tokens}; the float entries are None when nothing was masked
-    (no rows). ``pad_id`` defaults to the model config's; ``word_starts`` (V,) is needed for
-    whole-word masking, ``continues`` (N, T) are a segmented increment's word-continuation bits.
+    (no rows). ``tokens``: the tokenizer's ids (``pad_id`` defaults to the model config's;
+    ``word_starts`` for whole-word masking); ``continues`` (N, T) are a segmented increment's
+    word-continuation bits.
     The head's training flag is restored afterwards.
 
-    ``vocab_size`` is the increment's vocabulary (random replacements of the masks come from it, so
-    masks never depend on the version). A version with a smaller vocabulary (``model_vocab``: it
+    ``tokens.vocab_size`` is the increment's vocabulary (random replacements of the masks come from it,
+    so masks never depend on the version). A version with a smaller vocabulary (``model_vocab``: it
     predates the tokens an increment added) reads the ids it lacks as ``unk_id``, predicts over its
     own ``model_vocab`` logits, and is not scored at positions whose target it lacks; ``valid_below``
     excludes the positions whose target id is at or above it (to compare two versions on the
@@ -76,18 +72,15 @@ def score_sequences(head: MaskedLMHead, ids: np.ndarray, *, increment_id: str, r
         raise ValueError(f"score_sequences: ids must be (N, T), got shape {rows.shape}")
     device = torch.device(device)
     input_ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)
-    specials = torch.as_tensor(special_ids, dtype=torch.long)
     bits = None
-    if continues is not None and word_starts is not None:
+    if continues is not None and tokens.word_starts is not None:
         bits = torch.from_numpy(np.asarray(continues[: recipe.eval.max_sequences]).astype(bool))
-    masked, positions = eval_masks(input_ids, key=increment_id, recipe=recipe, special_ids=specials,
-                                   mask_token_id=mask_token_id, vocab_size=vocab_size, word_starts=word_starts,
-                                   continues=bits)
-    pad = pad_id if pad_id is not None else getattr(head.model.config, "pad_token_id", None)
+    masked, positions = eval_masks(input_ids, key=increment_id, recipe=recipe, tokens=tokens, continues=bits)
+    pad = tokens.pad_id if tokens.pad_id is not None else getattr(head.model.config, "pad_token_id", None)
     attention = input_ids != pad if pad is not None else torch.ones_like(input_ids, dtype=torch.bool)
     masked_total = int(positions.sum())
-    positions, masked = _restrict(input_ids, masked, positions, unk_id if unk_id is not None else mask_token_id,
-                                  model_vocab, valid_below)
+    unk = tokens.unk_id if tokens.unk_id is not None else tokens.mask_token_id
+    positions, masked = _restrict(input_ids, masked, positions, unk, model_vocab, valid_below)
 
     loss_sum, top1, top5 = _score_batches(head, input_ids, masked, attention, positions, device=device,
                                           precision=precision, batch_size=recipe.eval.batch_size,
@@ -164,10 +157,10 @@ def score_increment(head: MaskedLMHead, ws: Workspace, increment_id: str, recipe
                     device: torch.device | str, precision: str) -> dict[str, Any]:
     """score_sequences on an increment's held-out split (its checksum checked first), masked over the
     increment's own vocabulary like ``incr eval``."""
-    inputs = tokenizer_inputs(tokenizer, recipe)
-    inputs["vocab_size"] = int(ws.increment_manifest(increment_id).get("vocab_size") or inputs["vocab_size"])
+    tokens = tokenizer_inputs(tokenizer, recipe)
+    tokens = tokens.of_vocab(ws.increment_manifest(increment_id).get("vocab_size") or tokens.vocab_size)
     return score_sequences(head, read_heldout(ws, increment_id), increment_id=increment_id, recipe=recipe,
-                           device=device, precision=precision, continues=heldout_words(ws, increment_id), **inputs)
+                           tokens=tokens, device=device, precision=precision, continues=heldout_words(ws, increment_id))
 
 
 def held_out_scores(model: torch.nn.Module, tokenizer: Any, ws: Workspace, increments: list[str], recipe: Recipe,

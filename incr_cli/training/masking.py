@@ -25,7 +25,7 @@ non-special token, and the rest keep their token (BERT's 80/10/10).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -204,15 +204,30 @@ def _draw_non_special(uniform: torch.Tensor, special_ids: torch.Tensor, vocab_si
     return r + torch.searchsorted(shifted, r, right=True)
 
 
-def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> dict[str, Any]:
-    """The keyword arguments of ``score_sequences`` that come from the tokenizer (use these in training
-    too, so its before/after scores equal ``incr eval``'s)."""
+@dataclass(frozen=True)
+class TokenIds:
+    """What masking and scoring take from a tokenizer: one value for training and for eval, so a
+    run's before/after scores equal ``incr eval``'s."""
+
+    special_ids: torch.Tensor  # (S,) never masked: the special tokens and [UNK]
+    mask_token_id: int
+    vocab_size: int  # random replacements of the masks come from [0, vocab_size)
+    pad_id: int | None = None
+    unk_id: int | None = None
+    word_starts: torch.Tensor | None = None  # (V,) bool, for whole-word masking
+
+    def of_vocab(self, size: int) -> TokenIds:
+        """The same ids, masking over an increment's vocabulary of ``size`` (it may have grown)."""
+        return replace(self, vocab_size=int(size))
+
+
+def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> TokenIds:
+    """The ``TokenIds`` of ``tokenizer`` under ``recipe`` (word starts when masking.whole_word)."""
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token; incr needs a masked-LM tokenizer")
     # The unknown token is never a target (nor a random replacement): predicting [UNK] teaches nothing,
     # and a perplexity that counted it would look good on text the tokenizer cannot represent.
     never_masked = set(tokenizer.all_special_ids) | ({tokenizer.unk_token_id} - {None})
-    return {"special_ids": torch.tensor(sorted(never_masked), dtype=torch.long),
-            "mask_token_id": int(tokenizer.mask_token_id), "vocab_size": len(tokenizer),
-            "pad_id": tokenizer.pad_token_id, "unk_id": tokenizer.unk_token_id,
-            "word_starts": word_start_table(tokenizer) if recipe.masking.whole_word else None}
+    return TokenIds(torch.tensor(sorted(never_masked), dtype=torch.long), int(tokenizer.mask_token_id), len(tokenizer),
+                    tokenizer.pad_token_id, tokenizer.unk_token_id,
+                    word_start_table(tokenizer) if recipe.masking.whole_word else None)

@@ -40,7 +40,7 @@ from incr_cli.runtime import device as devices
 from incr_cli.runtime import distributed
 from incr_cli.runtime.flops import Meter, device_peak, model_shape
 from incr_cli.store.files import finite_json
-from incr_cli.training.masking import mask_batch, stable_seed
+from incr_cli.training.masking import TokenIds, mask_batch, stable_seed
 from incr_cli.training.plan import IncrementPlan
 from incr_cli.training.schedule import lr_factor, warmup_steps
 from incr_cli.training.terms import LossTerm, MicroOutputs, Normalisers, rows_count, rows_slice, teacher_rows
@@ -354,7 +354,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.AdamW(groups, **options)
 
 
-def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementShards],
+def build_run(model: nn.Module, tok_inputs: TokenIds, new: list[IncrementShards],
               replay: list[IncrementShards], recipe: Recipe, plan: IncrementPlan, *, device: torch.device,
               precision: str, ctx: distributed.DistContext, reporter: Reporter, terms: list[LossTerm],
               teacher: nn.Module | None = None) -> tuple[Run, int]:
@@ -381,11 +381,11 @@ def build_run(model: nn.Module, tok_inputs: dict[str, Any], new: list[IncrementS
     sampler = BatchSampler(new, replay if has_replay else [], n_new=plan.new_per_batch,
                            n_replay=plan.replay_per_batch, seed=recipe.train.seed, sample=recipe.data.sample,
                            rank=ctx.rank, world_size=ctx.world_size)
-    word_starts = tok_inputs["word_starts"]
+    word_starts = tok_inputs.word_starts
     run = Run(student_head=head, student=student, teacher=teacher_head, optimizer=build_optimizer(model, recipe.train),
               sampler=sampler, terms=list(terms), train=recipe.train, masking=recipe.masking,
-              special_ids=tok_inputs["special_ids"].to(device), mask_token_id=tok_inputs["mask_token_id"],
-              vocab_size=tok_inputs["vocab_size"], pad_id=int(new[0].pad_id),
+              special_ids=tok_inputs.special_ids.to(device), mask_token_id=tok_inputs.mask_token_id,
+              vocab_size=tok_inputs.vocab_size, pad_id=int(new[0].pad_id),
               word_starts=word_starts.to(device) if word_starts is not None else None, device=device,
               precision=precision, steps=plan.steps, ctx=ctx, ddp=ddp)
     if ctx.is_main:  # only rank 0 writes the log

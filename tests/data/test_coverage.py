@@ -47,7 +47,7 @@ def test_coverage_counts_unknown_tokens_and_dropped_characters():
 
 def test_unknown_token_is_never_a_target():
     tok = scratch_tokenizer()
-    assert tok.unk_token_id in tokenizer_inputs(tok, load_recipe(REPO / "recipes" / "cpu-tiny.yaml"))["special_ids"].tolist()
+    assert tok.unk_token_id in tokenizer_inputs(tok, load_recipe(REPO / "recipes" / "cpu-tiny.yaml")).special_ids.tolist()
 
 
 def test_chinese_into_an_english_line_is_refused_with_its_share(tiny_workspace: Workspace):

@@ -20,7 +20,7 @@ from incr_cli.model.weights import load_version
 from incr_cli.progress import Quiet
 from incr_cli.runtime.distributed import DistContext
 from incr_cli.store.workspace import Workspace
-from incr_cli.training.masking import mask_batch, stable_seed, tokenizer_inputs
+from incr_cli.training.masking import TokenIds, mask_batch, stable_seed, tokenizer_inputs
 from incr_cli.training.plan import IncrementPlan
 from incr_cli.training.step import TrainState, build_run, train_step
 from incr_cli.training.terms import LogitDistill, MicroOutputs, Normalisers, teacher_rows
@@ -39,8 +39,7 @@ from tests.helpers_train import (
 runner = CliRunner()
 T = 16
 CPU = torch.device("cpu")
-TOK_INPUTS = {"special_ids": torch.tensor([0, 1, 2, 3, 4]), "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0,
-              "word_starts": None}
+TOK_INPUTS = TokenIds(torch.tensor([0, 1, 2, 3, 4]), mask_token_id=4, vocab_size=3000, pad_id=0)
 ALL = ["naive", "replay", "distill", "replay+distill", "ewc", "joint"]
 PRESETS = strategy_presets()
 
@@ -170,7 +169,7 @@ def test_fisher_is_the_squared_gradient_of_the_mlm_loss(tmp_path):
     sampler = BatchSampler([shards], [], n_new=6, n_replay=0, seed=3)
     ids = torch.from_numpy(sampler.next_batch().input_ids)
     gen = torch.Generator().manual_seed(stable_seed("ewc-fisher", 3, 0))
-    masked = mask_batch(ids, recipe.masking, special_ids=TOK_INPUTS["special_ids"], mask_token_id=4, vocab_size=3000,
+    masked = mask_batch(ids, recipe.masking, special_ids=TOK_INPUTS.special_ids, mask_token_id=4, vocab_size=3000,
                         generator=gen)
     reference = tiny_model().eval()
     loss = reference(input_ids=masked.input_ids, attention_mask=ids != 0,

@@ -45,14 +45,13 @@ def test_masks_depend_on_the_key_only(three, eval_recipe):
     ws, (d1, d2) = three
     ids = torch.from_numpy(ev.read_heldout(ws, d1).astype(np.int64))
     _, inputs = _head_and_inputs(ws, "v0000", eval_recipe)
-    kwargs = {k: inputs[k] for k in ("special_ids", "mask_token_id", "vocab_size")}
-    a = score.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
-    b = score.eval_masks(ids, key=d1, recipe=eval_recipe, **kwargs)
-    c = score.eval_masks(ids, key=d2, recipe=eval_recipe, **kwargs)
+    a = score.eval_masks(ids, key=d1, recipe=eval_recipe, tokens=inputs)
+    b = score.eval_masks(ids, key=d1, recipe=eval_recipe, tokens=inputs)
+    c = score.eval_masks(ids, key=d2, recipe=eval_recipe, tokens=inputs)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     assert a[1].any(dim=1).all()  # every row with text is scored
-    assert not (a[1] & torch.isin(ids, inputs["special_ids"])).any()  # specials never masked
+    assert not (a[1] & torch.isin(ids, inputs.special_ids)).any()  # specials never masked
 
 
 def test_score_equals_the_full_model_cross_entropy(three, eval_recipe):
@@ -60,13 +59,12 @@ def test_score_equals_the_full_model_cross_entropy(three, eval_recipe):
     ws, (d1, _) = three
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     ids = ev.read_heldout(ws, d1)
-    got = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", **inputs)
+    got = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", tokens=inputs)
 
     rows = torch.from_numpy(np.asarray(ids[: eval_recipe.eval.max_sequences]).astype(np.int64))
-    masked, positions = score.eval_masks(rows, key=d1, recipe=eval_recipe, special_ids=inputs["special_ids"],
-                                      mask_token_id=inputs["mask_token_id"], vocab_size=inputs["vocab_size"])
+    masked, positions = score.eval_masks(rows, key=d1, recipe=eval_recipe, tokens=inputs)
     with torch.no_grad():
-        logits = head.model(input_ids=masked, attention_mask=rows != inputs["pad_id"]).logits[positions]
+        logits = head.model(input_ids=masked, attention_mask=rows != inputs.pad_id).logits[positions]
     targets = rows[positions]
     want = F.cross_entropy(logits, targets).item()
     assert got["tokens"] == int(positions.sum())
@@ -84,7 +82,7 @@ def test_scores_do_not_depend_on_batch_size_and_restore_training_mode(three, eva
     head.train()
     ids = ev.read_heldout(ws, d1)
     results = [ev.score_sequences(head, ids, increment_id=d1, recipe=_recipe(eval_recipe, eval__batch_size=b),
-                                  device="cpu", precision="fp32", **inputs) for b in (3, 64)]
+                                  device="cpu", precision="fp32", tokens=inputs) for b in (3, 64)]
     assert head.training  # eval mode only for the duration
     assert results[0]["tokens"] == results[1]["tokens"]
     assert results[0]["accuracy"] == results[1]["accuracy"]
@@ -96,11 +94,11 @@ def test_max_sequences_and_empty_input(three, eval_recipe):
     head, inputs = _head_and_inputs(ws, "v0000", eval_recipe)
     ids = ev.read_heldout(ws, d1)
     few = ev.score_sequences(head, ids, increment_id=d1, recipe=_recipe(eval_recipe, eval__max_sequences=2),
-                             device="cpu", precision="fp32", **inputs)
-    full = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", **inputs)
+                             device="cpu", precision="fp32", tokens=inputs)
+    full = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", tokens=inputs)
     assert 0 < few["tokens"] < full["tokens"]
     empty = ev.score_sequences(head, ids[:0], increment_id=d1, recipe=eval_recipe, device="cpu",
-                               precision="fp32", **inputs)
+                               precision="fp32", tokens=inputs)
     assert empty == {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0, "coverage": None}
 
 
@@ -109,7 +107,7 @@ def test_bf16_autocast_path_runs_and_stays_close(three, eval_recipe):
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     ids = ev.read_heldout(ws, d1)
     fp32 = score.score_increment(head, ws, d1, eval_recipe, models.load_tokenizer(ws, "v0001"), "cpu", "fp32")
-    bf16 = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="bf16", **inputs)
+    bf16 = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="bf16", tokens=inputs)
     assert bf16["tokens"] == fp32["tokens"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
 

@@ -20,7 +20,7 @@ from incr_cli.progress import Quiet
 from incr_cli.runtime.distributed import DistContext
 from incr_cli.store.workspace import Workspace
 from incr_cli.training import step as step_mod
-from incr_cli.training.masking import mask_batch
+from incr_cli.training.masking import TokenIds, mask_batch
 from incr_cli.training.plan import IncrementPlan
 from incr_cli.training.step import TrainState, build_run, train_step
 from tests.helpers_train import (
@@ -60,7 +60,7 @@ def loop_run(tmp_path, recipe_data: dict, *, replay: bool = False, steps: int = 
                          recipe.train.batch_size - n_replay, n_replay, 1, steps, 0, T)
     model = tiny_model()
     reference = copy.deepcopy(model)
-    tok_inputs = {"special_ids": SPECIALS, "mask_token_id": 4, "vocab_size": 3000, "pad_id": 0, "word_starts": None}
+    tok_inputs = TokenIds(SPECIALS, mask_token_id=4, vocab_size=3000, pad_id=0)
     cpu = torch.device("cpu")
     run, trainable = build_run(model, tok_inputs, [new], old, recipe, plan, device=cpu, precision="fp32",
                                ctx=DistContext(0, 1, cpu), reporter=Quiet(), terms=loss_terms(recipe, plan))
