@@ -161,7 +161,7 @@ def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass
             if state.skipped is None or got_text:  # a .gz broken midway still gave documents
                 resolved = readers.resolve_format(src.path, fmt, src.real)
                 out.sources.append({"path": src.path, "sha256": sha, "bytes": src.size,
-                                    "reader": reader_id(src, fmt, text_field), "format": resolved,
+                                    "reader": _reader_id(resolved, text_field), "format": resolved,
                                     "text_field": text_field if resolved in FIELD_FORMATS else None})
 
 
@@ -279,7 +279,10 @@ FIELD_FORMATS = ("jsonl", "csv", "tsv", "parquet", "arrow")  # the formats that 
 def reader_id(src: SourceFile, fmt: str, text_field: str) -> str:
     """How a file was read ("lines", "paragraphs", "jsonl:FIELD", "csv:FIELD"): the same file read
     another way is new input."""
-    resolved = readers.resolve_format(src.path, fmt, src.real)
+    return _reader_id(readers.resolve_format(src.path, fmt, src.real), text_field)
+
+
+def _reader_id(resolved: str, text_field: str) -> str:
     return f"{resolved}:{text_field}" if resolved in FIELD_FORMATS else resolved
 
 
