@@ -82,6 +82,10 @@ def _render_plan(out: Output, plan: Any, recipe: Any, json_out: bool) -> None:
                   + (f" per rank x {plan.world_size}" if plan.world_size > 1 else "")],
                  ["new sequences", f"{plan.new_sequences:,}"],
                  ["steps", f"{plan.steps:,}"], ["tokens", f"at most {plan.tokens:,}"]]
+        if plan.replay_rows:
+            least = min(plan.replay_rows, key=plan.replay_rows.__getitem__)
+            rows.append(["replayed rows", f"{sum(plan.replay_rows.values()):,.0f} expected over {len(plan.replay_rows)} "
+                                          f"increments, fewest {plan.replay_rows[least]:,.1f} ({least})"])
     out.table("train-increment plan (dry run)", ["", ""], rows)
     out.console.print(recipe_to_yaml(recipe), markup=False, highlight=False)
 

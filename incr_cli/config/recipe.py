@@ -199,7 +199,8 @@ class TrainConfig:
     lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
     weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
     warmup_ratio: float = knob(0.06, "Share of the steps spent in linear warm-up.", lo=0.0, hi=1.0)
-    schedule: str = knob("cosine", "Decay after warm-up.", choices=["cosine", "linear", "constant"])
+    schedule: str = knob("cosine", "Decay after warm-up, in every increment (each re-warms and re-decays): cosine, linear, constant, or wsd (the peak rate until the last `decay_ratio` of the steps, then a linear decay).", choices=["cosine", "linear", "constant", "wsd"])
+    decay_ratio: float = knob(0.2, "wsd: share of the steps, at the end, spent decaying linearly to `min_lr_ratio`.", lo=0.0, hi=1.0, lo_open=True)
     min_lr_ratio: float = knob(0.0, "Final learning rate as a share of `lr`.", lo=0.0, hi=1.0)
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 = off).", lo=0.0)
     adam_beta1: float = knob(0.9, "AdamW beta1.", lo=0.0, hi=1.0, hi_open=True)
@@ -226,7 +227,15 @@ class DistillConfig:
 class ReplayConfig:
     ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
     on_top: bool = knob(True, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the student compute per step (false: the replayed rows take `ratio` of the batch, the behaviour before the second change of the defaults, which learned the Python docs to 1.15x the plain fine-tune's perplexity).")
+    split: str = knob("size", "How the replayed rows are split over the earlier increments of the lineage: size (each row drawn uniformly from all earlier rows, so an increment gets its share of the rows and a small or old one fades as the line grows) or increment (every earlier increment the same share, 1/K, whatever its size). train-increment warns when an increment would get no replayed row.", choices=["size", "increment"])
     weight: float = knob(0.33, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 0.33 = ratio / (1 - ratio) at the default ratio, so a replayed token weighs what a new one does (1.0 before the defaults changed: the replayed rows weighed as much as the new ones, whatever their share). Change it with `ratio`.", lo=0.0)
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    weight: float = knob(1.0, "Average the trained weights with the parent's before the version is scored and written: theta = weight * trained + (1 - weight) * parent (WiSE-FT); 1 = no averaging. With `choose`: the lowest weight tried.", lo=0.0, hi=1.0, lo_open=True)
+    choose: bool = knob(False, "Choose the weight on held-out data: of 1.0, 0.9, ... down to `weight`, the one with the lowest mean of the new increments' held-out loss and the earlier increments' (half each), scored on held-out sequences past the first eval.max_sequences (so the scores eval and the gate report stay unseen); metrics.json records every candidate (`merge`).")
+    sequences: int = knob(64, "Held-out sequences per increment of the gate's sample that `choose` scores each weight on.", lo=1)
 
 
 @dataclass(frozen=True)
@@ -337,6 +346,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -3,8 +3,8 @@
 An increment's ``train.bin`` / ``heldout.bin`` are raw (n, seq_len) arrays read through memmap, so
 opening one costs nothing and a batch touches only its rows. The sampler is a pure function of
 (seed, batch index): a batch's new rows are the next slice of a seeded permutation of the new
-sequences (a fresh permutation per epoch), its replay rows are drawn uniformly, with replacement,
-from every earlier increment of the lineage. Resuming is therefore just "continue at batch b", and
+sequences (a fresh permutation per epoch), its replay rows are drawn with replacement from the earlier
+increments of the lineage, split over them by ``replay.split`` (``replay_shares``). Resuming is therefore just "continue at batch b", and
 every DDP rank computes the same global batch and keeps its own slice of it. Mapping a global row
 index to (increment, row) is a ``searchsorted`` over cumulative sizes, so the cost grows with the
 number of increments only through that O(#increments) table.
@@ -24,6 +24,23 @@ from incr_cli.store.workspace import Workspace
 
 # Separate streams of the sampler's seeded generators (any fixed, distinct numbers).
 _STREAM_SUBSET, _STREAM_EPOCH, _STREAM_REPLAY = 101, 202, 303
+REPLAY_SPLITS = ("size", "increment")
+
+
+def replay_shares(sizes: list[int], split: str) -> np.ndarray:
+    """(K,) share of the replayed rows each of K earlier increments gets, summing to 1 (all 0 when
+    none has rows); an increment without training rows gets none.
+
+    ``size``: a row is drawn uniformly from all earlier rows, so an increment's share is its share of
+    the rows (a small or old increment fades as the line grows). ``increment``: every increment with
+    rows the same share, 1 / K, whatever its size (each stays covered however many follow it).
+    """
+    sizes_ = np.asarray(sizes, dtype=np.float64)
+    if split not in REPLAY_SPLITS:
+        raise ValueError(f"replay.split: {split!r} is not one of {', '.join(REPLAY_SPLITS)}")
+    weights = sizes_ if split == "size" else (sizes_ > 0).astype(np.float64)
+    total = weights.sum()
+    return weights / total if total > 0 else np.zeros_like(weights)
 
 
 @dataclass
@@ -145,7 +162,8 @@ class BatchSampler:
     """
 
     def __init__(self, new: list[IncrementShards], replay: list[IncrementShards], *, n_new: int,
-                 n_replay: int, seed: int, sample: int | None = None, rank: int = 0, world_size: int = 1):
+                 n_replay: int, seed: int, sample: int | None = None, rank: int = 0, world_size: int = 1,
+                 split: str = "size"):
         lengths = {s.seq_len for s in [*new, *replay]}
         if len(lengths) > 1:
             detail = ", ".join(f"{s.id}={s.seq_len}" for s in [*new, *replay])
@@ -159,6 +177,8 @@ class BatchSampler:
         if n_replay and self.replay_pool.total == 0:
             raise InputError("replay asked for, but the earlier increments hold no training sequences")
         self.n_new, self.n_replay = n_new, n_replay
+        self.split = split
+        self.replay_shares = replay_shares([len(s.train) for s in self.replay_pool.shards], split)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.subset = None
         if sample is not None and sample < self.new_pool.total:
@@ -200,8 +220,18 @@ class BatchSampler:
         if self.n_replay == 0:
             return np.zeros(0, dtype=np.int64)
         first = batch_index * self.world_size
-        return np.concatenate([np.random.default_rng([self.seed, _STREAM_REPLAY, first + r]).integers(
-            0, self.replay_pool.total, size=self.n_replay, dtype=np.int64) for r in range(self.world_size)])
+        return np.concatenate([self._draw_replay(np.random.default_rng([self.seed, _STREAM_REPLAY, first + r]))
+                               for r in range(self.world_size)])
+
+    def _draw_replay(self, rng: np.random.Generator) -> np.ndarray:
+        """``n_replay`` replay-pool indices: by size, uniform over all rows; else an increment by its
+        share, then a row of it uniformly."""
+        pool = self.replay_pool
+        if self.split == "size":
+            return rng.integers(0, pool.total, size=self.n_replay, dtype=np.int64)
+        which = rng.choice(len(pool.shards), size=self.n_replay, p=self.replay_shares)
+        sizes = pool.starts[1:] - pool.starts[:-1]
+        return pool.starts[which] + rng.integers(0, sizes[which], dtype=np.int64)
 
     def next_batch(self) -> Batch:
         """This rank's slice of the next global batch; advances the position."""

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from incr_cli.config.recipe import Recipe, recipe_to_dict
 from incr_cli.data.shards import IncrementShards, check_tokenizer, open_increment
 from incr_cli.errors import GateRejected, InputError, Interrupted, TrainingFailed
 from incr_cli.faults import fault_point
-from incr_cli.methods import get_strategy, loss_terms, plan_increment, reported_loss_names
+from incr_cli.methods import get_strategy, loss_terms, merge, plan_increment, reported_loss_names
 from incr_cli.methods.base import Strategy, StrategyInputs
 from incr_cli.model import vocab
 from incr_cli.model.packaging import packaging_files
@@ -339,6 +339,11 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
     _log_full_head(run, reporter)
+    if plan.uncovered:
+        rows = ", ".join(f"{d} {plan.replay_rows[d]:.2f}" for d in plan.uncovered[:5])
+        reporter.warn(f"replay: {len(plan.uncovered)} earlier increment(s) get less than one replayed row in this run "
+                      f"in expectation ({rows}{', ...' if len(plan.uncovered) > 5 else ''}; replay.split="
+                      f"{recipe.replay.split}): set replay.split=increment or raise replay.ratio or the steps")
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
     session = Session(ws, recipe, plan, key, ctx, reporter, started, precision, run, trainable, shards, tokenizer,
                       tok_inputs, get_strategy(recipe.strategy.name), store, tracker, growth=growth)
@@ -521,6 +526,7 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
 
     ws, recipe, plan, run = s.ws, s.recipe, s.plan, s.run
     before = state.eval_before or {}
+    merged = _merge_with_parent(s, [d for d in plan.trained_on if d in before])
     after = evaluate_lineage(run, s.shards, [d for d in plan.trained_on if d in before], recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
     shared = _shared_scores(s, after)
@@ -533,14 +539,11 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     checks += probe.task_gate_checks(recipe, s.tasks, tasks_before, tasks_after)
     passed = all(c["passed"] for c in checks)
     version = ws.next_version()
-    replayed = plan.replay if plan.replay_per_batch else []
     metrics = {
         "version": version, "parent": plan.parent, "promoted": passed,
         "status": "promoted" if passed else "rejected",
         "gate": {"passed": passed, "checks": checks},
-        # replay: the earlier increments actually replayed; earlier: all of the lineage (evaluated)
-        "data": {"new": plan.pending, "replay": replayed, "earlier": plan.earlier, "retrained": plan.retrained,
-                 "new_sequences": plan.new_sequences, "replay_sequences": plan.replay_sequences if replayed else 0},
+        "data": _data_record(plan, recipe),
         "steps": state.step, "tokens": state.tokens,
         "wall_seconds": round(time.perf_counter() - s.started, 3),
         "train_seconds": round(state.train_seconds, 3),
@@ -556,6 +559,7 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         # forgetting: the relative change (after / before - 1); forgetting_ppl: the same in perplexity points
         "forgetting": ppl_change, "forgetting_ppl": ppl_deltas(before, {**after, **shared}, list(ppl_change)),
         "embedding_drift": drift, "vocab": _growth_record(s.growth),
+        "merge": merged.to_dict() if merged else None,
         "tasks": probe.task_record(s.tasks, tasks_before, tasks_after, probe.probe_settings(recipe, s.precision)),
         "task_seconds": task_seconds,
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
@@ -574,6 +578,59 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         ws.move_latest(version, command="train-increment", reason="passed the gate")
     return TrainResult(plan, version, passed, metrics, message=f"{version} {metrics['status']}",
                        resumed_from=s.resumed_from)
+
+
+def _data_record(plan: IncrementPlan, recipe: Recipe) -> dict[str, Any]:
+    """metrics.json's ``data``: replay = the earlier increments actually replayed (with the rows each could
+    expect, ``replay.split``); earlier = all of the lineage (evaluated)."""
+    replayed = plan.replay if plan.replay_per_batch else []
+    return {"new": plan.pending, "replay": replayed, "earlier": plan.earlier, "retrained": plan.retrained,
+            "new_sequences": plan.new_sequences, "replay_sequences": plan.replay_sequences if replayed else 0,
+            "replay_split": recipe.replay.split if replayed else None,
+            "replay_rows": plan.replay_rows if replayed else {}}
+
+
+def _merge_with_parent(s: Session, increments: list[str]) -> merge.MergeRecord | None:
+    """``merge``: average the student with the parent (``methods/merge.py``), the weight fixed or chosen on
+    held-out rows of the gate's ``increments`` past the eval sample (None: no averaging asked)."""
+    from incr_cli.model import weights as models
+
+    m = s.recipe.merge
+    if m.weight == 1.0 and not m.choose:
+        return None
+    with torch.random.fork_rng(devices=[]):  # loading must not move the dropout stream
+        parent_model, _ = models.load_version(s.ws, s.plan.parent, recipe=s.recipe, device=str(s.run.device),
+                                              verify=False)
+    parent = {name: p.detach() for name, p in parent_model.named_parameters()}
+    rows, words, where = {}, {}, set()
+    for inc in increments:
+        heldout, skip = s.shards[inc].heldout, s.recipe.eval.max_sequences
+        past = len(heldout) > skip
+        part = slice(skip, skip + m.sequences) if past else slice(0, m.sequences)
+        rows[inc] = heldout[part]
+        words[inc] = None if s.shards[inc].heldout_words is None else s.shards[inc].heldout_words[part]
+        where.add("held-out rows past the eval sample" if past else "the eval sample's rows (no others held out)")
+    if m.choose and any(w.startswith("the eval") for w in where):
+        s.reporter.warn("merge.choose: some increments hold no held-out rows past the first eval.max_sequences, so "
+                        "the weight is chosen on the rows eval reports (optimistic); hold out more documents")
+    pick = replace(s.recipe, eval=replace(s.recipe.eval, max_sequences=m.sequences))
+
+    def losses_now() -> dict[str, float | None]:
+        out = {}
+        for inc, ids in rows.items():
+            tokens = s.tok_inputs.of_vocab(s.shards[inc].manifest.get("vocab_size") or s.tok_inputs.vocab_size)
+            out[inc] = score_sequences(s.run.student_head, ids, increment_id=f"{inc}/merge", recipe=pick,
+                                       tokens=tokens, device=s.run.device, precision=s.precision,
+                                       continues=words[inc])["loss"]
+        return out
+
+    record = merge.merge_with_parent(s.run.model, parent, weight=m.weight, choose=m.choose, new=s.plan.pending,
+                                     losses_now=losses_now)
+    record.selected_on = "; ".join(sorted(where)) if record.chosen else ""
+    del parent_model, parent
+    s.reporter.log(f"merge: {record.weight:g} x trained + {1 - record.weight:g} x {s.plan.parent}"
+                   + (f" (chosen of {', '.join(record.objective)} on held-out loss)" if record.chosen else ""))
+    return record
 
 
 def _written(s: Session, version: str, sealed: dict[str, Any], after: dict[str, Any], tasks_after: dict[str, Any]) -> None:

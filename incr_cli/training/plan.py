@@ -13,7 +13,7 @@ from typing import Any
 
 from incr_cli import __version__
 from incr_cli.config.recipe import Recipe, recipe_to_dict
-from incr_cli.data.shards import split_batch_size
+from incr_cli.data.shards import replay_shares, split_batch_size
 from incr_cli.errors import InputError, UsageError
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.checkpointing import resume_key
@@ -54,6 +54,13 @@ class IncrementPlan:
     earlier: list[str] = field(default_factory=list)  # what the parent was trained on: scored before and after
     init_from: str | None = None  # joint: the version whose weights training starts from
     retrained: list[str] = field(default_factory=list)  # joint: earlier increments trained again
+    # replayed rows each replay increment can expect over the run (replay.split): < 1 = not covered
+    replay_rows: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uncovered(self) -> list[str]:
+        """Replay increments that would get no replayed row in expectation (fewer than one)."""
+        return [d for d, rows in self.replay_rows.items() if rows < 1.0] if self.replay_per_batch else []
 
     @property
     def pending(self) -> list[str]:
@@ -109,6 +116,10 @@ def budget(ws: Workspace, recipe: Recipe, parent: str, data: TrainingData, *, wo
         steps = min(steps, affordable)
     plan.steps = steps
     plan.tokens = steps * rows_per_step * seq_len
+    if n_replay:
+        shares = replay_shares([count[d] for d in replay], recipe.replay.split)
+        drawn = n_replay * t.grad_accum * world_size * steps
+        plan.replay_rows = {d: round(float(share) * drawn, 2) for d, share in zip(replay, shares)}
     return plan
 
 

@@ -42,7 +42,7 @@ from incr_cli.runtime.flops import Meter, device_peak, model_shape
 from incr_cli.store.files import finite_json
 from incr_cli.training.masking import TokenIds, mask_batch, stable_seed
 from incr_cli.training.plan import IncrementPlan
-from incr_cli.training.schedule import lr_factor, warmup_steps
+from incr_cli.training.schedule import decay_steps, lr_factor, warmup_steps
 from incr_cli.training.terms import LossTerm, MicroOutputs, Normalisers, rows_count, rows_slice, teacher_rows
 
 TAIL_FRACTION = 0.1  # metrics' losses average the last 10% of steps
@@ -226,8 +226,9 @@ def _optimizer_step(run: Run, state: TrainState) -> torch.Tensor:
     """Set the scheduled learning rate, clip, apply the optimizer; ``state.step`` counts it.
     -> the gradients' norm before clipping (a device scalar)."""
     t = run.train
-    lr = t.lr * lr_factor(state.step, total_steps=run.steps, warmup=warmup_steps(run.steps, t.warmup_ratio),
-                          schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+    warmup = warmup_steps(run.steps, t.warmup_ratio)
+    lr = t.lr * lr_factor(state.step, total_steps=run.steps, warmup=warmup, schedule=t.schedule,
+                          min_lr_ratio=t.min_lr_ratio, decay=decay_steps(run.steps, warmup, t.decay_ratio))
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     grad_norm = _grad_norm([p for g in run.optimizer.param_groups for p in g["params"]], t.max_grad_norm)
@@ -380,7 +381,7 @@ def build_run(model: nn.Module, tok_inputs: TokenIds, new: list[IncrementShards]
         student = torch.compile(student)
     sampler = BatchSampler(new, replay if has_replay else [], n_new=plan.new_per_batch,
                            n_replay=plan.replay_per_batch, seed=recipe.train.seed, sample=recipe.data.sample,
-                           rank=ctx.rank, world_size=ctx.world_size)
+                           rank=ctx.rank, world_size=ctx.world_size, split=recipe.replay.split)
     word_starts = tok_inputs.word_starts
     run = Run(student_head=head, student=student, teacher=teacher_head, optimizer=build_optimizer(model, recipe.train),
               sampler=sampler, terms=list(terms), train=recipe.train, masking=recipe.masking,

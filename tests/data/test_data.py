@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from incr_cli.data.shards import BatchSampler, open_increment, split_batch_size
+from incr_cli.data.shards import BatchSampler, open_increment, replay_shares, split_batch_size
 from incr_cli.errors import InputError, IntegrityError
 from incr_cli.store.workspace import Workspace
 from tests.helpers_train import row_ids, tagged_rows, write_increment
@@ -173,3 +173,74 @@ def test_a_batch_reads_only_the_increments_it_draws_from(ws):
         batch = sampler.next_batch()
         assert sum(reads.values()) <= 2
         assert len({tag for tag, _ in row_ids(batch.replay_ids)}) == len(reads)
+
+
+# ----------------------------------------------------------------------------- replay.split
+
+
+def _line_sizes(k: int) -> list[int]:
+    """A line of k earlier increments whose nightly sizes vary 50x (a quiet night, a bulk import)."""
+    rng = np.random.default_rng(k)
+    return [int(v) for v in rng.choice([40, 200, 2000], size=k, p=[0.3, 0.5, 0.2])]
+
+
+@pytest.mark.parametrize("k", [8, 100])
+def test_replay_shares_by_increment_cover_every_earlier_increment_as_the_line_grows(k):
+    sizes = _line_sizes(k)
+    by_size, by_increment = replay_shares(sizes, "size"), replay_shares(sizes, "increment")
+    assert by_size.sum() == pytest.approx(1.0) and by_increment.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(by_increment, 1.0 / k)  # every increment 1/K, whatever its size
+    np.testing.assert_allclose(by_size, np.array(sizes) / sum(sizes))  # its share of the rows
+    # a 40-row night next to 2,000-row imports: by size it fades (under a 10th of 1/K at K=100)
+    smallest = int(np.argmin(sizes))
+    assert by_size[smallest] < by_increment[smallest] / (2 if k == 8 else 10)
+
+
+def test_replay_shares_skip_empty_increments_and_refuse_unknown_rules():
+    np.testing.assert_allclose(replay_shares([0, 10, 30], "increment"), [0.0, 0.5, 0.5])
+    np.testing.assert_allclose(replay_shares([0, 0], "size"), [0.0, 0.0])
+    with pytest.raises(ValueError, match="replay.split"):
+        replay_shares([1], "recency")
+
+
+def test_split_by_increment_draws_each_earlier_increment_equally(ws):
+    new, *replay = shards(ws, {1: 30, 2: 10, 3: 90})
+    counts = {}
+    for split in ("size", "increment"):
+        sampler = BatchSampler([new], replay, n_new=4, n_replay=4, seed=0, split=split)
+        drawn = Counter(tag for _ in range(300) for tag, _ in row_ids(sampler.next_batch().replay_ids))
+        counts[split] = drawn[2] / 1200
+        rows = {r for _ in range(50) for r in row_ids(sampler.next_batch().replay_ids)}
+        assert {tag for tag, _ in rows} == {2, 3} and all(0 <= i < (10 if t == 2 else 90) for t, i in rows)
+    assert 0.06 < counts["size"] < 0.14  # 10 of 100 rows
+    assert 0.44 < counts["increment"] < 0.56  # 1 of 2 increments
+
+
+def test_split_by_increment_is_seeded_and_resumes(ws):
+    new, *replay = shards(ws, {1: 9, 2: 5, 3: 40})
+    a = BatchSampler([new], replay, n_new=3, n_replay=3, seed=7, split="increment")
+    first = [a.next_batch().replay_ids for _ in range(6)]
+    b = BatchSampler([new], replay, n_new=3, n_replay=3, seed=7, split="increment")
+    b.load_state_dict({"batch_index": 3})
+    for expected in first[3:]:
+        np.testing.assert_array_equal(b.next_batch().replay_ids, expected)
+
+
+def test_a_plan_names_the_earlier_increments_replay_would_leave_uncovered():
+    from incr_cli.training.plan import IncrementPlan
+
+    plan = IncrementPlan("v0003", ["d0004-x"], ["d0001-a", "d0002-b", "d0003-c"], 40, 900, 8, 2, 1, 10, 0, T,
+                         replay_rows={"d0001-a": 0.4, "d0002-b": 2.0, "d0003-c": 17.6})
+    assert plan.uncovered == ["d0001-a"]
+    plan.replay_per_batch = 0  # nothing replayed at all: nothing to warn about
+    assert plan.uncovered == []
+
+
+def test_the_recipe_offers_exactly_the_samplers_split_rules():
+    import dataclasses
+
+    from incr_cli.config.recipe import ReplayConfig
+    from incr_cli.data.shards import REPLAY_SPLITS
+
+    field = next(f for f in dataclasses.fields(ReplayConfig) if f.name == "split")
+    assert field.metadata["choices"] == REPLAY_SPLITS and field.default in REPLAY_SPLITS

@@ -53,3 +53,14 @@ def test_all_warmup_ends_at_the_peak():
 def test_unknown_schedule_is_an_error():
     with pytest.raises(ValueError, match="train.schedule"):
         lr_factor(5, total_steps=10, warmup=0, schedule="step", min_lr_ratio=0.0)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_its_last_steps():
+    from incr_cli.training.schedule import decay_steps
+
+    decay = decay_steps(20, 2, 0.25)
+    assert decay == 5
+    f = [lr_factor(s, total_steps=20, warmup=2, schedule="wsd", min_lr_ratio=0.0, decay=decay) for s in range(20)]
+    assert f[:2] == pytest.approx([0.5, 1.0]) and f[2:15] == [1.0] * 13  # warm-up, then stable
+    assert f[15:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])  # the last quarter decays
+    assert decay_steps(10, 10, 0.2) == 1 and decay_steps(10, 0, 1.0) == 10  # within the steps after warm-up
