@@ -84,18 +84,31 @@ def init(workspace: str | Path, base: str, *, recipe: str | Path | None = None, 
                           reporter=_reporter(reporter, on_message))
 
 
-def ingest(workspace: str | Path, paths: Iterable[str | Path], *, name: str | None = None, fmt: str = "auto",
+def ingest(workspace: str | Path, paths: Iterable[str | Path] = (), *, name: str | None = None, fmt: str = "auto",
            text_field: str = "text", overrides: Sequence[str] = (), recipe: str | Path | None = None,
            on_message: OnMessage | None = None, reporter: Reporter | None = None, **options: Any) -> IngestResult:
     """``incr ingest``: ``paths`` as the next increment -> ``IngestResult`` (``.increment`` None when
-    nothing new). ``options``: ``allow_unknown``, ``extend_vocab``, ``dry_run`` as on the CLI."""
+    nothing new). ``options``: ``allow_unknown``, ``extend_vocab``, ``dry_run`` as on the CLI, and
+    ``dataset`` (``NAME[:CONFIG]`` in the local Hugging Face cache) with ``split`` (default train)."""
+    from incr_cli.data import hf_cache
     from incr_cli.data.ingest import ingest as ingest_paths
+    from incr_cli.errors import UsageError
 
     ws = Workspace.open(workspace)
     resolved = _recipe(ws, recipe, overrides)
+    report = _reporter(reporter, on_message)
+    paths = [str(p) for p in paths]
+    dataset, split = options.pop("dataset", None), options.pop("split", "train")
+    if dataset:
+        found = hf_cache.find(dataset, split)
+        report.log(f"{found.label}: {len(found.files)} file(s) from the {found.cache} cache, {found.folder}")
+        paths += found.files
+        name = name or found.name.split("/")[-1]
+    if not paths:
+        raise UsageError("nothing to ingest: give files, directories, - for standard input, or --dataset NAME")
     with ws.lock("ingest"):
-        return ingest_paths(ws, [str(p) for p in paths], name=name, fmt=fmt, text_field=text_field,
-                            recipe=resolved, reporter=_reporter(reporter, on_message), **options)
+        return ingest_paths(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=report,
+                            **options)
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 def ingest_cmd(
     workspace: Annotated[Path, typer.Argument(help="Workspace directory.", show_default=False)],
-    paths: Annotated[list[str], typer.Argument(
+    paths: Annotated[list[str] | None, typer.Argument(
         help="Files, directories (read recursively, sorted; a Hugging Face datasets folder as its Arrow files), globs, "
              "or - for standard input; .gz, .bz2, .xz and .zst are decompressed. "
-             "Recipe overrides section.key=value may follow.", show_default=False)],
+             "Recipe overrides section.key=value may follow.", show_default=False)] = None,
     name: Annotated[str | None, typer.Option("--name", help="Increment name (default: the first path's stem).")] = None,
     fmt: Annotated[str, typer.Option(
         "--format", help="auto (by name: jsonl for *.jsonl/*.json, csv for *.csv, tsv for *.tsv/*.tab, parquet "
@@ -51,6 +51,11 @@ def ingest_cmd(
              "(or maps to [UNK]) as new tokens (default: vocab.max_new_tokens).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --extend-vocab: print the words that would be added; write nothing.")] = False,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", metavar="NAME[:CONFIG]",
+        help="A dataset in the local Hugging Face cache (the datasets library's or the Hub's), read offline; "
+             "incr never downloads it.")] = None,
+    split: Annotated[str, typer.Option("--split", help="With --dataset: the split to read.")] = "train",
     json_out: JsonOpt = False,
 ) -> None:
     """Clean, deduplicate, split (held-out by document hash), tokenize and pack PATH... into data/dNNNN-NAME/.
@@ -64,13 +69,18 @@ def ingest_cmd(
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
-    paths, overrides = split_overrides(paths)
+    paths, overrides = split_overrides(paths or [])
     result = api.ingest(ws.root, paths, name=name, fmt=fmt, text_field=text_field, overrides=overrides,
                         recipe=recipe, reporter=out, allow_unknown=allow_unknown, extend_vocab=extend_vocab,
-                        dry_run=dry_run)
+                        dry_run=dry_run, dataset=dataset, split=split)
     if json_out:
         out.emit_json({"workspace": str(ws.root), **result.to_dict()})
         return
+    _render(out, ws, result, dry_run)
+
+
+def _render(out: Output, ws: Workspace, result: Any, dry_run: bool) -> None:
+    """What ingest did, for a person: the vocabulary tables, the summary, the next command."""
     if result.increment is None and not result.sources and not result.skipped:
         out.log(result.message)  # the early no-op: nothing was read
         return
@@ -79,8 +89,7 @@ def ingest_cmd(
     if dry_run:
         out.log(result.message)
         return
-    rows = _summary_rows(result)
-    out.table(result.increment or "nothing written", ["", ""], rows)
+    out.table(result.increment or "nothing written", ["", ""], _summary_rows(result))
     out.log(result.message)
     if result.increment:
         out.log(f"next: incr train-increment {shlex.quote(str(ws.root))}")
