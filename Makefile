@@ -9,7 +9,7 @@ INCR := $(VENV)/bin/incr
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench bench-ingest-scale bench-gpu gpu-check experiment increment clean docs
+.PHONY: install test test-fast lint demo bench bench-ingest-scale bench-gpu gpu-check experiment stream increment clean docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,7 +57,7 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_ingest.py
-	$(PY) benchmarks/bench_history.py
+	$(PY) benchmarks/bench_history.py --out results/history-cost.json
 
 # The same on one CUDA GPU (BERT-base size, seq 128 and 512, bf16, MFU).
 bench-gpu: $(BENCH_STAMP)
@@ -72,6 +72,13 @@ gpu-check: $(BENCH_STAMP)
 # STEPS=N, SEEDS=K to change (SEEDS=1: a third of the time).
 experiment: $(STAMP)
 	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS))
+
+# A line of eight domains from the shared corpora on MiniLM-L6: the default, naive, a joint retrain and one
+# change each (replay.split, merge.choose, wsd, more replay): results/stream.md, .png, .json (~45 min on 2 cores
+# with SEEDS=1). CORPORA=folder of austen.txt, pydocs.txt, fortunes.txt.
+CORPORA ?= ../shared/corpora
+stream: $(STAMP)
+	$(PY) scripts/stream.py --corpora $(CORPORA) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(LINES),--lines $(LINES))
 
 docs: $(STAMP)
 	$(PY) scripts/gen_recipe_reference.py --write docs/recipes.md

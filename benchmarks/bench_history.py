@@ -17,12 +17,17 @@ fresh copies of the same workspace and reports the run with the least CPU time o
 shared machine's load comes and goes; the minimum is the least disturbed). Target: outside-loop time at 100 at most
 1.5x that at 1, no cell scored twice.
 
-    .venv/bin/python benchmarks/bench_history.py [--sizes 1,10,50,100] [--steps 10]
+    .venv/bin/python benchmarks/bench_history.py [--sizes 1,10,50,100] [--steps 10] [--out results/history-cost.json]
+
+``--out`` writes the rows with the settings, the date and the machine's load; docs/performance.md's
+table is rendered from that file (scripts/doc_tables.py, ``history-cost``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from doc_tables import history_table  # noqa: E402  (one rendering for the bench's output and the docs)
 
 SEQ_LEN, TRAIN_ROWS, HELDOUT_ROWS = 64, 64, 256
 TASK_ROWS = 400  # the downstream task every version is probed on (eval.tasks; the task gate off: cost only)
@@ -162,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,10,50,100")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3, help="Runs per size; the quickest is reported.")
+    parser.add_argument("--out", type=Path, default=None, help="Write the rows and settings as JSON here.")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="incr-bench-history-") as tmp:
@@ -175,15 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"before: {r['before_scored']} scored, {r['before_recorded']} recorded; after: {r['after_scored']} "
                   f"increments ({r['sequences']} sequences); scored twice: {r['scored_twice']}; "
                   f"task scoring {r['task_s']:.2f}s", flush=True)
-    base = rows[0]["outside_cpu_s"]
-    print("\n| earlier increments | whole increment, wall (s) | training loop, wall (s) | outside the loop, wall (s) | "
-          "outside the loop, CPU (s) | CPU vs first | cells scored before / reused | increments scored after "
-          "(sequences) | scored twice | task scoring, wall (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['k']} | {r['total_s']:.2f} | {r['train_s']:.2f} | {r['outside_s']:.2f} | {r['outside_cpu_s']:.2f} | "
-              f"{r['outside_cpu_s'] / base:.2f}x | {r['before_scored']} / {r['before_recorded']} | "
-              f"{r['after_scored']} ({r['sequences']}) | {r['scored_twice']} | {r['task_s']:.2f} |")
+    doc = {"rows": rows, "steps": args.steps, "repeats": args.repeats, "seq_len": SEQ_LEN,
+           "heldout_rows": HELDOUT_ROWS, "task_rows": TASK_ROWS,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count(),
+           "load": round((load_before + os.getloadavg()[0]) / 2, 1)}
+    print("\n" + history_table(doc))
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
     return 0
 
 

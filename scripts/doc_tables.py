@@ -12,7 +12,8 @@ the files disagree.
 
 Each JSON is written by the script that measured it: results/int8-table.json by
 ``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``,
-results/vocab-growth.json is ``scripts/vocab_growth.py``'s OUT/results.json.
+results/vocab-growth.json is ``scripts/vocab_growth.py``'s OUT/results.json, results/history-cost.json
+``benchmarks/bench_history.py --out``, results/drift-demo.json ``scripts/serving_table.py --drift-json``.
 Rendering is formatting only: no number is computed here but ratios of two measured ones.
 """
 
@@ -156,7 +157,40 @@ def ingest_scale_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def history_table(m: dict) -> str:
+    """benchmarks/bench_history.py --out: one increment's cost outside the loop per history length."""
+    base = m["rows"][0]["outside_cpu_s"]
+    lines = ["| earlier increments | whole increment, wall (s) | training loop, wall (s) | outside the loop, wall (s) | "
+             "outside the loop, CPU (s) | CPU vs first | cells scored before / reused | increments scored after "
+             "(sequences) | scored twice | task scoring, wall (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in m["rows"]:
+        lines.append(f"| {r['k']} | {r['total_s']:.2f} | {r['train_s']:.2f} | {r['outside_s']:.2f} | "
+                     f"{r['outside_cpu_s']:.2f} | {r['outside_cpu_s'] / base:.2f}x | {r['before_scored']} / "
+                     f"{r['before_recorded']} | {r['after_scored']} ({r['sequences']}) | {r['scored_twice']} | "
+                     f"{r['task_s']:.2f} |")
+    if "date" in m:
+        lines += ["", f"Measured {m['date']}: {m['steps']} steps, {m['repeats']} runs per size (the least CPU time "
+                      f"outside the loop kept), {m['cores']} cores at a load average of about {m['load']}."]
+    return "\n".join(lines)
+
+
+def drift_table(m: dict) -> str:
+    """scripts/serving_table.py --drift-json: each line's embedding drift against the same parent."""
+    lines = ["| line | version | mean cosine (all) | neighbour overlap@10 (all) | per increment: mean cosine / overlap |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for r in m["lines"]:
+        d = r["drift"]
+        per = "; ".join(f"{inc} {v['mean_cosine']:.3f} / {v['neighbour_overlap']:.3f}"
+                        for inc, v in d["increments"].items())
+        lines.append(f"| {r['name']} | {r['version']} vs {d['parent']} | {d['all']['mean_cosine']:.3f} | "
+                     f"{d['all']['neighbour_overlap']:.3f} | {per} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "drift": ("results/drift-demo.json", drift_table),
+    "history-cost": ("results/history-cost.json", history_table),
     "ingest-scale": ("results/ingest-scale.json", ingest_scale_table),
     "int8": ("results/int8-table.json", int8_table),
     "compress": ("results/compress-check.json", compress_table),

@@ -1,16 +1,23 @@
 """README's serving table from real runs: a compressed student's metrics.json and the embedding drift
 that two lines recorded for the same increment (e.g. the demo's distill+replay and plain fine-tune).
 
-    python scripts/serving_table.py --student WS2 [--drift NAME=WS:VERSION ...]
+    python scripts/serving_table.py --student WS2 [--drift NAME=WS:VERSION ...] [--drift-json OUT.json]
 
-Prints Markdown tables (numbers as measured; nothing is computed here but ratios).
+Prints Markdown tables (numbers as measured; nothing is computed here but ratios). ``--drift-json``
+keeps the drift records (results/drift-demo.json), from which docs/serving.md's table is rendered
+(scripts/doc_tables.py, ``drift``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc_tables import drift_table as render_drift  # noqa: E402
 
 
 def _read(path: Path) -> dict:
@@ -39,29 +46,31 @@ def student_table(ws: Path) -> str:
     return "\n".join(lines)
 
 
-def drift_table(specs: list[str]) -> str:
-    lines = ["| line | version | mean cosine (all) | neighbour overlap@10 (all) | per increment: mean cosine / overlap |",
-             "| --- | --- | ---: | ---: | --- |"]
+def drift_records(specs: list[str]) -> dict:
+    """NAME=WS:VERSION specs -> {"lines": [{name, version, drift: metrics.json's embedding_drift}], "date"}."""
+    lines = []
     for spec in specs:
         name, _, where = spec.partition("=")
         ws, _, version = where.rpartition(":")
-        d = _read(Path(ws) / "checkpoints" / version / "metrics.json")["embedding_drift"]
-        per = "; ".join(f"{inc} {v['mean_cosine']:.3f} / {v['neighbour_overlap']:.3f}"
-                        for inc, v in d["increments"].items())
-        lines.append(f"| {name} | {version} vs {d['parent']} | {d['all']['mean_cosine']:.3f} | "
-                     f"{d['all']['neighbour_overlap']:.3f} | {per} |")
-    return "\n".join(lines)
+        metrics = _read(Path(ws) / "checkpoints" / version / "metrics.json")
+        lines.append({"name": name, "version": version, "drift": metrics["embedding_drift"],
+                      "steps": metrics["steps"]})
+    return {"lines": lines, "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", type=Path)
     parser.add_argument("--drift", nargs="*", default=[], help="NAME=WORKSPACE:VERSION")
+    parser.add_argument("--drift-json", type=Path, default=None, help="Also write the drift records here.")
     args = parser.parse_args()
     if args.student:
         print(student_table(args.student) + "\n")
     if args.drift:
-        print(drift_table(args.drift))
+        records = drift_records(args.drift)
+        print(render_drift(records))
+        if args.drift_json:
+            args.drift_json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
