@@ -55,7 +55,7 @@ $(BENCH_STAMP): $(STAMP)
 
 # Speed, side by side in one run: HF Trainer vs incr plain MLM vs incr distill+replay (CPU).
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --out results/bench-train.json
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_history.py --out results/history-cost.json
 

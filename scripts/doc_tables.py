@@ -13,7 +13,7 @@ the files disagree.
 Each JSON is written by the script that measured it: results/int8-table.json by
 ``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``,
 results/vocab-growth.json is ``scripts/vocab_growth.py``'s OUT/results.json, results/history-cost.json
-``benchmarks/bench_history.py --out``, results/drift-demo.json ``scripts/serving_table.py --drift-json``.
+``benchmarks/bench_history.py --out``, results/bench-train.json ``benchmarks/bench_train.py --out``, results/drift-demo.json ``scripts/serving_table.py --drift-json``.
 Rendering is formatting only: no number is computed here but ratios of two measured ones.
 """
 
@@ -188,7 +188,32 @@ def drift_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(m: dict) -> str:
+    """benchmarks/bench_train.py --out: each configuration per precision, then each target met or short."""
+    mach, st = m["machine"], m["settings"]
+    lines = [f"Measured {m['created'][:16].replace('T', ' ')} UTC on a {mach['cores']}-core {mach['cpu']} "
+             f"({', '.join(mach['cpu_matmul_flags'])}), torch {mach['torch']}, {st['threads']} thread(s), "
+             f"{st['repeats']} windows of {st['steps']} steps after {st['warmup']} warm-up, load average "
+             f"{mach['load_avg_start'][0]:.1f} at the start; large-matmul rate "
+             + ", ".join(f"{p} {v['flops_per_s'] / 1e9:,.0f} GFLOP/s" for p, v in m["matmul"].items()) + ".", "",
+             "| precision | configuration | s / step | CPU s / step | tokens/s | peak memory (GB) | GFLOP / step | of the matmul rate |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g in m["groups"]:
+        for key, c in g["configs"].items():
+            lines.append(f"| {g['precision']} | ({key}) {c['label']} | {c['seconds_per_step']:.3f} | "
+                         f"{c['cpu_seconds_per_step']:.3f} | {c['tokens_per_second']:,.0f} | "
+                         f"{c['peak_memory_bytes'] / 1e9:.2f} | {c['flops_per_step']['total'] / 1e9:.1f} | "
+                         f"{c['matmul_fraction']:.0%} |")
+    lines += ["", "The targets, as the benchmark judged them (its ratios pair the configurations' windows):", "",
+              "| target | measured | |", "| --- | ---: | --- |"]
+    for t in m["targets"]:
+        verdict = "met" if t["passed"] else f"short by {t['short_by']:.2f}"
+        lines.append(f"| {t['target']} | {t['value']:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "speed": ("results/bench-train.json", speed_table),
     "drift": ("results/drift-demo.json", drift_table),
     "history-cost": ("results/history-cost.json", history_table),
     "ingest-scale": ("results/ingest-scale.json", ingest_scale_table),
