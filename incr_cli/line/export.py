@@ -103,10 +103,16 @@ def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype
                    quantize: str | None = None, file_format: str = "safetensors") -> ExportResult:
     """Write ``version`` (LATEST by default) to the new folder ``out`` -> what was written.
     ``quantize="int8"`` implies ONNX."""
+    out = Path(out)
+    return export_to(ws, version, out, check_format(dtype, quantize, file_format), str(out.resolve()))
+
+
+def export_to(ws: Workspace, version: str | None, out: Path, fmt: str, where: str,
+              license_id: str | None = None) -> ExportResult:
+    """``export_version`` in a format already checked, its model card saying the model is at ``where``
+    (the folder, or a Hub repo id for ``push``) under ``license_id`` (default: the base's)."""
     from incr_cli.model import weights as models
 
-    out = Path(out)
-    fmt = check_format(dtype, quantize, file_format)
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out}: already exists; export never overwrites: choose a new folder or remove it")
     if not out.parent.is_dir():
@@ -114,7 +120,7 @@ def export_version(ws: Workspace, version: str | None, out: Path | str, *, dtype
     name = ws.resolve_version(version)
     ws.require_weights(name)
     model, tokenizer = models.load_version(ws, name)  # checksums first
-    card = model_card(ws, name, fmt, str(out.resolve()))
+    card = model_card(ws, name, fmt, where, license_id)
     with folder_beside(out, "incr-export") as tmp:
         write_weights(model, tokenizer, tmp, fmt)
         if fmt not in ONNX_FORMATS:  # SentenceTransformer(out) loads it as the model it was

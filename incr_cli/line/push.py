@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from incr_cli.errors import UsageError, clip
-from incr_cli.line.export import UNKNOWN_LICENSE, export_version, model_card
+from incr_cli.line.export import UNKNOWN_LICENSE, check_format, export_to
 from incr_cli.store.workspace import Workspace
 
 REPO_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -57,8 +57,7 @@ def push_version(ws: Workspace, version: str | None, repo_id: str, *, private: b
     api = None if dry_run else _hub_api()
     with tempfile.TemporaryDirectory(prefix="incr-push-") as tmp:
         folder = Path(tmp) / "export"
-        result = export_version(ws, name, folder)
-        (folder / "README.md").write_text(model_card(ws, name, result.kind, repo_id, license_id), encoding="utf-8")
+        export_to(ws, name, folder, check_format("fp32", None, "safetensors"), repo_id, license_id)  # the card once
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         out = PushResult(repo_id, name, files, dry_run, license=known or UNKNOWN_LICENSE)
         if api is not None:
