@@ -70,6 +70,8 @@ LINES: dict[str, list[str]] = {
     "merge.choose": ["merge.choose=true", "merge.weight=0.5"],
     "schedule=wsd": ["train.schedule=wsd", "train.decay_ratio=0.2"],
     "replay.ratio=0.5": ["replay.ratio=0.5", "replay.weight=1.0", "distill.alpha=1.0"],
+    "replay.ratio=0.5+wsd": ["replay.ratio=0.5", "replay.weight=1.0", "distill.alpha=1.0", "train.schedule=wsd",
+                             "train.decay_ratio=0.2"],
 }
 QUICK = {"base": "scratch:tiny", "first": 3, "steps": 2, "docs": 60,
          "overrides": ["train.batch_size=8", "train.lr=1e-3", "eval.max_sequences=8", "eval.batch_size=16",
@@ -82,11 +84,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lines", default=",".join(LINES), help=f"Comma list of {', '.join(LINES)} (default: all).")
     parser.add_argument("--steps", type=int, default=STEPS, help="Steps per increment after the first (40).")
     parser.add_argument("--seeds", type=int, default=1, help="Repeat with train.seed 0..K-1 (tables: mean).")
+    parser.add_argument("--first-seed", type=int, default=0, help="Start the seeds here (FIRST..FIRST+K-1).")
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="Also report the seeds of this earlier stream.json (other seeds, any lines).")
     parser.add_argument("--corpora", type=Path, default=CORPORA, help="Folder of austen.txt, pydocs.txt, fortunes.txt.")
+    parser.add_argument("--texts", type=Path, default=None,
+                        help="Train these domains instead: DIR/NN-NAME.txt in name order, one document a line "
+                             "(scripts/outside_texts.py writes such a folder).")
     parser.add_argument("--quick", action="store_true", help="A tiny scratch model on excerpts of samples/ (tests).")
     parser.add_argument("--no-tasks", action="store_true", help="Skip the pydocs-sections probe of the final versions.")
     parser.add_argument("--out-dir", type=Path, default=REPO / "results")
+    parser.add_argument("--name", default="stream", help="Stem of the files written: NAME.md, NAME.png, NAME.json.")
     parser.add_argument("--work-dir", type=Path, default=None, help="Keep the workspaces here (default: removed).")
+    parser.add_argument("--threads", type=int, default=None, help="runtime.num_threads of every run (default: all cores).")
+    parser.add_argument("--no-joint", action="store_true",
+                        help="Skip the joint retrain (its seed's joint must come with --add).")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     args.lines = [s.strip() for s in args.lines.split(",") if s.strip()]
@@ -98,7 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def domain_files(args: argparse.Namespace, folder: Path) -> list[tuple[str, Path]]:
-    """Write each domain's documents (every k-th of its range, DOCS of them) to folder/NAME.txt."""
+    """Write each domain's documents (every k-th of its range, DOCS of them) to folder/NAME.txt;
+    with ``--texts``, that folder's files as they are."""
+    if args.texts:
+        files = sorted(args.texts.glob("*.txt"))
+        if len(files) < 2:
+            raise SystemExit(f"stream: {args.texts} holds {len(files)} .txt files; a line needs at least 2")
+        return [(f.stem.split("-", 1)[-1], f) for f in files]
     folder.mkdir(parents=True, exist_ok=True)
     source = REPO / "samples" if args.quick else args.corpora
     out = []
@@ -185,7 +203,8 @@ def task_scores(ws: Workspace, recipe: Recipe, log: Log) -> dict[str, Any] | Non
 def run_seed(seed: int, args: argparse.Namespace, work: Path, log: Log) -> dict[str, Any]:
     mode = QUICK if args.quick else {"base": "minilm-l6", "first": FIRST_STEPS, "steps": args.steps,
                                      "overrides": []}
-    overrides = [*HELDOUT, *mode["overrides"], f"train.seed={seed}"]
+    overrides = [*HELDOUT, *mode["overrides"], f"train.seed={seed}",
+                 *([f"runtime.num_threads={args.threads}"] if args.threads else [])]
 
     def recipe_for(extra: list[str], steps: int | None = None) -> Recipe:
         return load_recipe(RECIPE, [*overrides, f"train.steps={steps or mode['steps']}", *extra])
@@ -198,7 +217,8 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, log: Log) -> dict[
     _, first_seconds = train(shared, recipe_for(["strategy.name=naive"], mode["first"]), log)
     total_steps = mode["first"] + mode["steps"] * (len(domains) - 1)
     runs = {name: run_line(name, shared_dir, work, domains, recipe_for, log) for name in args.lines}
-    runs["joint"] = run_joint(shared_dir, work, domains, recipe_for, total_steps, log)
+    if not args.no_joint:
+        runs["joint"] = run_joint(shared_dir, work, domains, recipe_for, total_steps, log)
     cache, base = work / "eval-cache", recipe_for([])
     out = {}
     for name, run in runs.items():
@@ -207,7 +227,7 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path, log: Log) -> dict[
             out[name]["task"] = task_scores(run["workspace"], base, log)
     return {"lines": out, "first_seconds": round(first_seconds, 1), "total_steps": total_steps,
             "steps": mode["steps"], "first_steps": mode["first"], "domains": [d for d, _ in domains],
-            "docs": DOCS if not args.quick else [QUICK["docs"]] * len(domains),
+            "docs": [sum(1 for line in p.open(encoding="utf-8") if line.strip()) for _, p in domains],
             "recipe": recipe_to_dict(base), "batch_size": base.train.batch_size, "seq_len": base.model.max_seq_len}
 
 
@@ -220,20 +240,35 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        seeds = [run_seed(seed, args, work / f"seed{seed}", log) for seed in range(args.seeds)]
+        numbers = range(args.first_seed, args.first_seed + args.seeds)
+        seeds = [{**run_seed(seed, args, work / f"seed{seed}", log), "seed": seed} for seed in numbers]
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    for path in args.add:  # earlier runs' seeds (and the minutes they took) join the report
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        for number, raw in zip(earlier["settings"]["seeds"], earlier["seeds_raw"]):
+            raw.setdefault("seed", number)
+            same = next((x for x in seeds if x["seed"] == raw["seed"]), None)
+            if same is None:
+                seeds.append(raw)
+            else:  # the same seed, other lines: one seed's lines together (this run's first)
+                same["lines"] = {**raw["lines"], **same["lines"]}
+        seconds += earlier["settings"]["total_seconds"]
+    seeds.sort(key=lambda s: s["seed"])
     doc = report.summarise(seeds)
+    lines = list(dict.fromkeys(name for s in seeds for name in s["lines"] if name != "joint"))
     doc["settings"] = {"base": "scratch:tiny" if args.quick else "minilm-l6", "quick": args.quick,
-                       "seeds": list(range(args.seeds)), "lines": {n: LINES[n] for n in args.lines},
+                       "seeds": [s["seed"] for s in seeds], "lines": {n: LINES[n] for n in lines},
                        "recipe_file": str(RECIPE.relative_to(REPO)), "heldout": HELDOUT,
-                       "machine": machine(), "total_seconds": round(time.perf_counter() - started, 1)}
+                       "machine": machine(), "total_seconds": round(seconds, 1)}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "stream.json").write_text(json.dumps(finite_json(doc), indent=2) + "\n", encoding="utf-8")
-    (args.out_dir / "stream.md").write_text(report.markdown(doc), encoding="utf-8")
-    report.plot(doc, args.out_dir / "stream.png")
-    log.log(f"wrote {args.out_dir / 'stream.md'}, stream.png and stream.json in {doc['settings']['total_seconds']:.0f} s")
+    out = args.out_dir / args.name
+    out.with_suffix(".json").write_text(json.dumps(finite_json(doc), indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(report.markdown(doc), encoding="utf-8")
+    report.plot(doc, out.with_suffix(".png"))
+    log.log(f"wrote {out}.md, .png and .json in {doc['settings']['total_seconds']:.0f} s")
     if not args.quiet:
         print(report.markdown(doc))
     return 0
