@@ -2,13 +2,14 @@
 Python docs) trained once per precision, every version scored in fp32 on every increment.
 
     python scripts/precision_check.py run --precision fp32 --work /tmp/pc      # then --precision bf16
-    python scripts/precision_check.py compare /tmp/pc/fp32.json /tmp/pc/bf16.json
+    python scripts/precision_check.py compare /tmp/pc/fp32.json /tmp/pc/bf16.json [--out results/precision-check.json]
 
 ``run`` uses the same `incr` commands as scripts/demo.sh (``--steps`` to shorten them) and writes
 WORK/PRECISION.json: each version's training figures and its held-out perplexity per increment,
 scored in fp32 (so only the training precision differs) and at the training precision. ``compare``
 prints, per version and increment, bf16's perplexity relative to fp32's and whether it is within
-``--tolerance`` (default 2%), and exits 1 when any is not.
+``--tolerance`` (default 2%), and exits 1 when any is not; ``--out`` keeps both runs and the verdict
+(docs/performance.md's bf16 table is rendered from results/precision-check.json, scripts/doc_tables.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def compare(args: argparse.Namespace) -> int:
               f"(x{a['train_seconds'] / b['train_seconds']:.2f}), peak memory {a['peak_memory_bytes'] / 2**30:.2f} -> "
               f"{b['peak_memory_bytes'] / 2**30:.2f} GiB")
     print(f"largest |change| (fp32 eval): {worst:.2%}; {'within' if ok else 'NOT within'} {args.tolerance:.0%}")
+    if args.out:
+        doc = {"reference": ref, "candidate": new, "tolerance": args.tolerance, "largest_change": worst, "within": ok}
+        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return 0 if ok else 1
 
 
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("reference", type=Path)
     c.add_argument("candidate", type=Path)
     c.add_argument("--tolerance", type=float, default=0.02)
+    c.add_argument("--out", type=Path, default=None, help="Write both runs and the verdict as JSON here.")
     args = p.parse_args(argv)
     return run(args) if args.cmd == "run" else compare(args)
 
