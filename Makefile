@@ -74,7 +74,7 @@ experiment: $(STAMP)
 	$(PY) scripts/experiment.py $(if $(STEPS),--steps $(STEPS)) $(if $(SEEDS),--seeds $(SEEDS))
 
 # A line of eight domains from the shared corpora on MiniLM-L6: the default, naive, a joint retrain and one
-# change each (replay.split, merge.choose, wsd, more replay): results/stream.md, .png, .json (~45 min on 2 cores
+# change each (replay.split, merge.choose, wsd, more replay): results/stream.md, .png, .json (~50 min on 2 cores
 # with SEEDS=1). CORPORA=folder of austen.txt, pydocs.txt, fortunes.txt.
 CORPORA ?= ../shared/corpora
 stream: $(STAMP)

@@ -13,7 +13,8 @@ the files disagree.
 Each JSON is written by the script that measured it: results/int8-table.json by
 ``scripts/int8_table.py WS --json``, results/compress-check.json by ``scripts/compress_check.py``,
 results/vocab-growth.json is ``scripts/vocab_growth.py``'s OUT/results.json, results/history-cost.json
-``benchmarks/bench_history.py --out``, results/bench-train.json ``benchmarks/bench_train.py --out``, results/drift-demo.json ``scripts/serving_table.py --drift-json``.
+``benchmarks/bench_history.py --out``, results/bench-train.json ``benchmarks/bench_train.py --out``, results/stream.json ``scripts/stream.py``,
+results/precision-check.json ``scripts/precision_check.py compare --out``, results/drift-demo.json ``scripts/serving_table.py --drift-json``.
 Rendering is formatting only: no number is computed here but ratios of two measured ones.
 """
 
@@ -212,7 +213,38 @@ def speed_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def precision_table(m: dict) -> str:
+    """scripts/precision_check.py compare --out: the bf16-trained line against the fp32-trained one."""
+    ref, new = m["reference"], m["candidate"]
+    lines = [f"Steps {', '.join(map(str, ref['steps']))}; overrides {' '.join(ref['overrides']) or 'none'}; "
+             f"tolerance {m['tolerance']:.0%}: largest change {m['largest_change']:.2%} of perplexity, "
+             f"{'within' if m['within'] else 'NOT within'} it.", "",
+             f"| version | increment | {ref['precision']}-trained ppl | {new['precision']}-trained ppl (fp32 eval) | change "
+             f"| scored at {new['precision']} |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for v, row in ref["perplexity_fp32_eval"].items():
+        for inc, p_ref in row.items():
+            p_new, own = new["perplexity_fp32_eval"][v][inc], new["perplexity_own_eval"][v][inc]
+            lines.append(f"| {v} | {inc} | {p_ref:.2f} | {p_new:.2f} | {p_new / p_ref - 1:+.2%} | {own:.2f} |")
+    lines += ["", "| version | train seconds fp32 -> bf16 | peak memory (GiB) fp32 -> bf16 |", "| --- | ---: | ---: |"]
+    for v in ref["versions"]:
+        a, b = ref["versions"][v], new["versions"][v]
+        lines.append(f"| {v} | {a['train_seconds']:.1f} -> {b['train_seconds']:.1f} "
+                     f"(x{a['train_seconds'] / b['train_seconds']:.2f}) | {a['peak_memory_bytes'] / 2**30:.2f} -> "
+                     f"{b['peak_memory_bytes'] / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+def stream_table(m: dict) -> str:
+    """scripts/stream.py's results/stream.json: its report (results/stream.md) below the title."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from _stream_report import markdown
+
+    return markdown(m).split("\n", 2)[2].rstrip("\n")
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "stream": ("results/stream.json", stream_table),
+    "precision": ("results/precision-check.json", precision_table),
     "speed": ("results/bench-train.json", speed_table),
     "drift": ("results/drift-demo.json", drift_table),
     "history-cost": ("results/history-cost.json", history_table),
