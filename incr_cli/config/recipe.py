@@ -199,7 +199,7 @@ class TrainConfig:
     lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
     weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
     warmup_ratio: float = knob(0.06, "Share of the steps spent in linear warm-up.", lo=0.0, hi=1.0)
-    schedule: str = knob("cosine", "Decay after warm-up, in every increment (each re-warms and re-decays): cosine, linear, constant, or wsd (the peak rate until the last `decay_ratio` of the steps, then a linear decay).", choices=["cosine", "linear", "constant", "wsd"])
+    schedule: str = knob("wsd", "Decay after warm-up, in every increment (each re-warms and re-decays): cosine, linear, constant, or wsd (the peak rate until the last `decay_ratio` of the steps, then a linear decay).", choices=["cosine", "linear", "constant", "wsd"])
     decay_ratio: float = knob(0.2, "wsd: share of the steps, at the end, spent decaying linearly to `min_lr_ratio`.", lo=0.0, hi=1.0, lo_open=True)
     min_lr_ratio: float = knob(0.0, "Final learning rate as a share of `lr`.", lo=0.0, hi=1.0)
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 = off).", lo=0.0)
@@ -213,7 +213,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    alpha: float = knob(0.33, "Weight of the KL term between the frozen parent (teacher) and the student at the masked positions of `rows` (0.33 = replay.ratio / (1 - replay.ratio) at the default ratio: a replayed token weighs what a new one does; 0.5 before the defaults changed).", lo=0.0)
+    alpha: float = knob(1.0, "Weight of the KL term between the frozen parent (teacher) and the student at the masked positions of `rows` (1.0 = replay.ratio / (1 - replay.ratio) at the default ratio 0.5: a replayed token weighs what a new one does; 0.33 at ratio 0.25, the default before the long-line measurements of make stream; 0.5 before that).", lo=0.0)
     temperature: float = knob(2.0, "Softmax temperature T of distillation (the term is scaled by T^2).", lo=0.0, lo_open=True)
     hidden_weight: float = knob(0.0, "Weight of the hidden-state term between student and teacher (0 = off).", lo=0.0)
     hidden_loss: str = knob("mse", "Distance of the hidden-state term.", choices=["mse", "cosine"])
@@ -225,10 +225,10 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    ratio: float = knob(0.25, "Share of each batch drawn from earlier increments of the lineage.", lo=0.0, hi=1.0, hi_open=True)
+    ratio: float = knob(0.5, "Share of each batch drawn from earlier increments of the lineage (0.25 before make stream's eight-domain line showed 0.5 with the wsd schedule ending every domain below a joint retrain; for a weak shift less suffices).", lo=0.0, hi=1.0, hi_open=True)
     on_top: bool = knob(True, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the student compute per step (false: the replayed rows take `ratio` of the batch, the behaviour before the second change of the defaults, which learned the Python docs to 1.15x the plain fine-tune's perplexity).")
     split: str = knob("size", "How the replayed rows are split over the earlier increments of the lineage: size (each row drawn uniformly from all earlier rows, so an increment gets its share of the rows and a small or old one fades as the line grows) or increment (every earlier increment the same share, 1/K, whatever its size). train-increment warns when an increment would get no replayed row.", choices=["size", "increment"])
-    weight: float = knob(0.33, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 0.33 = ratio / (1 - ratio) at the default ratio, so a replayed token weighs what a new one does (1.0 before the defaults changed: the replayed rows weighed as much as the new ones, whatever their share). Change it with `ratio`.", lo=0.0)
+    weight: float = knob(1.0, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 1.0 = ratio / (1 - ratio) at the default ratio 0.5, so a replayed token weighs what a new one does (0.33 at ratio 0.25). Change it with `ratio`.", lo=0.0)
 
 
 @dataclass(frozen=True)

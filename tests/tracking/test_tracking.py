@@ -23,7 +23,7 @@ from incr_cli.runtime.flops import Meter, ModelShape, model_shape, step_flops
 from incr_cli.store.workspace import Workspace
 from incr_cli.tracking import base, tensorboard_sink
 from incr_cli.tracking import mlflow_sink as mlflow_mod
-from incr_cli.training.schedule import lr_factor, warmup_steps
+from incr_cli.training.schedule import decay_steps, lr_factor, warmup_steps
 from tests.helpers_train import REPO, _ingest, excerpt
 
 runner = CliRunner()
@@ -102,8 +102,9 @@ def test_log_lines_carry_grad_norm_before_clipping_lr_and_mfu(one_pending):
     for line in lines:
         assert line["grad_norm"] > 1e-3  # the norm before clipping to 1e-6
         # lr: the schedule's value at the line's last step
-        expected = t.lr * lr_factor(line["step"] - 1, total_steps=4, warmup=warmup_steps(4, t.warmup_ratio),
-                                    schedule=t.schedule, min_lr_ratio=t.min_lr_ratio)
+        warmup = warmup_steps(4, t.warmup_ratio)
+        expected = t.lr * lr_factor(line["step"] - 1, total_steps=4, warmup=warmup, schedule=t.schedule,
+                                    min_lr_ratio=t.min_lr_ratio, decay=decay_steps(4, warmup, t.decay_ratio))
         assert line["lr"] == pytest.approx(expected)
         assert line["tokens_per_second"] > 0 and 0 < line["mfu"] < 1  # against the measured matmul rate
     peak = result.metrics["mfu_peak"]
