@@ -526,8 +526,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
 
     ws, recipe, plan, run = s.ws, s.recipe, s.plan, s.run
     before = state.eval_before or {}
-    merged = _merge_with_parent(s, [d for d in plan.trained_on if d in before])
-    after = evaluate_lineage(run, s.shards, [d for d in plan.trained_on if d in before], recipe, s.tok_inputs)
+    gated = [d for d in plan.trained_on if d in before]  # the gate's sample
+    merged = _merge_with_parent(s, gated)
+    after = evaluate_lineage(run, s.shards, gated, recipe, s.tok_inputs)
     _require_scores(after, plan.pending)
     shared = _shared_scores(s, after)
     passed, checks, ppl_change = gate_checks(recipe, before, {**after, **shared}, plan.pending, plan.earlier)
