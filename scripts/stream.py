@@ -125,7 +125,7 @@ def domain_files(args: argparse.Namespace, folder: Path) -> list[tuple[str, Path
     folder.mkdir(parents=True, exist_ok=True)
     source = REPO / "samples" if args.quick else args.corpora
     out = []
-    for (name, file, (lo, hi)), n in zip(DOMAINS, DOCS):
+    for k, ((name, file, (lo, hi)), n) in enumerate(zip(DOMAINS, DOCS)):
         path = source / file
         if not path.is_file():
             raise SystemExit(f"stream: {path} is missing; pass --corpora DIR (the folder of austen.txt, pydocs.txt, "
@@ -133,7 +133,6 @@ def domain_files(args: argparse.Namespace, folder: Path) -> list[tuple[str, Path
         lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
         if args.quick:  # samples/ holds excerpts: a slice of each per domain
             n = QUICK["docs"]
-            k = DOMAINS.index((name, file, (lo, hi)))
             lo, hi = (k * n) % max(1, len(lines) - n), (k * n) % max(1, len(lines) - n) + n
         chosen = lines[lo:hi]
         stride = max(1, len(chosen) // n)
