@@ -37,7 +37,7 @@ def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
     from incr_cli.runtime import distributed
     from incr_cli.training.masking import tokenizer_inputs
     from incr_cli.training.plan import IncrementPlan
-    from incr_cli.training.step import TrainState, build_run, train_step
+    from incr_cli.training.step import RunSpec, TrainState, build_run, train_step
 
     recipe = build_recipe({}, "bench", incr_overrides(spec, driver.total_steps))
     tokenizer = load_tokenizer(spec)
@@ -56,12 +56,13 @@ def run_incr(spec: dict[str, Any], device: torch.device, driver: Any) -> None:
                          n_new, n_replay, 1, driver.total_steps, driver.total_steps * recipe.train.batch_size * seq_len,
                          seq_len)
     ctx = distributed.DistContext(0, 1, device)
-    precision = devices.resolve_precision(recipe.runtime.precision, device)
+    place = devices.Placement.resolve(device, recipe.runtime.precision)
+    precision = place.precision
     devices.configure_threads(recipe.runtime.num_threads)
     torch.manual_seed(recipe.train.seed * 7919)
-    run, trainable = build_run(model, tokenizer_inputs(tokenizer, recipe), [new], [replay] if n_replay else [],
-                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=Quiet(),
-                               terms=loss_terms(recipe, plan))
+    run_spec = RunSpec(recipe, plan, [new], [replay] if n_replay else [], tokenizer_inputs(tokenizer, recipe),
+                       loss_terms(recipe, plan))
+    run, trainable = build_run(model, run_spec, place=place, ctx=ctx, reporter=Quiet())
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     check_loss = device.type == "cpu"  # as the CLI's loop does
     driver.start(n_new=n_new, n_replay=n_replay, teacher=run.teacher is not None, trainable=trainable,

@@ -41,12 +41,11 @@ def _write(path: Path, lines: list[str]) -> str:
 
 
 def _sampler_ms(ws: Any, plan: Any, recipe: Any, batches: int = 200) -> float:
-    from incr_cli.data.shards import BatchSampler, open_increment
+    from incr_cli.data.shards import BatchSampler, Draw, open_increment
 
     new = [open_increment(ws, d, verify=False) for d in plan.new]
     replay = [open_increment(ws, d, verify=False) for d in plan.replay]
-    sampler = BatchSampler(new, replay, n_new=plan.new_per_batch, n_replay=plan.replay_per_batch,
-                           seed=recipe.train.seed)
+    sampler = BatchSampler(new, replay, Draw(plan.new_per_batch, plan.replay_per_batch, seed=recipe.train.seed))
     started = time.perf_counter()
     for _ in range(batches):
         sampler.next_batch()
@@ -56,7 +55,7 @@ def _sampler_ms(ws: Any, plan: Any, recipe: Any, batches: int = 200) -> float:
 def build_history(root: Path, k: int, *, threads: int, steps: int) -> Any:
     """A workspace whose LATEST (v0001) learned k earlier increments, with the fixed new increment pending."""
     from incr_cli.config.recipe import build_recipe
-    from incr_cli.data.ingest import ingest
+    from incr_cli.data.ingest import IngestOptions, ingest
     from incr_cli.line.increment import train_increment
     from incr_cli.model.weights import init_workspace
     from incr_cli.store.workspace import Workspace
@@ -68,10 +67,11 @@ def build_history(root: Path, k: int, *, threads: int, steps: int) -> Any:
     with ws.lock("bench"):
         for i in range(k):
             docs = earlier[i * DOCS_PER_EARLIER:(i + 1) * DOCS_PER_EARLIER]
-            ingest(ws, [_write(root.parent / f"earlier-{i}.txt", docs)], name=f"earlier{i:02d}", recipe=recipe)
+            ingest(ws, [_write(root.parent / f"earlier-{i}.txt", docs)], recipe=recipe,
+                   options=IngestOptions(name=f"earlier{i:02d}"))
         train_increment(ws, build_recipe({}, "bench-scaling", _overrides(threads, 2)))  # v0001 learns them
         new = read_paragraphs(("austen.txt",))[:NEW_DOCS]
-        ingest(ws, [_write(root.parent / "new.txt", new)], name="new", recipe=recipe)
+        ingest(ws, [_write(root.parent / "new.txt", new)], recipe=recipe, options=IngestOptions(name="new"))
     return ws
 
 
@@ -80,7 +80,7 @@ def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> d
     from incr_cli.config.recipe import build_recipe
     from incr_cli.line.increment import train_increment
     from incr_cli.methods import plan_increment
-    from incr_cli.scoring.evaluate import evaluate
+    from incr_cli.scoring.evaluate import EvalGrid, evaluate
     from incr_cli.store.workspace import Workspace
 
     ws = Workspace(pristine).copy_to(copy)
@@ -93,7 +93,7 @@ def time_increment(pristine: Path, copy: Path, *, threads: int, steps: int) -> d
         sampler_ms = _sampler_ms(ws, plan, recipe)
         columns = ws.increments()
         started = time.perf_counter()
-        evaluate(ws, [ws.latest()], columns, recipe, device="cpu", use_cache=False)
+        evaluate(ws, EvalGrid([ws.latest()], columns), recipe, use_cache=False)
         eval_seconds = time.perf_counter() - started
     shutil.rmtree(copy, ignore_errors=True)
     m = result.metrics or {}

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from incr_cli.config.recipe import load_recipe  # noqa: E402
-from incr_cli.data.ingest import BATCH_DOCS, ingest  # noqa: E402
+from incr_cli.data.ingest import BATCH_DOCS, IngestOptions, ingest  # noqa: E402
 from incr_cli.model.weights import init_workspace, scratch_tokenizer  # noqa: E402
 from incr_cli.progress import Quiet  # noqa: E402
 from incr_cli.store.workspace import Workspace  # noqa: E402
@@ -91,7 +91,8 @@ def main() -> None:
             init_workspace(Path(tmp) / f"ws{k}", "scratch:tiny", recipe, reporter=Quiet())
             ws = Workspace.open(Path(tmp) / f"ws{k}")
             start = time.perf_counter()
-            result = ingest(ws, [str(corpus)], name="bench", recipe=recipe, tokenizer=tokenizer)
+            result = ingest(ws, [str(corpus)], recipe=recipe, options=IngestOptions(name="bench"),
+                            tokenizer=tokenizer)
             ingest_times.append(time.perf_counter() - start)
         raw_s, ingest_s = min(raw_times), min(ingest_times)
     docs = result.documents["kept"] + result.documents["duplicate"] + sum(result.documents["rejected"].values())

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from make_zh_base import write_zh_base  # noqa: E402
 
 from incr_cli.config.recipe import load_recipe  # noqa: E402
-from incr_cli.data.ingest import ingest  # noqa: E402
+from incr_cli.data.ingest import IngestOptions, ingest  # noqa: E402
 from incr_cli.line.increment import train_increment  # noqa: E402
 from incr_cli.model.weights import init_workspace  # noqa: E402
 from incr_cli.store.workspace import Workspace  # noqa: E402
@@ -39,8 +39,8 @@ def _line(root: Path, base: Path, segmented: bool) -> Workspace:
     init_workspace(root, str(base), recipe)
     ws = Workspace.open(root)
     with ws.lock("ingest"):
-        ingest(ws, [str(REPO / "samples" / "chinese.txt")], name="zh",
-               recipe=load_recipe(ws.recipe_path, [f"masking.whole_word={str(segmented).lower()}"]))
+        recipe = load_recipe(ws.recipe_path, [f"masking.whole_word={str(segmented).lower()}"])
+        ingest(ws, [str(REPO / "samples" / "chinese.txt")], recipe=recipe, options=IngestOptions(name="zh"))
     assert bool(ws.increment_manifest(ws.increments()[0]).get("words")) == segmented
     return ws
 

@@ -41,7 +41,7 @@ from incr_cli.methods import (
     plan_increment,  # noqa: E402
 )
 from incr_cli.model.weights import init_workspace  # noqa: E402
-from incr_cli.scoring.evaluate import evaluate  # noqa: E402
+from incr_cli.scoring.evaluate import EvalGrid, evaluate  # noqa: E402
 from incr_cli.store.files import finite_json  # noqa: E402
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.terms import rows_count, teacher_rows  # noqa: E402
@@ -136,7 +136,7 @@ def run_shift(a: str, b: str, args: argparse.Namespace, work: Path, log: exp.Log
         rows = student_and_teacher_rows(ws, recipe(CANDIDATES[name], steps), "v0001")
         if cache.is_dir():
             shutil.copytree(cache, ws.eval_dir / "cache", dirs_exist_ok=True)
-        result = evaluate(ws, ["v0001", version], ws.increments(), recipe([], 1), reporter=log)
+        result = evaluate(ws, EvalGrid(["v0001", version], ws.increments()), recipe([], 1), reporter=log)
         shutil.copytree(ws.eval_dir / "cache", cache, dirs_exist_ok=True)
         (da, db) = ws.increments()
         ppl = {v: {d: result.scores[v][d]["perplexity"] for d in (da, db)} for v in ("v0001", version)}

@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _experiment_report as report  # noqa: E402
 
 from incr_cli.config.recipe import Recipe, load_recipe, recipe_to_dict  # noqa: E402
-from incr_cli.data.ingest import ingest  # noqa: E402
+from incr_cli.data.ingest import IngestOptions, ingest  # noqa: E402
 from incr_cli.line.increment import train_increment  # noqa: E402
 from incr_cli.model.weights import init_workspace  # noqa: E402
 from incr_cli.scoring.continual import summarize  # noqa: E402
-from incr_cli.scoring.evaluate import evaluate  # noqa: E402
+from incr_cli.scoring.evaluate import EvalGrid, evaluate  # noqa: E402
 from incr_cli.store.files import finite_json  # noqa: E402
 from incr_cli.store.workspace import Workspace
 
@@ -133,7 +133,7 @@ def domain_files(quick: bool, folder: Path) -> list[tuple[str, Path]]:
 
 def add_domain(ws: Workspace, name: str, path: Path, recipe: Recipe, log: Log) -> str:
     with ws.lock("ingest"):
-        result = ingest(ws, [str(path)], name=name, recipe=recipe, reporter=log)
+        result = ingest(ws, [str(path)], recipe=recipe, options=IngestOptions(name=name), reporter=log)
     if result.increment is None:
         raise SystemExit(f"experiment: ingesting {path} wrote nothing: {result.message}")
     log.log(f"ingested {result.increment}: {result.sequences}")
@@ -175,7 +175,7 @@ def score(ws: Workspace, recipe: Recipe, cache: Path, log: Log) -> dict[str, Any
     increments = ws.increments()
     if cache.is_dir():
         shutil.copytree(cache, ws.eval_dir / "cache", dirs_exist_ok=True)
-    result = evaluate(ws, versions, increments, recipe, reporter=log)
+    result = evaluate(ws, EvalGrid(versions, increments), recipe, reporter=log)
     shutil.copytree(ws.eval_dir / "cache", cache, dirs_exist_ok=True)
     log.log(f"{ws.root.name}: scored {len(versions)} versions x {len(increments)} domains "
             f"({result.cache_hits} cached) in {result.seconds:.1f} s")

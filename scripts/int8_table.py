@@ -33,7 +33,7 @@ from incr_cli.config.recipe import load_recipe
 from incr_cli.line.export import ENCODER_GRAPH, FILL_MASK_GRAPH, export_version
 from incr_cli.model.heads import MaskedLMHead
 from incr_cli.model.weights import load_version
-from incr_cli.scoring.embed import embed_ids, embedding_drift
+from incr_cli.scoring.embed import EmbedSettings, embed_ids, embedding_drift
 from incr_cli.scoring.score import read_heldout, score_increment
 from incr_cli.store.workspace import Workspace
 
@@ -86,7 +86,7 @@ def measure(ws: Workspace, version: str, threads: int, folder: Path) -> dict:
     ids = torch.from_numpy(rows.astype(np.int64))  # (N, T)
     attention = ids != tokenizer.pad_token_id
     fill = {"torch fp32": lambda i, a: model(input_ids=i, attention_mask=a.long()).logits}
-    enc = {"torch fp32": lambda i, a: embed_ids(model, i, a, batch_size=len(i))}
+    enc = {"torch fp32": lambda i, a: embed_ids(model, i, a, settings=EmbedSettings(batch_size=len(i)))}
     sessions = {"onnx fp32": fp32_onnx, "onnx int8": int8}
     for name, where in sessions.items():
         fm, en = session(where / FILL_MASK_GRAPH, threads), session(where / ENCODER_GRAPH, threads)
@@ -96,12 +96,12 @@ def measure(ws: Workspace, version: str, threads: int, folder: Path) -> dict:
     with torch.inference_mode():
         speed = {"fill_mask": timed(fill, ids, attention, recipe.eval.batch_size),
                  "embeddings": timed(enc, ids, attention, recipe.eval.batch_size)}
-        reference = embed_ids(model, ids, attention, batch_size=recipe.eval.batch_size)
+        reference = embed_ids(model, ids, attention, settings=EmbedSettings(batch_size=recipe.eval.batch_size))
         accuracy, cosine = {}, {}
         heads = {"torch fp32": MaskedLMHead(model)}
         heads.update({name: OrtHead(session(where / FILL_MASK_GRAPH, threads)) for name, where in sessions.items()})
         for name, head in heads.items():
-            accuracy[name] = {inc: score_increment(head, ws, inc, recipe, tokenizer, "cpu", "fp32")["accuracy"]
+            accuracy[name] = {inc: score_increment(head, ws, inc, recipe, tokenizer)["accuracy"]
                               for inc in increments}
         for name in sessions:
             emb = np.concatenate([enc[name](ids[i:i + 64], attention[i:i + 64]) for i in range(0, len(ids), 64)])

@@ -25,7 +25,7 @@ import torch
 from incr_cli.config.recipe import TaskConfig, build_recipe
 from incr_cli.model import weights as models
 from incr_cli.scoring import tasks as T
-from incr_cli.scoring.embed import embed_texts
+from incr_cli.scoring.embed import EmbedSettings, embed_texts
 from incr_cli.store.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,8 @@ def measure(ws: Workspace) -> list[dict]:
         data = T.read_task(spec, probe)
         for max_length in (128, 64):
             started = time.perf_counter()
-            emb, cut = embed_texts(model, tokenizer, data.texts, max_length=max_length, batch_size=probe.batch_size)
+            settings = EmbedSettings(batch_size=probe.batch_size, max_length=max_length)
+            emb, cut = embed_texts(model, tokenizer, data.texts, settings=settings)
             embed_s = round(time.perf_counter() - started, 2)
             for C in (1.0, 0.1, 0.01):
                 for grouped in (True, False):

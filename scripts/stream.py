@@ -43,8 +43,9 @@ from experiment import Log, add_domain, machine, train  # noqa: E402
 from incr_cli.config.recipe import Recipe, TaskConfig, load_recipe, recipe_to_dict  # noqa: E402
 from incr_cli.data.shards import split_batch_size  # noqa: E402
 from incr_cli.model.weights import init_workspace  # noqa: E402
-from incr_cli.scoring.evaluate import evaluate  # noqa: E402
-from incr_cli.scoring.probe import load_tasks, score_versions  # noqa: E402
+from incr_cli.runtime.device import CPU  # noqa: E402
+from incr_cli.scoring.evaluate import EvalGrid, evaluate  # noqa: E402
+from incr_cli.scoring.probe import TaskBook, load_tasks, score_versions  # noqa: E402
 from incr_cli.store.files import finite_json  # noqa: E402
 from incr_cli.store.workspace import Workspace  # noqa: E402
 
@@ -187,7 +188,7 @@ def score(ws: Workspace, recipe: Recipe, cache: Path, log: Log) -> dict[str, Any
     increments = ws.increments()
     if cache.is_dir():
         shutil.copytree(cache, ws.eval_dir / "cache", dirs_exist_ok=True)
-    result = evaluate(ws, versions, increments, recipe, reporter=log)
+    result = evaluate(ws, EvalGrid(versions, increments), recipe, reporter=log)
     shutil.copytree(ws.eval_dir / "cache", cache, dirs_exist_ok=True)
     matrix = [[result.scores[v][d]["perplexity"] for d in increments] for v in versions]
     return {"versions": versions, "increments": increments, "perplexity": matrix}
@@ -198,8 +199,7 @@ def task_scores(ws: Workspace, recipe: Recipe, log: Log) -> dict[str, Any] | Non
     spec = TaskConfig(name="pydocs-sections", path=str(TASK), kind="classification", group_field="source")
     probed = replace(recipe, eval=replace(recipe.eval, tasks=[spec]))
     version = ws.latest()
-    scores, _ = score_versions(ws, [version], load_tasks(probed), probed, device="cpu", precision="fp32",
-                               reporter=log)
+    scores = score_versions(TaskBook(ws, probed, CPU), [version], load_tasks(probed), reporter=log)
     s = scores[version]["pydocs-sections"]
     return {"version": version, "accuracy": s.get("accuracy"), "ci": s.get("accuracy_ci") or s.get("ci")}
 

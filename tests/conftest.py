@@ -94,20 +94,28 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return write_tiny_model_dir(tmp_path / "tiny-model")
 
 
+@pytest.fixture(scope="session")
+def workspace_copy(tmp_path_factory: pytest.TempPathFactory):
+    """``workspace_copy(kind, dest)``: a fresh copy at ``dest`` of a workspace built once per session
+    (``helpers_train.template``): "one_pending", "two_increments" or "two_increments_no_dropout"."""
+    from tests.helpers_train import template
+
+    def copy(kind: str, dest: Path) -> Workspace:
+        return Workspace(template(tmp_path_factory, kind)).copy_to(dest)
+
+    return copy
+
+
 @pytest.fixture
-def one_pending(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+def one_pending(tmp_path: Path, workspace_copy) -> Workspace:
     """scratch:tiny at v0000 with one ingested, pending increment (a copy of a cached template)."""
-    from tests.helpers_train import copy_workspace, template
-
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+    return workspace_copy("one_pending", tmp_path / "ws")
 
 
 @pytest.fixture
-def two_increments(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+def two_increments(tmp_path: Path, workspace_copy) -> Workspace:
     """v0001 trained on a first increment, a second one pending (a copy of a cached template)."""
-    from tests.helpers_train import copy_workspace, template
-
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+    return workspace_copy("two_increments", tmp_path / "ws")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

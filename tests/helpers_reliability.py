@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.store.workspace import Workspace
-from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
+from tests.helpers_train import REPO, assert_same_weights, reset_faults, template, weights
 
 INCR = [sys.executable, "-m", "incr_cli"]
 _runner = CliRunner()
@@ -116,7 +116,7 @@ def uninterrupted(tmp_path_factory, args: list[str]) -> dict:
     """v0002 of one uninterrupted in-process run of ``args`` on the two_increments template: its
     tensors and run key (computed once per test session)."""
     if tuple(args) not in _REFERENCES:
-        ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ref") / "ws")
+        ref = Workspace(template(tmp_path_factory, "two_increments")).copy_to(tmp_path_factory.mktemp("ref") / "ws")
         result = cli("train-increment", ref.root, *args)
         assert result.exit_code == 0, result.output
         _REFERENCES[tuple(args)] = {"weights": weights(ref, "v0002"), "run_key": ref.version_manifest("v0002")["run_key"]}

@@ -58,10 +58,6 @@ def excerpt(samples_name: str, lines: slice, folder: Path) -> Path:
     return path
 
 
-def copy_workspace(template: Path, dest: Path) -> Workspace:
-    return Workspace(template).copy_to(dest)
-
-
 def weights(ws: Workspace, version: str) -> dict[str, torch.Tensor]:
     return load_file(str(ws.version_dir(version) / "model.safetensors"))
 
@@ -84,16 +80,16 @@ _TEMPLATES: dict[str, Path] = {}
 
 def _ingest(ws: Workspace, path: Path, name: str) -> str:
     from incr_cli.config.recipe import load_recipe
-    from incr_cli.data.ingest import ingest
+    from incr_cli.data.ingest import IngestOptions, ingest
 
     with ws.lock("ingest"):
-        result = ingest(ws, [str(path)], name=name, recipe=load_recipe(ws.recipe_path))
+        result = ingest(ws, [str(path)], recipe=load_recipe(ws.recipe_path), options=IngestOptions(name=name))
     assert result.increment, result.message
     return result.increment
 
 
 def template(tmp_path_factory, kind: str) -> Path:
-    """A workspace built once per test session (copy it with ``copy_workspace``):
+    """A workspace built once per test session (tests take a copy through the ``workspace_copy`` fixture):
 
     - "one_pending": v0000 (scratch:tiny, cpu-tiny recipe) and d0001-austen pending;
     - "two_increments": v0001 trained on d0001-austen (4 steps) and d0002-fortunes pending;

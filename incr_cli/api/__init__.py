@@ -91,6 +91,7 @@ def ingest(workspace: str | Path, paths: Iterable[str | Path] = (), *, name: str
     nothing new). ``options``: ``allow_unknown``, ``extend_vocab``, ``dry_run`` as on the CLI, and
     ``dataset`` (``NAME[:CONFIG]`` in the local Hugging Face cache) with ``split`` (default train)."""
     from incr_cli.data import hf_cache
+    from incr_cli.data.ingest import IngestOptions
     from incr_cli.data.ingest import ingest as ingest_paths
     from incr_cli.errors import UsageError
 
@@ -107,8 +108,8 @@ def ingest(workspace: str | Path, paths: Iterable[str | Path] = (), *, name: str
     if not paths:
         raise UsageError("nothing to ingest: give files, directories, - for standard input, or --dataset NAME")
     with ws.lock("ingest"):
-        return ingest_paths(ws, paths, name=name, fmt=fmt, text_field=text_field, recipe=resolved, reporter=report,
-                            **options)
+        chosen = IngestOptions(name, fmt, text_field, **options)
+        return ingest_paths(ws, paths, recipe=resolved, options=chosen, reporter=report)
 
 
 @dataclass(frozen=True)
@@ -181,17 +182,17 @@ def evaluate(workspace: str | Path, *, versions: str = "promoted", data: str | N
     ``.tasks``). Saved under ``WS/eval/`` as the CLI does (``.saved``; None on a read-only
     workspace) and to ``out`` when given; takes no lock."""
     from incr_cli.scoring import probe
+    from incr_cli.scoring.evaluate import EvalGrid, save_result, select_increments, select_versions
     from incr_cli.scoring.evaluate import evaluate as score
-    from incr_cli.scoring.evaluate import save_result, select_increments, select_versions
 
     ws = Workspace.open(workspace)
-    resolved = _recipe(ws, recipe, overrides)
+    resolved = _recipe(ws, recipe, [*overrides, *([f"runtime.device={device}"] if device else [])])
     report = _reporter(reporter, on_message)
     tasks = probe.load_tasks(resolved)  # a bad task file fails first
     chosen = select_versions(ws, versions)
     increments = [] if data is None and texts else select_increments(ws, data)
-    result = score(ws, chosen, increments, resolved, texts=[Path(t) for t in texts], device=device, reporter=report,
-                   use_cache=use_cache)
+    grid = EvalGrid(chosen, increments, [Path(t) for t in texts])
+    result = score(ws, grid, resolved, reporter=report, use_cache=use_cache)
     probe.add_task_scores(ws, result, resolved, tasks, reporter=report, use_cache=use_cache)
     result.saved = save_result(ws, result, Path(out) if out is not None else None)
     return result

@@ -36,12 +36,12 @@ def compress_cmd(
     defaults add distill.hidden_weight=1 distill.hidden_loss=cosine). Reports parameters, weights on
     disk, encoder tokens/s and held-out perplexity and accuracy of both, per increment.
     """
-    from incr_cli.methods.compress import compress
+    from incr_cli.methods.compress import StudentShape, compress
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
     recipe = load_recipe(ws.recipe_path, [*DEFAULTS, *(overrides or [])])
-    result = compress(ws, into, recipe, layers=layers, hidden=hidden, version=version, reporter=out)
+    result = compress(ws, into, recipe, shape=StudentShape(layers, hidden), version=version, reporter=out)
     m = result.metrics
     if json_out:
         out.emit_json({"into": str(result.into), **{k: v for k, v in m.items() if k != "train_log"}})

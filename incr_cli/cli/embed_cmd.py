@@ -40,13 +40,13 @@ def embed_cmd(
     and rejected ones get no row; no dedup). Texts longer than model.max_seq_len tokens are cut (and
     counted). --json prints each INPUT's first row and row count. Reads the workspace, takes no lock.
     """
-    from incr_cli.scoring.embed import embed_files
+    from incr_cli.scoring.embed import EmbedRequest, embed_files
 
     out = Output(json_out)
     ws = Workspace.open(workspace)
-    recipe = load_recipe(ws.recipe_path, [])
-    result = embed_files(ws, ws.resolve_version(version), inputs, out_file, recipe=recipe, fmt=fmt,
-                         text_field=text_field, pooling=pooling, batch_size=batch_size, device=device, reporter=out)
+    recipe = load_recipe(ws.recipe_path, [f"runtime.device={device}"] if device else [])
+    request = EmbedRequest(inputs, out_file, fmt=fmt, text_field=text_field, pooling=pooling, batch_size=batch_size)
+    result = embed_files(ws, ws.resolve_version(version), request, recipe=recipe, reporter=out)
     if json_out:
         out.emit_json(result.to_dict())
         return

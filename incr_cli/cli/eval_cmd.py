@@ -114,9 +114,7 @@ def probe_cmd(
     bootstrap intervals. Retrieval: recall@1, recall@10 and MRR of cosine search over every relevant
     text. Scores are cached in WORKSPACE/eval/tasks; the probe takes no lock and writes nothing else.
     """
-    import torch
-
-    from incr_cli.runtime.device import configure_threads, resolve_device, resolve_precision
+    from incr_cli.runtime.device import Placement, configure_threads
     from incr_cli.scoring import probe
     from incr_cli.scoring.evaluate import select_versions
 
@@ -128,11 +126,10 @@ def probe_cmd(
     data = probe.probe_file(task_file, kind, fields, resolved)
     chosen = select_versions(ws, versions)
     configure_threads(resolved.runtime.num_threads)
-    dev = resolve_device(resolved.runtime.device)
-    precision = resolve_precision(resolved.runtime.precision, dev)
-    scores, book = probe.score_versions(ws, chosen, [data], resolved, device=torch.device(dev), precision=precision,
-                                        reporter=out, use_cache=not no_cache)
-    doc = {"workspace": str(ws.root), "task": data.identity(), "settings": probe.probe_settings(resolved, precision),
+    place = Placement.resolve(resolved.runtime.device, resolved.runtime.precision)
+    book = probe.TaskBook(ws, resolved, place, enabled=not no_cache)
+    scores = probe.score_versions(book, chosen, [data], reporter=out)
+    doc = {"workspace": str(ws.root), "task": data.identity(), "settings": book.settings,
            "scores": {v: probe.shown(s[data.name]) for v, s in scores.items() if data.name in s},
            "cache": {"hits": book.hits, "misses": book.misses}}
     if json_out:

@@ -134,11 +134,19 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-def knob(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-         hi_open: bool = False, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> Any:
-    """A recipe key: its default, a one-line meaning (used by the reference in docs/recipes.md) and its range.
-    ``choices`` may be a function, called when the key is checked."""
-    meta = {"help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+@dataclass(frozen=True)
+class Open:
+    """An open end of a knob's range: the bound itself is not allowed (``lo=Open(0.0)``: above 0)."""
+
+    at: float
+
+
+def knob(default: Any, help: str, *, lo: float | Open | None = None, hi: float | Open | None = None,
+         choices: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> Any:
+    """A recipe key: its default, a one-line meaning (used by the reference in docs/recipes.md) and its range
+    (bounds included unless given as ``Open``). ``choices`` may be a function, called when the key is checked."""
+    meta = {"help": help, "lo": lo.at if isinstance(lo, Open) else lo, "hi": hi.at if isinstance(hi, Open) else hi,
+            "lo_open": isinstance(lo, Open), "hi_open": isinstance(hi, Open),
             "choices": choices if callable(choices) else tuple(choices) if choices else None}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -182,7 +190,7 @@ class VocabConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    probability: float = knob(0.15, "Share of (non-special) tokens masked per sequence.", lo=0.0, hi=1.0, lo_open=True)
+    probability: float = knob(0.15, "Share of (non-special) tokens masked per sequence.", lo=Open(0.0), hi=1.0)
     per_sequence: Optional[int] = knob(None, "Mask exactly this many tokens per sequence instead (like max_predictions_per_seq).", lo=1)
     mask_token_ratio: float = knob(0.8, "Of the chosen positions, share replaced by [MASK].", lo=0.0, hi=1.0)
     random_token_ratio: float = knob(0.1, "Of the chosen positions, share replaced by a random token (the rest keep theirs).", lo=0.0, hi=1.0)
@@ -192,19 +200,19 @@ class MaskingConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: Optional[int] = knob(None, "Optimizer steps for one increment; when unset, `epochs` over the new data decides.", lo=1)
-    epochs: float = knob(1.0, "Passes over the new data when `steps` is unset.", lo=0.0, lo_open=True)
+    epochs: float = knob(1.0, "Passes over the new data when `steps` is unset.", lo=Open(0.0))
     max_tokens: Optional[int] = knob(None, "Cap on tokens processed in one increment (new + replay).", lo=1)
     batch_size: int = knob(32, "New sequences per micro-batch, the replayed ones coming on top (`replay.on_top`, the default); with `replay.on_top=false`, new + replayed.", lo=1)
     grad_accum: int = knob(1, "Micro-batches per optimizer step.", lo=1)
-    lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=0.0, lo_open=True, hi=1.0)
+    lr: float = knob(5e-5, "Peak learning rate (AdamW).", lo=Open(0.0), hi=1.0)
     weight_decay: float = knob(0.01, "AdamW weight decay (never applied to biases and LayerNorm).", lo=0.0)
     warmup_ratio: float = knob(0.06, "Share of the steps spent in linear warm-up.", lo=0.0, hi=1.0)
     schedule: str = knob("wsd", "Decay after warm-up, in every increment (each re-warms and re-decays): cosine, linear, constant, or wsd (the peak rate until the last `decay_ratio` of the steps, then a linear decay).", choices=["cosine", "linear", "constant", "wsd"])
-    decay_ratio: float = knob(0.2, "wsd: share of the steps, at the end, spent decaying linearly to `min_lr_ratio`.", lo=0.0, hi=1.0, lo_open=True)
+    decay_ratio: float = knob(0.2, "wsd: share of the steps, at the end, spent decaying linearly to `min_lr_ratio`.", lo=Open(0.0), hi=1.0)
     min_lr_ratio: float = knob(0.0, "Final learning rate as a share of `lr`.", lo=0.0, hi=1.0)
     max_grad_norm: float = knob(1.0, "Gradient clipping norm (0 = off).", lo=0.0)
-    adam_beta1: float = knob(0.9, "AdamW beta1.", lo=0.0, hi=1.0, hi_open=True)
-    adam_beta2: float = knob(0.999, "AdamW beta2.", lo=0.0, hi=1.0, hi_open=True)
+    adam_beta1: float = knob(0.9, "AdamW beta1.", lo=0.0, hi=Open(1.0))
+    adam_beta2: float = knob(0.999, "AdamW beta2.", lo=0.0, hi=Open(1.0))
     freeze: list[str] = knob([], "Regular expressions; parameters whose name matches one are frozen.")
     freeze_lower_layers: int = knob(0, "Freeze the embeddings and this many lowest encoder layers (0 = none).", lo=0)
     seed: int = knob(0, "Seed of sampling, masking and dropout.", lo=0)
@@ -214,7 +222,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     alpha: float = knob(1.0, "Weight of the KL term between the frozen parent (teacher) and the student at the masked positions of `rows` (1.0 = replay.ratio / (1 - replay.ratio) at the default ratio 0.5: a replayed token weighs what a new one does; 0.33 at ratio 0.25, the default before the long-line measurements of make stream; 0.5 before that).", lo=0.0)
-    temperature: float = knob(2.0, "Softmax temperature T of distillation (the term is scaled by T^2).", lo=0.0, lo_open=True)
+    temperature: float = knob(2.0, "Softmax temperature T of distillation (the term is scaled by T^2).", lo=Open(0.0))
     hidden_weight: float = knob(0.0, "Weight of the hidden-state term between student and teacher (0 = off).", lo=0.0)
     hidden_loss: str = knob("mse", "Distance of the hidden-state term.", choices=["mse", "cosine"])
     rows: str = knob("replay", "Rows the KL term distils on: replay (the replayed rows only, so the new text is learned "
@@ -225,7 +233,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class ReplayConfig:
-    ratio: float = knob(0.5, "Share of each batch drawn from earlier increments of the lineage (0.25 before make stream's eight-domain line showed 0.5 with the wsd schedule ending every domain below a joint retrain; for a weak shift less suffices).", lo=0.0, hi=1.0, hi_open=True)
+    ratio: float = knob(0.5, "Share of each batch drawn from earlier increments of the lineage (0.25 before make stream's eight-domain line showed 0.5 with the wsd schedule ending every domain below a joint retrain; for a weak shift less suffices).", lo=0.0, hi=Open(1.0))
     on_top: bool = knob(True, "Add the replayed rows to `train.batch_size` new rows (round(batch_size * ratio / (1 - ratio)) of them, still `ratio` of the larger batch) instead of taking them out of it: every step learns from as many new rows as a plain fine-tune does, at 1 / (1 - ratio) the student compute per step (false: the replayed rows take `ratio` of the batch, the behaviour before the second change of the defaults, which learned the Python docs to 1.15x the plain fine-tune's perplexity).")
     split: str = knob("size", "How the replayed rows are split over the earlier increments of the lineage: size (each row drawn uniformly from all earlier rows, so an increment gets its share of the rows and a small or old one fades as the line grows) or increment (every earlier increment the same share, 1/K, whatever its size). train-increment warns when an increment would get no replayed row.", choices=["size", "increment"])
     weight: float = knob(1.0, "Weight of the MLM loss on replayed sequences, each term being a mean over its own masked tokens: 1.0 = ratio / (1 - ratio) at the default ratio 0.5, so a replayed token weighs what a new one does (0.33 at ratio 0.25). Change it with `ratio`.", lo=0.0)
@@ -233,7 +241,7 @@ class ReplayConfig:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    weight: float = knob(1.0, "Average the trained weights with the parent's before the version is scored and written: theta = weight * trained + (1 - weight) * parent (WiSE-FT); 1 = no averaging. With `choose`: the lowest weight tried.", lo=0.0, hi=1.0, lo_open=True)
+    weight: float = knob(1.0, "Average the trained weights with the parent's before the version is scored and written: theta = weight * trained + (1 - weight) * parent (WiSE-FT); 1 = no averaging. With `choose`: the lowest weight tried.", lo=Open(0.0), hi=1.0)
     choose: bool = knob(False, "Choose the weight on held-out data: of 1.0, 0.9, ... down to `weight`, the one with the lowest mean of the new increments' held-out loss and the earlier increments' (half each), scored on held-out sequences past the first eval.max_sequences (so the scores eval and the gate report stay unseen); metrics.json records every candidate (`merge`).")
     sequences: int = knob(64, "Held-out sequences per increment of the gate's sample that `choose` scores each weight on.", lo=1)
 
@@ -273,7 +281,7 @@ TASK_REQUIRED = ("name", "path")
 @dataclass(frozen=True)
 class ProbeConfig:
     folds: int = knob(5, "Folds of the seeded, group-aware, stratified cross-validation of a classification probe.", lo=2, hi=20)
-    C: float = knob(0.1, "Inverse L2 regularisation of the logistic-regression probe (scikit-learn's C), on standardised embeddings; 0.1: on MiniLM-L6 and the Python-docs task as accurate as 1.0 or better and faster to fit (results/probe-pydocs.md).", lo=0.0, lo_open=True)
+    C: float = knob(0.1, "Inverse L2 regularisation of the logistic-regression probe (scikit-learn's C), on standardised embeddings; 0.1: on MiniLM-L6 and the Python-docs task as accurate as 1.0 or better and faster to fit (results/probe-pydocs.md).", lo=Open(0.0))
     max_iter: int = knob(1000, "Iterations of the probe's solver (lbfgs).", lo=10)
     max_examples: int = knob(4000, "Rows of a task file scored (a seeded sample when there are more; for retrieval, pairs).", lo=2)
     batch_size: int = knob(64, "Texts per embedding batch.", lo=1)

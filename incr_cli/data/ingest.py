@@ -58,6 +58,7 @@ from incr_cli.data.segment import WORDS_SUFFIX, ChineseWords, has_cjk
 from incr_cli.errors import InputError, UsageError, clip, shown
 from incr_cli.faults import fault_point
 from incr_cli.model import vocab
+from incr_cli.model.weights import tokenizer_sha256
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.store.diskspace import disk_writes
 from incr_cli.store.files import sha256_file
@@ -230,10 +231,22 @@ class _Splits:
             writer.close()
 
 
-def _tokenize_pack(spool: Path, cutoff: float, tokenizer: Any, splits: _Splits, *, total: int, tally: Tally,
-                   reporter: Reporter, coverage: Coverage) -> tuple[int, int]:
-    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
-    ``coverage`` counts the unknown tokens and uncovered characters as it goes."""
+@dataclass(frozen=True)
+class _Packing:
+    """Pass 2's inputs and outputs: the spooled documents (``spool``: .txt and .hash), the hash unit
+    below which a document is held out, the tokenizer, the writers of both splits, and the coverage
+    count of unknown tokens and uncovered characters."""
+
+    spool: Path
+    cutoff: float
+    tokenizer: Any
+    splits: _Splits
+    coverage: Coverage
+
+
+def _tokenize_pack(pack: _Packing, *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
+    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs."""
+    spool, cutoff, tokenizer, splits, coverage = pack.spool, pack.cutoff, pack.tokenizer, pack.splits, pack.coverage
     n_train = n_heldout = 0
     started = time.perf_counter()
     with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
@@ -337,6 +350,21 @@ class _Growing:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class IngestOptions:
+    """How ``ingest`` reads and what it may do: the increment's ``name`` (default: from the first
+    path), the input format and the field or column holding the text, whether text the tokenizer
+    cannot represent may pass ``data.unknown_max``, how many new words to add as tokens
+    (``extend_vocab``; default ``vocab.max_new_tokens``), and ``dry_run``: report those words only."""
+
+    name: str | None = None
+    fmt: str = "auto"
+    text_field: str = "text"
+    allow_unknown: bool = False
+    extend_vocab: int | None = None
+    dry_run: bool = False
+
+
 @dataclass
 class _Job:
     """One ingest: where it writes, what it reads and how; shared by its two passes."""
@@ -347,12 +375,18 @@ class _Job:
     recipe: Recipe
     tokenizer: Any
     reporter: Reporter
-    fmt: str
-    text_field: str
-    allow_unknown: bool
+    options: IngestOptions
     grow: _Growing
     started: float = field(default_factory=time.perf_counter)
     stdin: str | None = None  # the spooled copy of standard input, read for the path "-"
+
+    @property
+    def fmt(self) -> str:
+        return self.options.fmt
+
+    @property
+    def text_field(self) -> str:
+        return self.options.text_field
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -368,13 +402,11 @@ def _count_words(spool: Path, cutoff: float, tokenizer: Any) -> vocab.WordCounts
     return counts
 
 
-def _grow_tokenizer(tmp: Path, spool: Path, cutoff: float, tokenizer: Any, recipe: Recipe, grow: _Growing,
-                    reporter: Reporter) -> Any:
-    """The tokenizer this increment is tokenized with: ``tokenizer``, or a revision of it grown by the
+def _grow_tokenizer(job: _Job, tmp: Path, spool: Path, cutoff: float) -> Any:
+    """The tokenizer this increment is tokenized with: the job's, or a revision of it grown by the
     increment's most frequent multi-piece words (stored in ``tmp/tokenizer``). Fills ``grow.report``;
     raises _DryRun after the report on a dry run."""
-    from incr_cli.model.weights import tokenizer_sha256
-
+    tokenizer, recipe, grow, reporter = job.tokenizer, job.recipe, job.grow, job.reporter
     counts = _count_words(spool, cutoff, tokenizer)
     found = vocab.candidates(counts, tokenizer, recipe.vocab)
     chosen = found[:grow.wanted]
@@ -402,23 +434,21 @@ def _grow_tokenizer(tmp: Path, spool: Path, cutoff: float, tokenizer: Any, recip
 # ----------------------------------------------------------------------------- the entry point
 
 
-def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt: str = "auto",
-           text_field: str = "text", recipe: Recipe, reporter: Reporter | None = None,
-           tokenizer: Any = None, allow_unknown: bool = False, extend_vocab: int | None = None,
-           dry_run: bool = False) -> IngestResult:
-    """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``. The caller holds the lock.
+def ingest(ws: Workspace, paths: Iterable[str], *, recipe: Recipe, options: IngestOptions = IngestOptions(),
+           reporter: Reporter | None = None, tokenizer: Any = None) -> IngestResult:
+    """Ingest ``paths`` (files, directories, globs) as the next increment of ``ws``, read as ``options``
+    say. The caller holds the lock.
 
-    ``tokenizer`` defaults to the tokenizer of the workspace's LATEST version. Returns an
-    ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is written then).
-    Raises ``InputError`` when no path gave any readable text or the tokenizer cannot represent it
-    (see ``coverage``; ``allow_unknown`` lifts the data.unknown_max limit), ``UsageError`` for a bad
-    name or format, or for ``extend_vocab`` on a tokenizer that cannot grow.
+    Returns an ``IngestResult`` whose ``increment`` is None when nothing new was found (nothing is
+    written then). Raises ``InputError`` when no path gave any readable text or the tokenizer cannot
+    represent it (see ``coverage``; ``options.allow_unknown`` lifts the data.unknown_max limit),
+    ``UsageError`` for a bad name or format, or for ``options.extend_vocab`` on a tokenizer that cannot grow.
 
     ``tokenizer`` defaults to the line's newest tokenizer revision (``vocab.line_tokenizer``).
-    ``extend_vocab`` (default ``vocab.max_new_tokens``) adds up to that many new words as tokens
-    (``vocab.py``); ``dry_run`` then reports the candidates and writes nothing.
+    ``options.extend_vocab`` (default ``vocab.max_new_tokens``) adds up to that many new words as tokens
+    (``vocab.py``); ``options.dry_run`` then reports the candidates and writes nothing.
     """
-
+    name, fmt, extend_vocab, dry_run = options.name, options.fmt, options.extend_vocab, options.dry_run
     reporter = reporter or Quiet()
     paths = [str(p) for p in paths]
     if not paths:
@@ -440,7 +470,7 @@ def ingest(ws: Workspace, paths: Iterable[str], *, name: str | None = None, fmt:
                          "(or vocab.max_new_tokens) with it")
 
     ws.clean_staging()
-    job = _Job(ws, increment, paths, recipe, tokenizer, reporter, fmt, text_field, allow_unknown, grow)
+    job = _Job(ws, increment, paths, recipe, tokenizer, reporter, options, grow)
     with disk_writes(f"increment {increment}", ws.data), _stdin_spooled(job):
         return _ingest_into(job)
 
@@ -553,21 +583,22 @@ def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[Sour
             units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
             cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
             if grow.wanted:
-                tokenizer = _grow_tokenizer(tmp, spool, cutoff, tokenizer, recipe, grow, reporter)
+                tokenizer = _grow_tokenizer(job, tmp, spool, cutoff)
             ids, dtype = _tokenizer_fields(tokenizer, grow), token_dtype(len(tokenizer))
             segmenter = _segmenter(recipe, spool)
             splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
             coverage = Coverage(tokenizer.unk_token_id)
             try:
-                n_train, n_heldout = _tokenize_pack(spool, cutoff, tokenizer, splits, total=p1.kept,
-                                                    tally=tally, reporter=reporter, coverage=coverage)
+                pack = _Packing(spool, cutoff, tokenizer, splits, coverage)
+                n_train, n_heldout = _tokenize_pack(pack, total=p1.kept, tally=tally, reporter=reporter)
             finally:
                 splits.close()
             train, heldout = splits.train, splits.heldout
             if n_train + n_heldout == 0:
                 raise _NothingNew()
             check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
-                           refuse_above=recipe.data.unknown_max, allow_unknown=job.allow_unknown, reporter=reporter)
+                           refuse_above=recipe.data.unknown_max, allow_unknown=job.options.allow_unknown,
+                           reporter=reporter)
             spool.with_suffix(".txt").unlink()
             spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
             _record_sources(conn, increment, p1)
@@ -599,8 +630,6 @@ def _record_sources(conn: sqlite3.Connection, increment: str, p1: _Pass1) -> Non
 def _tokenizer_fields(tokenizer: Any, grow: _Growing) -> dict[str, Any]:
     """The manifest's record of the tokenizer the ids come from: vocabulary size, sha256, the lineage
     of revisions it extends (vocab.py), and what this ingest added (``vocab``; None when nothing)."""
-    from incr_cli.model.weights import tokenizer_sha256
-
     grown = bool(grow.report.get("sha256"))
     lineage = (grow.report["lineage"] if grown else grow.revision.lineage if grow.revision
                else [tokenizer_sha256(tokenizer)])

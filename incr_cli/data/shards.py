@@ -153,17 +153,29 @@ class Batch:
         return np.concatenate([self.new_ids, self.replay_ids], axis=0)
 
 
+@dataclass(frozen=True)
+class Draw:
+    """How a sampler draws: ``n_new`` new and ``n_replay`` replayed rows per micro-batch and rank, its
+    streams seeded by ``seed``; ``sample``: train on that many new rows only (drawn once, seeded);
+    ``split``: how the replayed rows are spread over the earlier increments (``replay_shares``)."""
+
+    n_new: int
+    n_replay: int = 0
+    seed: int = 0
+    sample: int | None = None
+    split: str = "size"
+
+
 class BatchSampler:
-    """Micro-batches of ``n_new`` new and ``n_replay`` replayed sequences per rank.
+    """Micro-batches of ``draw.n_new`` new and ``draw.n_replay`` replayed sequences per rank.
 
     Every rank draws the same global batch (``world_size`` times larger) and keeps slice ``rank`` of
-    its new part and of its replay part, so all ranks see the same new/replay mix. ``sample`` draws
-    that many new sequences once (seeded) and trains on those only. State: the batch index.
+    its new part and of its replay part, so all ranks see the same new/replay mix. State: the batch index.
     """
 
-    def __init__(self, new: list[IncrementShards], replay: list[IncrementShards], *, n_new: int,
-                 n_replay: int, seed: int, sample: int | None = None, rank: int = 0, world_size: int = 1,
-                 split: str = "size"):
+    def __init__(self, new: list[IncrementShards], replay: list[IncrementShards], draw: Draw, *, rank: int = 0,
+                 world_size: int = 1):
+        n_new, n_replay, seed, sample, split = draw.n_new, draw.n_replay, draw.seed, draw.sample, draw.split
         lengths = {s.seq_len for s in [*new, *replay]}
         if len(lengths) > 1:
             detail = ", ".join(f"{s.id}={s.seq_len}" for s in [*new, *replay])

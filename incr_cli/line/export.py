@@ -35,6 +35,8 @@ from incr_cli import __version__
 from incr_cli.errors import UsageError
 from incr_cli.faults import fault_point
 from incr_cli.model.packaging import packaging_files
+from incr_cli.scoring.probe import main_score, recorded_task_scores
+from incr_cli.scoring.tasks import MAIN
 from incr_cli.store.files import folder_beside, folder_bytes
 from incr_cli.store.workspace import Workspace
 
@@ -352,9 +354,6 @@ def _scores_table(ws: Workspace, lineage: list[str]) -> str:
 
 def _tasks_table(ws: Workspace, lineage: list[str]) -> str:
     """Per version of the lineage: its recorded downstream task scores (``eval.tasks``; probe.py)."""
-    from incr_cli.scoring.probe import main_score, recorded_task_scores
-    from incr_cli.scoring.tasks import MAIN
-
     scores = recorded_task_scores(ws, lineage)
     rows = [[v, name, s.get("kind"), MAIN.get(s.get("kind", ""), "?"), _num(main_score(s)), s.get("examples")]
             for v in lineage for name, s in scores.get(v, {}).items()]

@@ -27,63 +27,64 @@ from incr_cli.faults import fault_point
 from incr_cli.methods import get_strategy, loss_terms, merge, plan_increment, reported_loss_names
 from incr_cli.methods.base import Strategy, StrategyInputs
 from incr_cli.model import vocab
+from incr_cli.model import weights as models
 from incr_cli.model.packaging import packaging_files
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.runtime import device as devices
 from incr_cli.runtime import distributed
+from incr_cli.runtime.device import Placement
 from incr_cli.scoring import embed, probe
-from incr_cli.scoring.cache import weights_checksum
+from incr_cli.scoring.cache import ScoreBook, weights_checksum
 from incr_cli.scoring.continual import gate_line
-from incr_cli.scoring.score import CELL_KEYS, score_sequences
+from incr_cli.scoring.gate import gate_sample
+from incr_cli.scoring.score import CELL_KEYS, HeldOut, score_sequences
 from incr_cli.store.files import finite_json
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.checkpointing import ResumeStore, StopSignal, capture_rng, restore_rng
 from incr_cli.training.masking import TokenIds, tokenizer_inputs
 from incr_cli.training.plan import IncrementPlan, run_key
-from incr_cli.training.step import Run, TrainState, build_run, log_line, tail_losses, train_step
+from incr_cli.training.step import Run, RunSpec, TrainState, build_run, log_line, tail_losses, train_step
 
 # ----------------------------------------------------------------------------- eval and gate
 
 
 def evaluate_lineage(run: Run, shards: dict[str, IncrementShards], increments: list[str], recipe: Recipe,
-                     tok_inputs: TokenIds, *, model_vocab: int | None = None,
-                     valid_below: int | None = None) -> dict[str, dict[str, float | None]]:
+                     tok_inputs: TokenIds, *, limits: vocab.VocabLimits = vocab.NO_LIMITS
+                     ) -> dict[str, dict[str, float | None]]:
     """Held-out scores of the student now (``evaluate.CELL_KEYS``), per increment with held-out rows.
 
-    Masks come from each increment's own vocabulary; ``model_vocab`` scores the student as the version
-    it grew from (the parent's vocabulary: the "before" of a run that grows it), ``valid_below`` only
-    at positions whose target id is below it (see ``evaluate.score_sequences``)."""
+    Masks come from each increment's own vocabulary; ``limits.model_vocab`` scores the student as the
+    version it grew from (the parent's vocabulary: the "before" of a run that grows it),
+    ``limits.valid_below`` only at positions whose target id is below it (see ``score.score_sequences``)."""
     scores = {}
     for inc in increments:
-        if len(shards[inc].heldout) == 0:
+        shard = shards[inc]
+        if len(shard.heldout) == 0:
             continue
-        tokens = tok_inputs.of_vocab(shards[inc].manifest.get("vocab_size") or tok_inputs.vocab_size)
-        s = score_sequences(run.student_head, shards[inc].heldout, increment_id=inc, recipe=recipe, tokens=tokens,
-                            device=run.device, precision=run.precision, continues=shards[inc].heldout_words,
-                            model_vocab=model_vocab, valid_below=valid_below)
+        tokens = tok_inputs.of_vocab(shard.manifest.get("vocab_size") or tok_inputs.vocab_size)
+        s = score_sequences(run.student_head, HeldOut(inc, shard.heldout, shard.heldout_words), recipe=recipe,
+                            tokens=tokens, place=run.place, limits=limits)
         scores[inc] = {k: finite_json(s[k]) for k in CELL_KEYS}
     return scores
 
 
-def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], plan: IncrementPlan,
-                  recipe: Recipe, tok_inputs: TokenIds, parent_vocab: int | None = None) -> dict[str, dict[str, Any]]:
+def before_scores(s: Session) -> dict[str, dict[str, Any]]:
     """The parent's scores on the gate's increments (``evaluate.gate_sample``): read from the score
     book where recorded (the parent's own "after", or an eval), scored now (and recorded) only where
-    not; each entry says which ("source": "recorded" or "scored"). ``parent_vocab``: the student
-    was grown from the parent's vocabulary of that size, and is scored as the parent (``incr eval``'s cell)."""
-    from incr_cli.scoring.cache import ScoreBook, weights_checksum
-    from incr_cli.scoring.gate import gate_sample
-
-    book = ScoreBook(ws, recipe, run.precision)
+    not; each entry says which ("source": "recorded" or "scored"). A student grown from the parent's
+    vocabulary is scored as the parent (``incr eval``'s cell)."""
+    ws, plan = s.ws, s.plan
+    book = ScoreBook(ws, s.recipe, s.run.precision)
     parent_sha = weights_checksum(ws.version_manifest(plan.parent))
     before, missing = {}, []
-    for inc in gate_sample(ws, recipe, plan.pending, plan.earlier):
+    for inc in gate_sample(ws, s.recipe, plan.pending, plan.earlier):
         hit = book.get(parent_sha, inc)
         if hit is None:
             missing.append(inc)
         else:
             before[inc] = {**hit, "source": "recorded"}
-    for inc, scores in evaluate_lineage(run, shards, missing, recipe, tok_inputs, model_vocab=parent_vocab).items():
+    as_parent = vocab.VocabLimits(model_vocab=s.growth.parent_size) if s.growth else vocab.NO_LIMITS
+    for inc, scores in evaluate_lineage(s.run, s.shards, missing, s.recipe, s.tok_inputs, limits=as_parent).items():
         book.put(parent_sha, plan.parent, inc, scores)
         before[inc] = {**scores, "source": "scored"}
     return before
@@ -92,8 +93,6 @@ def before_scores(ws: Workspace, run: Run, shards: dict[str, IncrementShards], p
 def _record_after(ws: Workspace, recipe: Recipe, precision: str, version: str, manifest: dict[str, Any],
                   after: dict[str, dict[str, Any]]) -> None:
     """The new version's scores into the score book: the next version's "before", and incr eval's cells."""
-    from incr_cli.scoring.cache import ScoreBook, weights_checksum
-
     book, weights = ScoreBook(ws, recipe, precision), weights_checksum(manifest)
     for inc, scores in after.items():
         book.put(weights, version, inc, scores)
@@ -199,7 +198,7 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
                 return finished
             if ctx.is_main:
                 ws.clean_staging()
-            return _train(ws, recipe, plan, key, ctx, reporter, tracker, tasks)
+            return _train(_Job(ws, plan, key, ctx, reporter, tracker), recipe, tasks)
     finally:
         # Returns and GateRejected end every rank alike (the result is broadcast); other errors may not.
         ctx.close(together=sys.exc_info()[0] in (None, GateRejected))
@@ -264,6 +263,17 @@ def _threads_per_rank(recipe: Recipe) -> int | None:
 # ----------------------------------------------------------------------------- the run, in phases
 
 
+@dataclass(frozen=True)
+class _Job:
+    """A planned run: what setting it up starts from (on every rank), beside the recipe."""
+    ws: Workspace
+    plan: IncrementPlan
+    key: str  # the run key (run_key() in plan.py): where resumable state and the finished version are recorded
+    ctx: distributed.DistContext
+    reporter: Reporter
+    tracker: tracking.Tracker  # TensorBoard / MLflow sinks (rank 0; a no-op elsewhere)
+
+
 @dataclass
 class Session:
     """One training run after planning: what its phases share (on every rank)."""
@@ -275,8 +285,7 @@ class Session:
     ctx: distributed.DistContext
     reporter: Reporter
     started: float  # time.perf_counter() when the run started
-    precision: str
-    run: Run
+    run: Run  # its ``place``: the device and precision of the run
     trainable: int  # trainable parameters
     shards: dict[str, IncrementShards]  # the lineage's and the new increments, opened
     tokenizer: Any
@@ -288,15 +297,19 @@ class Session:
     growth: vocab.Growth | None = None  # the vocabulary the student grew by (vocab.py), if it grew
     tasks: list[Any] = field(default_factory=list)  # the recipe's downstream tasks, read (tasks.TaskData)
 
+    @property
+    def place(self) -> Placement:
+        return self.run.place
+
     def strategy_inputs(self, reporter: Reporter) -> StrategyInputs:
         return StrategyInputs(self.ws, self.recipe, self.plan.parent, self.plan.new, self.plan.replay,
-                              self.run.model, self.shards, self.tok_inputs, self.run.device, self.precision, reporter)
+                              self.run.model, self.shards, self.tok_inputs, self.place, reporter)
 
 
-def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
-           reporter: Reporter, tracker: tracking.Tracker, tasks: list[Any]) -> TrainResult:
+def _train(job: _Job, recipe: Recipe, tasks: list[Any]) -> TrainResult:
     """Set up the run -> resume it or score the parent -> the step loop -> finish (rank 0: the version)."""
-    session = _set_up(ws, recipe, plan, key, ctx, reporter, tracker)
+    ws, plan, ctx, tracker = job.ws, job.plan, job.ctx, job.tracker
+    session = _set_up(job, recipe)
     session.tasks = tasks
     state = _resume_or_score_parent(session)
     _step_loop(session, state)
@@ -316,13 +329,12 @@ def _train(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: di
     return result
 
 
-def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: distributed.DistContext,
-            reporter: Reporter, tracker: tracking.Tracker) -> Session:
+def _set_up(job: _Job, recipe: Recipe) -> Session:
     """Load the parent (student and teacher), open the data, build the run and the strategy's extra terms."""
-
+    ws, plan, key, ctx, reporter = job.ws, job.plan, job.key, job.ctx, job.reporter
     started = time.perf_counter()
-    device = ctx.device
-    precision = devices.resolve_precision(recipe.runtime.precision, device)
+    place = Placement.resolve(ctx.device, recipe.runtime.precision)
+    device = place.device
     devices.configure_threads(_threads_per_rank(recipe))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -331,11 +343,11 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
         shards = {d: open_increment(ws, d, verify=ctx.is_main) for d in dict.fromkeys([*plan.earlier, *plan.new])}
     tok_inputs = tokenizer_inputs(tokenizer, recipe)
     torch.manual_seed(recipe.train.seed * 7919 + ctx.rank)  # dropout stream; masks use their own seeds
-    run, trainable = build_run(model, tok_inputs, [shards[d] for d in plan.new], [shards[d] for d in plan.replay],
-                               recipe, plan, device=device, precision=precision, ctx=ctx, reporter=reporter,
-                               terms=loss_terms(recipe, plan, shared_vocab=growth.parent_size if growth else None))
+    terms = loss_terms(recipe, plan, shared_vocab=growth.parent_size if growth else None)
+    spec = RunSpec(recipe, plan, [shards[d] for d in plan.new], [shards[d] for d in plan.replay], tok_inputs, terms)
+    run, trainable = build_run(model, spec, place=place, ctx=ctx, reporter=reporter)
     reporter.log(f"training {', '.join(plan.new)} into {plan.parent}'s line: {plan.steps} steps, "
-                 f"{trainable:,} trainable parameters, {device} {precision}"
+                 f"{trainable:,} trainable parameters, {device} {place.precision}"
                  + (f", replay of {', '.join(plan.replay)}" if plan.replay_per_batch else "")
                  + (f", starting from {plan.init_from}'s weights" if plan.init_from else ""))
     _log_full_head(run, reporter)
@@ -345,8 +357,8 @@ def _set_up(ws: Workspace, recipe: Recipe, plan: IncrementPlan, key: str, ctx: d
                       f"in expectation ({rows}{', ...' if len(plan.uncovered) > 5 else ''}; replay.split="
                       f"{recipe.replay.split}): set replay.split=increment or raise replay.ratio or the steps")
     store = ResumeStore(ws, key, rank=ctx.rank, barrier=ctx.barrier)
-    session = Session(ws, recipe, plan, key, ctx, reporter, started, precision, run, trainable, shards, tokenizer,
-                      tok_inputs, get_strategy(recipe.strategy.name), store, tracker, growth=growth)
+    session = Session(ws, recipe, plan, key, ctx, reporter, started, run, trainable, shards, tokenizer,
+                      tok_inputs, get_strategy(recipe.strategy.name), store, job.tracker, growth=growth)
     # The student still holds the parent's weights: the EWC anchor (and, next, the "before" scores).
     run.terms += session.strategy.extra_terms(session.strategy_inputs(reporter))
     if ctx.is_main:
@@ -361,8 +373,6 @@ def _load_parent(ws: Workspace, recipe: Recipe, plan: IncrementPlan, device: tor
                  ctx: distributed.DistContext, reporter: Reporter) -> tuple[Any, Any, vocab.Growth | None]:
     """The parent's model and tokenizer, grown to the newest tokenizer revision of the new increments
     (``vocab.py``) -> (model, tokenizer, growth or None); every increment's ids checked against it."""
-    from incr_cli.model import weights as models
-
     model, tokenizer = models.load_version(ws, plan.parent, recipe=recipe, device=str(device), verify=ctx.is_main)
     revision = vocab.version_revision(ws, plan.parent, tokenizer)
     growth = vocab.training_growth(ws, revision, plan.new, plan.replay)
@@ -380,16 +390,13 @@ def _load_parent(ws: Workspace, recipe: Recipe, plan: IncrementPlan, device: tor
 def _resume_or_score_parent(s: Session) -> TrainState:
     """A fresh run scores the parent (rank 0) and moves to ``plan.init_from``'s weights (joint); a
     resumed one loads the weights, optimizer, sampler, state and RNG of its last save instead."""
-    from incr_cli.model import weights as models
-
     run, plan, device = s.run, s.plan, s.run.device
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     if s.store.current() is None:
         if s.ctx.is_main:
-            state.eval_before = before_scores(s.ws, run, s.shards, plan, s.recipe, s.tok_inputs,
-                                              s.growth.parent_size if s.growth else None)
+            state.eval_before = before_scores(s)
             if s.growth is None:  # the student still is the parent: its task scores cost no load
-                _parent_task_scores(s, run.model, s.tokenizer)
+                _parent_task_scores(s, (run.model, s.tokenizer))
         if plan.init_from:
             models.load_weights_into(run.model, s.ws, plan.init_from, s.recipe, device)
     loaded = s.store.load(run.model, device)
@@ -515,15 +522,12 @@ def _raise_if_bad(state: TrainState) -> None:
                              "data of the new increments")
 
 
-def _precision_choice(recipe: Recipe, device: torch.device) -> dict[str, str]:
-    chosen, why = devices.choose_precision(recipe.runtime.precision, device)
-    return {"asked": recipe.runtime.precision, "chosen": chosen, "why": why}
+def _precision_choice(recipe: Recipe, place: Placement) -> dict[str, str]:
+    return {"asked": recipe.runtime.precision, "chosen": place.precision, "why": place.why}
 
 
 def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> TrainResult:
     """Rank 0: score the student, gate, write the version, move LATEST when promoted."""
-    from incr_cli.model import weights as models
-
     ws, recipe, plan, run = s.ws, s.recipe, s.plan, s.run
     before = state.eval_before or {}
     gated = [d for d in plan.trained_on if d in before]  # the gate's sample
@@ -533,8 +537,9 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
     shared = _shared_scores(s, after)
     passed, checks, ppl_change = gate_checks(recipe, before, {**after, **shared}, plan.pending, plan.earlier)
     # on the gate's sample, like the scores: a cost that stays bounded as the lineage grows
-    drift = embed.version_drift(ws, plan.parent, run.model, {d: s.shards[d] for d in after}, recipe,
-                                device=run.device, precision=s.precision, growth=s.growth)
+    drift = embed.version_drift(run.model, lambda: _parent_as_grown(s), {d: s.shards[d] for d in after}, recipe,
+                                place=s.place)
+    drift = None if drift is None else {"parent": plan.parent, **drift}
     checks += embed.drift_checks(recipe, drift)
     tasks_before, tasks_after, task_seconds = _task_scores(s)
     checks += probe.task_gate_checks(recipe, s.tasks, tasks_before, tasks_after)
@@ -552,8 +557,8 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "peak_memory_bytes": devices.peak_memory_bytes(run.device),
         "mfu_peak": {"flops_per_s": run.meter.peak_flops_per_s if run.meter else None,
                      "source": run.meter.peak_source if run.meter else "unknown"},
-        "device": str(run.device), "precision": s.precision, "world_size": run.ctx.world_size,
-        "precision_choice": _precision_choice(recipe, run.device),
+        "device": str(run.device), "precision": s.place.precision, "world_size": run.ctx.world_size,
+        "precision_choice": _precision_choice(recipe, s.place),
         "trainable_parameters": s.trainable, "total_parameters": sum(p.numel() for p in run.model.parameters()),
         "loss": {k: finite_json(v) for k, v in losses.items()},
         "eval": {"before": _shown(before), "after": _shown(after), "after_shared_vocab": _shown(shared)},
@@ -561,7 +566,7 @@ def _finish(s: Session, state: TrainState, losses: dict[str, float | None]) -> T
         "forgetting": ppl_change, "forgetting_ppl": ppl_deltas(before, {**after, **shared}, list(ppl_change)),
         "embedding_drift": drift, "vocab": _growth_record(s.growth),
         "merge": merged.to_dict() if merged else None,
-        "tasks": probe.task_record(s.tasks, tasks_before, tasks_after, probe.probe_settings(recipe, s.precision)),
+        "tasks": probe.task_record(s.tasks, tasks_before, tasks_after, probe.probe_settings(recipe, s.place.precision)),
         "task_seconds": task_seconds,
         "gate_sample": _gate_sample(recipe, plan, s.shards, before, after),
         "resumed_from_step": s.resumed_from,
@@ -594,8 +599,6 @@ def _data_record(plan: IncrementPlan, recipe: Recipe) -> dict[str, Any]:
 def _merge_with_parent(s: Session, increments: list[str]) -> merge.MergeRecord | None:
     """``merge``: average the student with the parent (``methods/merge.py``), the weight fixed or chosen on
     held-out rows of the gate's ``increments`` past the eval sample (None: no averaging asked)."""
-    from incr_cli.model import weights as models
-
     m = s.recipe.merge
     if m.weight == 1.0 and not m.choose:
         return None
@@ -620,9 +623,8 @@ def _merge_with_parent(s: Session, increments: list[str]) -> merge.MergeRecord |
         out = {}
         for inc, ids in rows.items():
             tokens = s.tok_inputs.of_vocab(s.shards[inc].manifest.get("vocab_size") or s.tok_inputs.vocab_size)
-            out[inc] = score_sequences(s.run.student_head, ids, increment_id=f"{inc}/merge", recipe=pick,
-                                       tokens=tokens, device=s.run.device, precision=s.precision,
-                                       continues=words[inc])["loss"]
+            out[inc] = score_sequences(s.run.student_head, HeldOut(f"{inc}/merge", ids, words[inc]), recipe=pick,
+                                       tokens=tokens, place=s.place)["loss"]
         return out
 
     record = merge.merge_with_parent(s.run.model, parent, weight=m.weight, choose=m.choose, new=s.plan.pending,
@@ -636,8 +638,8 @@ def _merge_with_parent(s: Session, increments: list[str]) -> merge.MergeRecord |
 
 def _written(s: Session, version: str, sealed: dict[str, Any], after: dict[str, Any], tasks_after: dict[str, Any]) -> None:
     """After the version is sealed: its scores into the books, the run's resumable states removed."""
-    _record_after(s.ws, s.recipe, s.precision, version, sealed, after)
-    book, sha = probe.TaskBook(s.ws, s.recipe, s.precision), weights_checksum(sealed)
+    _record_after(s.ws, s.recipe, s.place.precision, version, sealed, after)
+    book, sha = probe.TaskBook(s.ws, s.recipe, s.place), weights_checksum(sealed)
     for data in s.tasks:
         book.put(sha, version, data, tasks_after[data.name])
     s.store.clear()
@@ -649,20 +651,29 @@ def _task_scores(s: Session) -> tuple[dict[str, Any], dict[str, Any], float | No
     """-> (the parent's task scores, the new version's, the seconds both took; None without tasks)."""
     started = time.perf_counter()
     before = _parent_task_scores(s)
-    after = {d.name: probe.score_task(s.run.model, s.tokenizer, d, s.recipe, device=s.run.device,
-                                      precision=s.precision, reporter=s.reporter, version="the new version")
-             for d in s.tasks}
+    after = {}
+    for data in s.tasks:
+        s.reporter.log(probe.probing("the new version", data))
+        after[data.name] = probe.score_task(s.run.model, s.tokenizer, data, s.recipe, place=s.place, reporter=s.reporter)
     return before, after, round(time.perf_counter() - started, 3) if s.tasks else None
 
 
-def _parent_task_scores(s: Session, model: Any = None, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
-    """The parent's task scores: from the task book, else scored (with ``model`` when given: the
-    student before training; else the parent loaded) and recorded there."""
+def _parent_task_scores(s: Session, loaded: tuple[Any, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """The parent's task scores: from the task book, else scored (with ``loaded``'s model and tokenizer
+    when given: the student before training; else the parent loaded) and recorded there."""
     if not s.tasks:
         return {}
-    return probe.score_version(probe.TaskBook(s.ws, s.recipe, s.precision), s.plan.parent, s.tasks, s.recipe,
-                               device=s.run.device, precision=s.precision, reporter=s.reporter, model=model,
-                               tokenizer=tokenizer)
+    return probe.score_version(probe.TaskBook(s.ws, s.recipe, s.place), s.plan.parent, s.tasks, reporter=s.reporter,
+                               loaded=loaded)
+
+
+def _parent_as_grown(s: Session) -> Any:
+    """The parent's model as the new version reads text: grown to its vocabulary (new tokens through the
+    rows they started from), for measuring drift on the same rows."""
+    parent, _ = models.load_version(s.ws, s.plan.parent, recipe=s.recipe, device=str(s.run.device), verify=False)
+    if s.growth is not None:
+        vocab.grow_embeddings(parent, s.growth)
+    return parent
 
 
 def _shared_scores(s: Session, after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -671,7 +682,8 @@ def _shared_scores(s: Session, after: dict[str, dict[str, Any]]) -> dict[str, di
     if s.growth is None:
         return {}
     pending = [d for d in s.plan.pending if d in after]
-    return evaluate_lineage(s.run, s.shards, pending, s.recipe, s.tok_inputs, valid_below=s.growth.parent_size)
+    return evaluate_lineage(s.run, s.shards, pending, s.recipe, s.tok_inputs,
+                            limits=vocab.VocabLimits(valid_below=s.growth.parent_size))
 
 
 def _growth_record(growth: vocab.Growth | None) -> dict[str, Any] | None:
@@ -691,8 +703,6 @@ def _tokenizer_record(s: Session) -> dict[str, Any]:
 
 def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) -> dict[str, Any]:
     """The new version's manifest (``models.save_version`` adds the files and their checksums)."""
-    from incr_cli.model import weights as models
-
     plan, recipe = s.plan, s.recipe
     parent_manifest = s.ws.version_manifest(plan.parent)
     return {"version": metrics["version"], "parent": plan.parent, "source": parent_manifest.get("source"),
@@ -701,7 +711,7 @@ def _version_manifest(s: Session, state: TrainState, metrics: dict[str, Any]) ->
             "replay": metrics["data"]["replay"], "init_from": plan.init_from, "retrained": plan.retrained,
             "status": metrics["status"], "promoted": metrics["promoted"], "recipe": recipe_to_dict(recipe),
             "seeds": {"train": recipe.train.seed, "eval": recipe.eval.seed},
-            "software": models.software_versions(), "device": str(s.run.device), "precision": s.precision,
+            "software": models.software_versions(), "device": str(s.run.device), "precision": s.place.precision,
             "precision_choice": metrics["precision_choice"],
             "world_size": s.run.ctx.world_size, "steps": state.step, "run_key": s.key,
             "tokenizer": _tokenizer_record(s), "vocab_growth": metrics["vocab"]}

@@ -7,7 +7,9 @@ the files it writes beside a version (``version_files``). Its recipe preset (the
 named from ``config/presets.py``, where the recipe applies it below every method.
 A new method is one file here, one entry in ``STRATEGIES`` and its preset.
 
-Why torch is imported at module level in this wing: every method builds tensors."""
+Why torch is imported at module level in this wing: every method builds tensors. Why transformers
+is not (``compress.py`` imports the training step and scores, ``ewc.py`` the masked-LM head, inside
+their functions): ``incr gc`` reads the methods (``STRATEGIES``) without loading a model library."""
 
 from __future__ import annotations
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from incr_cli.config.recipe import Recipe
 from incr_cli.data.shards import IncrementShards
 from incr_cli.errors import IntegrityError
 from incr_cli.progress import Reporter
+from incr_cli.runtime.device import Placement
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.masking import TokenIds
 from incr_cli.training.plan import TrainingData
@@ -46,8 +46,7 @@ class StrategyInputs:
     model: nn.Module  # the student's Hugging Face model (holding the parent's weights in extra_terms)
     shards: dict[str, IncrementShards]  # every increment above, opened
     tok_inputs: TokenIds  # ``masking.tokenizer_inputs``
-    device: torch.device
-    precision: str
+    place: Placement  # the run's device and precision
     reporter: Reporter
 
 

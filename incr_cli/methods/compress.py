@@ -34,10 +34,17 @@ from incr_cli.config.recipe import Recipe, recipe_to_dict
 from incr_cli.data.shards import IncrementShards, open_increment
 from incr_cli.errors import UsageError
 from incr_cli.model.packaging import packaging_files
+from incr_cli.model.weights import load_version, quiet_transformers, save_version, software_versions
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.runtime import device as devices
+from incr_cli.runtime.device import Placement
+from incr_cli.runtime.distributed import DistContext
+from incr_cli.scoring.embed import encoder_speed
 from incr_cli.store.files import folder_beside
 from incr_cli.store.workspace import Workspace
+from incr_cli.training.masking import tokenizer_inputs
+from incr_cli.training.plan import TrainingData, budget
+from incr_cli.training.terms import HiddenDistill, LogitDistill, MlmNew
 
 _LAYER_RE = re.compile(r"(\.(?:layer|layers)\.)(\d+)(\.)")
 
@@ -110,8 +117,6 @@ def parameter_count(model: nn.Module) -> int:
 
 def compress_terms(recipe: Recipe, same_width: bool) -> list[Any]:
     """MLM + logit KD + hidden-state distillation (only when the hidden sizes match)."""
-    from incr_cli.training.terms import HiddenDistill, LogitDistill, MlmNew
-
     terms: list[Any] = [MlmNew()]
     if recipe.distill.alpha > 0:
         terms.append(LogitDistill(recipe.distill.alpha, recipe.distill.temperature))
@@ -123,8 +128,6 @@ def compress_terms(recipe: Recipe, same_width: bool) -> list[Any]:
 def _plan(ws: Workspace, teacher_version: str, recipe: Recipe) -> Any:
     """The plan of distilling on every increment the teacher saw, all of it as new data (no replay):
     the budget of ``train-increment`` (``plan.budget``) over that data."""
-    from incr_cli.training.plan import TrainingData, budget
-
     data = ws.trained_on(teacher_version)
     if not data:
         raise UsageError(f"{teacher_version} has not been trained on any increment; there is no data to distil on: "
@@ -132,20 +135,32 @@ def _plan(ws: Workspace, teacher_version: str, recipe: Recipe) -> Any:
     return budget(ws, recipe, teacher_version, TrainingData(data, []))
 
 
-def distil(student: nn.Module, teacher: nn.Module, tokenizer: Any, shards: dict[str, IncrementShards], plan: Any,
-           recipe: Recipe, *, device: torch.device, precision: str, reporter: Reporter) -> tuple[Any, Any, list]:
-    """Train ``student`` against ``teacher`` for ``plan.steps`` steps -> (run, state, loss term names)."""
-    from incr_cli.runtime.distributed import DistContext
-    from incr_cli.training.masking import tokenizer_inputs
-    from incr_cli.training.step import TrainState, build_run, log_line, train_step
+@dataclass(frozen=True)
+class _Distillation:
+    """One compression, what its phases share: the teacher (version, model) and the student, the
+    tokenizer they share, the data (every increment the teacher saw), the plan and where it runs."""
+    ws: Workspace
+    teacher_version: str
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: Any
+    shards: dict[str, IncrementShards]
+    plan: Any  # training.plan.IncrementPlan
+    recipe: Recipe
+    place: Placement
 
-    tok_inputs = tokenizer_inputs(tokenizer, recipe)
-    width = _config_keys(student.config)[1]
-    terms = compress_terms(recipe, getattr(student.config, width) == getattr(teacher.config, width))
+
+def distil(job: _Distillation, reporter: Reporter) -> tuple[Any, Any, list]:
+    """Train the student against the teacher for ``plan.steps`` steps -> (run, state, loss term names)."""
+    from incr_cli.training.step import RunSpec, TrainState, build_run, log_line, train_step
+
+    recipe, plan, device = job.recipe, job.plan, job.place.device
+    width = _config_keys(job.student.config)[1]
+    terms = compress_terms(recipe, getattr(job.student.config, width) == getattr(job.teacher.config, width))
+    spec = RunSpec(recipe, plan, [job.shards[d] for d in plan.new], [], tokenizer_inputs(job.tokenizer, recipe), terms)
     torch.manual_seed(recipe.train.seed * 7919)  # dropout stream, as train-increment seeds it
-    run, _ = build_run(student, tok_inputs, [shards[d] for d in plan.new], [], recipe, plan, device=device,
-                       precision=precision, ctx=DistContext(0, 1, device), reporter=reporter, terms=terms,
-                       teacher=teacher)
+    run, _ = build_run(job.student, spec, place=job.place, ctx=DistContext(0, 1, device), reporter=reporter,
+                       teacher=job.teacher)
     state = TrainState(first_bad_step=torch.tensor(-1, device=device))
     clock, info = time.perf_counter(), ""
     with reporter.progress("distilling", total=plan.steps, unit="steps") as bar:
@@ -201,8 +216,6 @@ def write_line(ws: Workspace, into: Path, student: nn.Module, tokenizer: Any, ma
                metrics: dict[str, Any]) -> None:
     """``into`` as a new workspace whose v0000 (LATEST) is the student, with the line's recipe and data;
     built beside it and renamed into place, so it appears whole or not at all."""
-    from incr_cli.model.weights import save_version
-
     with folder_beside(into, "tmp") as tmp:
         new = Workspace(tmp)
         shutil.copy2(ws.recipe_path, new.recipe_path)
@@ -226,33 +239,37 @@ def check_destination(into: Path) -> None:
         into.rmdir()  # an empty folder: the finished line is renamed onto its name
 
 
-def compress(ws: Workspace, into: Path, recipe: Recipe, *, layers: int, hidden: int | None = None,
-             version: str | None = None, reporter: Reporter | None = None) -> CompressResult:
-    """Distil ``version`` (LATEST) of ``ws`` into a student with ``layers`` layers, written as v0000 of
-    the new line ``into`` (see the module docstring). -> CompressResult with the metrics written."""
-    from incr_cli.model.weights import load_version, software_versions
+@dataclass(frozen=True)
+class StudentShape:
+    """The student's size: ``layers`` encoder layers and, when given, a smaller ``hidden`` size."""
+    layers: int
+    hidden: int | None = None
 
+
+def compress(ws: Workspace, into: Path, recipe: Recipe, *, shape: StudentShape, version: str | None = None,
+             reporter: Reporter | None = None) -> CompressResult:
+    """Distil ``version`` (LATEST) of ``ws`` into a student of ``shape``, written as v0000 of the new line
+    ``into`` (see the module docstring). -> CompressResult with the metrics written."""
     reporter = reporter or Quiet()
     into = Path(into)
     check_destination(into)
     teacher_version = ws.resolve_version(version)
     plan = _plan(ws, teacher_version, recipe)
-    device = devices.resolve_device(recipe.runtime.device)
-    precision = devices.resolve_precision(recipe.runtime.precision, device)
+    place = Placement.resolve(recipe.runtime.device, recipe.runtime.precision)
     devices.configure_threads(recipe.runtime.num_threads)
-    teacher, tokenizer = load_version(ws, teacher_version, recipe=recipe, device=str(device))
-    student, picked = build_student(teacher, layers, hidden)
+    teacher, tokenizer = load_version(ws, teacher_version, recipe=recipe, device=str(place.device))
+    student, picked = build_student(teacher, shape.layers, shape.hidden)
     shards = {d: open_increment(ws, d) for d in plan.new}
-    reporter.log(f"distilling {teacher_version} ({parameter_count(teacher):,} parameters) into {layers} layers from "
-                 f"its layers {picked} ({parameter_count(student):,} parameters): {plan.steps} steps on "
-                 f"{', '.join(plan.new)}, {device} {precision}")
-    run, state, terms = distil(student, teacher, tokenizer, shards, plan, recipe, device=device, precision=precision,
-                               reporter=reporter)
+    reporter.log(f"distilling {teacher_version} ({parameter_count(teacher):,} parameters) into {shape.layers} layers "
+                 f"from its layers {picked} ({parameter_count(student):,} parameters): {plan.steps} steps on "
+                 f"{', '.join(plan.new)}, {place.device} {place.precision}")
+    job = _Distillation(ws, teacher_version, teacher, student, tokenizer, shards, plan, recipe, place)
+    run, state, terms = distil(job, reporter)
     student.eval()
-    metrics = _measure(ws, teacher_version, teacher, student, tokenizer, shards, recipe, device, precision)
+    metrics = _measure(job)
     metrics.update(steps=state.step, tokens=state.tokens, train_seconds=round(state.train_seconds, 3),
                    loss_terms=terms, student_layers_from_teacher=picked, train_log=state.log,
-                   device=str(device), precision=precision)
+                   device=str(place.device), precision=place.precision)
     manifest = {"version": "v0000", "parent": None,
                 "source": {"kind": "compressed", "teacher": str(ws.root.resolve()), "version": teacher_version,
                            "from_layers": picked},
@@ -261,34 +278,32 @@ def compress(ws: Workspace, into: Path, recipe: Recipe, *, layers: int, hidden: 
                             .get("model.safetensors", {}).get("sha256")},
                 "head_initialised": False, "trained_on": list(plan.new), "new": [], "replay": [],
                 "status": "base", "promoted": True, "recipe": recipe_to_dict(recipe),
-                "seeds": {"train": recipe.train.seed}, "software": software_versions(), "device": str(device),
-                "precision": precision, "steps": state.step}
+                "seeds": {"train": recipe.train.seed}, "software": software_versions(), "device": str(place.device),
+                "precision": place.precision, "steps": state.step}
     write_line(ws, into, student, tokenizer, manifest, metrics)
     return CompressResult(into, teacher_version, metrics)
 
 
-def _measure(ws: Workspace, teacher_version: str, teacher: nn.Module, student: nn.Module, tokenizer: Any,
-             shards: dict[str, IncrementShards], recipe: Recipe, device: torch.device,
-             precision: str) -> dict[str, Any]:
+def _measure(job: _Distillation) -> dict[str, Any]:
     """Parameters, weights on disk, encoder tokens/s and held-out scores of teacher and student."""
     import tempfile
 
-    from incr_cli.model.weights import quiet_transformers
-    from incr_cli.scoring.embed import encoder_speed
     from incr_cli.scoring.score import held_out_scores
 
+    ws, teacher, student, shards, recipe = job.ws, job.teacher, job.student, job.shards, job.recipe
     increments = list(shards)
-    scores = {"teacher": held_out_scores(teacher, tokenizer, ws, increments, recipe, device, precision),
-              "student": held_out_scores(student, tokenizer, ws, increments, recipe, device, precision)}
+    scores = {"teacher": held_out_scores(teacher, job.tokenizer, ws, increments, recipe, job.place),
+              "student": held_out_scores(student, job.tokenizer, ws, increments, recipe, job.place)}
     rows = [torch.from_numpy(shards[d].heldout[: recipe.eval.max_sequences].astype("int64")) for d in increments]
     ids = torch.cat([r for r in rows if r.ndim == 2 and len(r)]) if any(len(r) for r in rows) else None
     speed = {} if ids is None else encoder_speed({"teacher": teacher, "student": student}, ids,
                                                  int(shards[increments[0]].pad_id),
-                                                 batch_size=recipe.eval.batch_size, device=device)
+                                                 batch_size=recipe.eval.batch_size, device=job.place.device)
     with tempfile.TemporaryDirectory(prefix="incr-size-") as tmp, quiet_transformers():
         student.save_pretrained(tmp)
         student_bytes = weights_bytes(Path(tmp))
     k = _config_keys(student.config)
+    teacher_version = job.teacher_version
     return {"kind": "compression", "teacher": {
                 "workspace": str(ws.root.resolve()), "version": teacher_version, "parameters": parameter_count(teacher),
                 "layers": getattr(teacher.config, k[0]), "hidden": getattr(teacher.config, k[1]),
@@ -301,4 +316,4 @@ def _measure(ws: Workspace, teacher_version: str, teacher: nn.Module, student: n
             "speed_rows": 0 if ids is None else int(ids.shape[0]), "eval": scores}
 
 
-__all__ = ["compress", "build_student", "layer_map", "student_config", "CompressResult"]
+__all__ = ["compress", "StudentShape", "build_student", "layer_map", "student_config", "CompressResult"]

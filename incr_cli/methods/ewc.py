@@ -26,10 +26,10 @@ from torch import nn
 
 from incr_cli.config.presets import PRESETS
 from incr_cli.config.recipe import Recipe
-from incr_cli.data.shards import BatchSampler, IncrementShards
+from incr_cli.data.shards import BatchSampler, Draw, IncrementShards
 from incr_cli.errors import IntegrityError
 from incr_cli.methods.base import Strategy, StrategyInputs
-from incr_cli.runtime import device as devices
+from incr_cli.runtime.device import Placement
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.losses import ewc_penalty, mlm_loss_sum
 from incr_cli.training.masking import TokenIds, mask_batch, stable_seed
@@ -66,7 +66,7 @@ class Ewc(Strategy):
         recipe, parent, reporter = inputs.recipe, inputs.parent, inputs.reporter
         if recipe.ewc.weight == 0:
             return []
-        fisher = load_fisher(inputs.ws, parent, inputs.device)
+        fisher = load_fisher(inputs.ws, parent, inputs.place.device)
         if fisher is None:
             earlier = [inputs.shards[d] for d in inputs.replay if len(inputs.shards[d].train)]
             if not earlier:
@@ -75,12 +75,11 @@ class Ewc(Strategy):
                 return []
             reporter.log(f"ewc: {parent} has no {FISHER_FILE} (trained by another strategy or the base); "
                          f"estimating it on {', '.join(s.id for s in earlier)}")
-            fisher = fisher_diagonal(inputs.model, earlier, recipe, inputs.tok_inputs, device=inputs.device,
-                                     precision=inputs.precision)
+            fisher = fisher_diagonal(inputs.model, earlier, recipe, inputs.tok_inputs, place=inputs.place)
         trainable = {n: p for n, p in inputs.model.named_parameters() if p.requires_grad}
         _check_fisher(fisher, trainable, parent)
         anchor = {n: p.detach().clone() for n, p in trainable.items() if n in fisher}
-        kept = {n: fisher[n].to(inputs.device) for n in anchor}
+        kept = {n: fisher[n].to(inputs.place.device) for n in anchor}
         return [EwcPenalty(recipe.ewc.weight, anchor, kept)]
 
     def version_files(self, inputs: StrategyInputs) -> dict[str, bytes]:
@@ -89,8 +88,7 @@ class Ewc(Strategy):
         new = [inputs.shards[d] for d in inputs.new if len(inputs.shards[d].train)]
         inputs.reporter.log(f"ewc: estimating the Fisher of the new weights on {', '.join(s.id for s in new)} "
                             f"({recipe.ewc.fisher_batches} batches)")
-        fisher = fisher_diagonal(inputs.model, new, recipe, inputs.tok_inputs, device=inputs.device,
-                                 precision=inputs.precision)
+        fisher = fisher_diagonal(inputs.model, new, recipe, inputs.tok_inputs, place=inputs.place)
         about = {"increments": [s.id for s in new], "batches": recipe.ewc.fisher_batches,
                  "batch_size": recipe.train.batch_size, "seed": recipe.train.seed,
                  "estimator": "empirical diagonal Fisher: mean over batches of squared MLM-loss gradients"}
@@ -101,10 +99,10 @@ class Ewc(Strategy):
 
 
 def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Recipe, tok_inputs: TokenIds, *,
-                    device: torch.device, precision: str, batches: int | None = None) -> dict[str, torch.Tensor]:
+                    place: Placement, batches: int | None = None) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the MLM loss of ``model`` on the train rows of ``shards``.
 
-    -> {parameter name: (same shape as the parameter) float32 on ``device``}, for every parameter,
+    -> {parameter name: (same shape as the parameter) float32 on ``place.device``}, for every parameter,
     frozen or not (the next increment may freeze differently). ``batches`` (default
     ``ewc.fisher_batches``) batches of ``train.batch_size`` rows, drawn like training's new rows
     (``train.seed``, ``data.sample``), masked by generators seeded from (train.seed, batch).
@@ -113,15 +111,15 @@ def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Rec
     from incr_cli.model.heads import MaskedLMHead  # transformers: only when a Fisher is estimated
 
     batches = batches or recipe.ewc.fisher_batches
-    sampler = BatchSampler(shards, [], n_new=recipe.train.batch_size, n_replay=0, seed=recipe.train.seed,
-                           sample=recipe.data.sample)
+    device = place.device
+    sampler = BatchSampler(shards, [], Draw(recipe.train.batch_size, seed=recipe.train.seed, sample=recipe.data.sample))
     params = dict(model.named_parameters())
     flags, was_training = {n: p.requires_grad for n, p in params.items()}, model.training
     fisher = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
     head = MaskedLMHead(model)
     model.eval()  # no dropout: the Fisher of the model that will be used, not of a noisy copy
     generator = torch.Generator(device=device)
-    pad_id = shards[0].pad_id
+    pad_id, tokens = shards[0].pad_id, tok_inputs.to(device)
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -129,10 +127,8 @@ def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Rec
         for b in range(batches):
             ids = torch.from_numpy(sampler.next_batch().input_ids).to(device)  # (B, T)
             generator.manual_seed(stable_seed("ewc-fisher", recipe.train.seed, b))
-            masked = mask_batch(ids, recipe.masking, special_ids=tok_inputs.special_ids.to(device),
-                                mask_token_id=tok_inputs.mask_token_id, vocab_size=tok_inputs.vocab_size,
-                                generator=generator, word_starts=_on(tok_inputs.word_starts, device))
-            with torch.enable_grad(), devices.autocast(device, precision):
+            masked = mask_batch(ids, recipe.masking, tokens, generator=generator)
+            with torch.enable_grad(), place.autocast():
                 logits, _ = head(masked.input_ids, ids != pad_id, masked.positions)  # (N, V)
             loss = mlm_loss_sum(logits, masked.targets) / max(int(masked.targets.numel()), 1)
             loss.backward()
@@ -147,10 +143,6 @@ def fisher_diagonal(model: nn.Module, shards: list[IncrementShards], recipe: Rec
             p.grad = None
         model.train(was_training)
     return {name: f / batches for name, f in fisher.items()}
-
-
-def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
 
 
 def _grown_rows(fisher: dict[str, torch.Tensor], trainable: dict[str, nn.Parameter]) -> None:

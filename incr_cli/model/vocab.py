@@ -35,6 +35,7 @@ from typing import Any
 
 from incr_cli.config.recipe import VocabConfig
 from incr_cli.errors import InputError, IntegrityError, UsageError, clip
+from incr_cli.model.weights import load_tokenizer, quiet_transformers, tokenizer_sha256
 from incr_cli.store.workspace import Workspace
 
 TOKENIZER_DIR = "tokenizer"  # the extended tokenizer inside an increment folder
@@ -156,7 +157,6 @@ def extend_tokenizer(tokenizer: Any, tokens: list[str], folder: Path) -> Any:
     ``folder`` and return it loaded from there (so what is used is what is stored)."""
     from transformers import AutoTokenizer
 
-    from incr_cli.model.weights import quiet_transformers
 
     kind = growable_kind(tokenizer)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -218,8 +218,6 @@ class Revision:
 
 def version_revision(ws: Workspace, version: str, tokenizer: Any) -> Revision:
     """The revision of a version's tokenizer (its manifest's ``tokenizer``, else revision 0)."""
-    from incr_cli.model.weights import tokenizer_sha256
-
     sha = tokenizer_sha256(tokenizer)
     recorded = ws.version_manifest(version).get("tokenizer") or {}
     lineage = list(recorded.get("lineage") or [sha])
@@ -235,8 +233,6 @@ def increment_lineage(manifest: dict[str, Any]) -> list[str]:
 def line_tokenizer(ws: Workspace) -> tuple[Any, Revision]:
     """The tokenizer an ingest uses: the newest revision among LATEST's and its pending increments'
     (so that revisions chain), with its Revision."""
-    from incr_cli.model.weights import load_tokenizer
-
     latest = ws.latest()
     grown = [d for d in ws.pending(latest) if ws.increment_manifest(d).get("vocab")]
     if not grown:
@@ -258,7 +254,6 @@ def load_revision(ws: Workspace, increment: str) -> Any:
     """The extended tokenizer stored in an increment folder."""
     from transformers import AutoTokenizer
 
-    from incr_cli.model.weights import quiet_transformers
 
     folder = ws.increment_dir(increment) / TOKENIZER_DIR
     try:
@@ -354,15 +349,31 @@ def grow_embeddings(model: Any, growth: Growth) -> None:
 # ----------------------------------------------------------------------------- scoring across revisions
 
 
-def scoring_vocab(manifest: dict[str, Any], increment: str, revision: Revision, remedy: str) -> dict[str, int]:
-    """How a version (its tokenizer ``revision``) scores an increment (its ``manifest``), as keyword
-    arguments of ``evaluate.score_sequences``: masks over the increment's vocabulary; ``model_vocab``
-    when the increment holds ids the version lacks (a later revision). InputError when the two
-    tokenizers are not one line's revisions (``remedy`` says what to do)."""
+@dataclass(frozen=True)
+class VocabLimits:
+    """Which positions a version is scored on when its vocabulary and the increment's differ.
+
+    ``model_vocab``: the version's vocabulary size when it predates tokens the increment uses (ids it
+    lacks read as unknown, its logits are cut there, targets it lacks are not scored);
+    ``valid_below``: score only targets below this id (two versions compared on the positions valid
+    for both). None: no limit."""
+
+    model_vocab: int | None = None
+    valid_below: int | None = None
+
+
+NO_LIMITS = VocabLimits()
+
+
+def scoring_vocab(manifest: dict[str, Any], increment: str, revision: Revision, remedy: str) -> tuple[int, VocabLimits]:
+    """How a version (its tokenizer ``revision``) scores an increment (its ``manifest``) -> (the
+    vocabulary size masks are drawn over: the increment's, the limits: ``model_vocab`` when the
+    increment holds ids the version lacks, a later revision). InputError when the two tokenizers are
+    not one line's revisions (``remedy`` says what to do)."""
     sha = manifest.get("tokenizer_sha256")
-    args = {"vocab_size": int(manifest.get("vocab_size") or revision.size)}
+    size = int(manifest.get("vocab_size") or revision.size)
     if not sha or sha in revision.lineage:
-        return args
+        return size, NO_LIMITS
     if revision.sha256 in increment_lineage(manifest):
-        return {**args, "model_vocab": revision.size}
+        return size, VocabLimits(model_vocab=revision.size)
     raise InputError(f"{increment} was tokenized with a different tokenizer than {revision.source}'s; {remedy}")

@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -77,6 +78,29 @@ def choose_precision(spec: str, device: torch.device) -> tuple[str, str]:
 def resolve_precision(spec: str, device: torch.device) -> str:
     """The precision ``choose_precision`` picks ("bf16" or "fp32")."""
     return choose_precision(spec, device)[0]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs and at which precision ("bf16": autocast forwards; "fp32"): one value,
+    resolved once per command and handed to every training, scoring and embedding call."""
+
+    device: torch.device
+    precision: str = "fp32"
+    why: str = field(default="", compare=False)  # why this precision (``choose_precision``), for the record
+
+    @classmethod
+    def resolve(cls, device: str | torch.device = "auto", precision: str = "auto") -> Placement:
+        """``runtime.device`` and ``runtime.precision`` specs -> the placement (see resolve_device,
+        choose_precision); a ``torch.device`` is taken as it is."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls(dev, *choose_precision(precision, dev))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+
+CPU = Placement(torch.device("cpu"))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from incr_cli.config.recipe import Recipe
+from incr_cli.data.clean import clean_documents
 from incr_cli.data.shards import IncrementShards
 from incr_cli.errors import InputError, UsageError
 from incr_cli.model.packaging import declared_pooling
+from incr_cli.model.weights import load_version
 from incr_cli.progress import ProgressLike, Quiet, Reporter
-from incr_cli.runtime.device import autocast, inference, resolve_device
+from incr_cli.runtime.device import CPU, Placement, inference
 from incr_cli.store.files import atomic_write_bytes
 from incr_cli.store.workspace import Workspace
 
@@ -96,32 +98,40 @@ def encoder_of(model: nn.Module) -> nn.Module:
     return getattr(model, "base_model", model)
 
 
-def embed_ids(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, *, pooling: str = "mean",
-              batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "fp32",
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How texts become embeddings: the pooling (see ``pool``), texts per forward pass, and the
+    tokens a text is cut to."""
+    pooling: str = "mean"
+    batch_size: int = 64
+    max_length: int = 512
+
+
+def embed_ids(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, *,
+              settings: EmbedSettings = EmbedSettings(), place: Placement = CPU,
               progress: ProgressLike | None = None) -> np.ndarray:
     """input_ids (N, T) long, attention (N, T) -> (N, H) float32 L2-normalised embeddings, row for row.
 
     The model's training flag is restored afterwards; ``progress`` advances by rows embedded."""
-    device = torch.device(device)
     encoder = encoder_of(model)
     chunks = []
+    step = settings.batch_size
     with inference(model):
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = attention[start:start + batch_size].to(device)
-            with autocast(device, precision):
+        for start in range(0, input_ids.shape[0], step):
+            ids = input_ids[start:start + step].to(place.device)
+            mask = attention[start:start + step].to(place.device)
+            with place.autocast():
                 hidden = encoder(input_ids=ids, attention_mask=mask.long(), return_dict=True).last_hidden_state
-            chunks.append(pool(hidden, mask, pooling).cpu().numpy())  # (b, H)
+            chunks.append(pool(hidden, mask, settings.pooling).cpu().numpy())  # (b, H)
             if progress is not None:
                 progress.advance(len(ids))
     hidden_size = int(getattr(model.config, "hidden_size", getattr(model.config, "dim", 0)))
     return np.concatenate(chunks) if chunks else np.zeros((0, hidden_size), np.float32)
 
 
-def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int, pooling: str = "mean",
-                batch_size: int = 64, device: torch.device | str = "cpu", precision: str = "fp32",
-                progress: ProgressLike | None = None) -> tuple[np.ndarray, int]:
-    """texts -> ((N, H) embeddings in the order of ``texts``, how many were cut to ``max_length`` tokens).
+def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, settings: EmbedSettings,
+                place: Placement = CPU, progress: ProgressLike | None = None) -> tuple[np.ndarray, int]:
+    """texts -> ((N, H) embeddings in the order of ``texts``, how many were cut to ``settings.max_length`` tokens).
 
     Texts are batched by length (fewer pad tokens), and the rows put back in input order."""
     lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True, truncation=False,
@@ -129,16 +139,16 @@ def embed_texts(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_l
     order = np.argsort(lengths, kind="stable")
     rows = np.empty((len(texts), 0), np.float32)
     parts = []
-    for start in range(0, len(texts), batch_size):
-        picked = [texts[i] for i in order[start:start + batch_size]]
-        enc = tokenizer(picked, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        parts.append(embed_ids(model, enc["input_ids"], enc["attention_mask"], pooling=pooling,
-                               batch_size=batch_size, device=device, precision=precision, progress=progress))
+    for start in range(0, len(texts), settings.batch_size):
+        picked = [texts[i] for i in order[start:start + settings.batch_size]]
+        enc = tokenizer(picked, padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt")
+        parts.append(embed_ids(model, enc["input_ids"], enc["attention_mask"], settings=settings, place=place,
+                               progress=progress))
     if parts:
         sorted_rows = np.concatenate(parts)
         rows = np.empty_like(sorted_rows)
         rows[order] = sorted_rows
-    return rows, sum(n > max_length for n in lengths)
+    return rows, sum(n > settings.max_length for n in lengths)
 
 
 def encoder_speed(models: dict[str, nn.Module], ids: torch.Tensor, pad_id: int, *, batch_size: int,
@@ -150,12 +160,13 @@ def encoder_speed(models: dict[str, nn.Module], ids: torch.Tensor, pad_id: int, 
     attention = ids != pad_id
     tokens = int(attention.sum())
     best = {name: 0.0 for name in models}
+    settings, place = EmbedSettings(batch_size=batch_size), Placement(device)
     for model in models.values():
-        embed_ids(model, ids[:batch_size], attention[:batch_size], batch_size=batch_size, device=device)
+        embed_ids(model, ids[:batch_size], attention[:batch_size], settings=settings, place=place)
     for _ in range(SPEED_ROUNDS):
         for name, model in models.items():
             start = time.perf_counter()
-            embed_ids(model, ids, attention, batch_size=batch_size, device=device)
+            embed_ids(model, ids, attention, settings=settings, place=place)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best[name] = max(best[name], tokens / (time.perf_counter() - start))
@@ -166,45 +177,39 @@ def encoder_speed(models: dict[str, nn.Module], ids: torch.Tensor, pad_id: int, 
 
 
 def heldout_embeddings(model: nn.Module, shards: dict[str, IncrementShards], recipe: Recipe, *,
-                       device: torch.device | str, precision: str) -> dict[str, np.ndarray]:
+                       place: Placement) -> dict[str, np.ndarray]:
     """{increment: (n, H) embeddings of its first ``drift.max_sequences`` held-out rows} (empty splits left out)."""
     out = {}
+    settings = EmbedSettings(recipe.drift.pooling, recipe.eval.batch_size)
     for inc, shard in shards.items():
         rows = np.asarray(shard.heldout[: recipe.drift.max_sequences])
         if rows.ndim != 2 or rows.shape[0] == 0:
             continue
         ids = torch.from_numpy(rows.astype(np.int64))  # (n, T)
-        out[inc] = embed_ids(model, ids, ids != shard.pad_id, pooling=recipe.drift.pooling,
-                             batch_size=recipe.eval.batch_size, device=device, precision=precision)
+        out[inc] = embed_ids(model, ids, ids != shard.pad_id, settings=settings, place=place)
     return out
 
 
-def version_drift(ws: Workspace, parent: str, model: nn.Module, shards: dict[str, IncrementShards], recipe: Recipe, *,
-                  device: torch.device | str, precision: str, growth: Any = None) -> dict[str, Any] | None:
-    """Embedding drift of ``model`` (the new version) from ``parent`` on the held-out rows of ``shards``.
-    ``growth`` (a ``vocab.Growth``): the new version's vocabulary grew; the parent reads the new tokens
-    through the rows it would have started them with (the mean of their pieces' rows).
+def version_drift(model: nn.Module, parent: Callable[[], nn.Module], shards: dict[str, IncrementShards],
+                  recipe: Recipe, *, place: Placement) -> dict[str, Any] | None:
+    """Embedding drift of ``model`` (the new version) from its parent on the held-out rows of ``shards``.
+    ``parent()`` loads the parent as the new version reads text (a grown vocabulary's new tokens
+    through the rows it would have started them with); it is called only when there is drift to measure.
 
-    -> {parent, pooling, max_sequences, increments: {id: drift}, all: drift over every row together}
+    -> {pooling, max_sequences, increments: {id: drift}, all: drift over every row together}
     (see ``embedding_drift``), or None when ``drift.max_sequences`` is 0 or nothing is held out.
     """
-    from incr_cli.model.vocab import grow_embeddings
-    from incr_cli.model.weights import load_version
-
     if recipe.drift.max_sequences == 0:
         return None
-    after = heldout_embeddings(model, shards, recipe, device=device, precision=precision)
+    after = heldout_embeddings(model, shards, recipe, place=place)
     if not after:
         return None
-    parent_model, _ = load_version(ws, parent, recipe=recipe, device=str(device), verify=False)
-    if growth is not None:
-        grow_embeddings(parent_model, growth)
-    before = heldout_embeddings(parent_model, {inc: shards[inc] for inc in after}, recipe, device=device,
-                                precision=precision)
+    parent_model = parent()
+    before = heldout_embeddings(parent_model, {inc: shards[inc] for inc in after}, recipe, place=place)
     del parent_model
     per = {inc: _rounded(embedding_drift(before[inc], after[inc])) for inc in after}
     pooled = embedding_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values())))
-    return {"parent": parent, "pooling": recipe.drift.pooling, "max_sequences": recipe.drift.max_sequences,
+    return {"pooling": recipe.drift.pooling, "max_sequences": recipe.drift.max_sequences,
             "increments": per, "all": _rounded(pooled)}
 
 
@@ -249,8 +254,6 @@ def read_inputs(paths: Sequence[str], *, fmt: str, text_field: str, recipe: Reci
     """Documents of every INPUT in argument order -> (texts, [{path, first_row, rows}] per INPUT).
 
     An INPUT that yields no document is an InputError naming it and why."""
-    from incr_cli.data.clean import clean_documents
-
     texts: list[str] = []
     files = []
     for spec in paths:
@@ -263,19 +266,28 @@ def read_inputs(paths: Sequence[str], *, fmt: str, text_field: str, recipe: Reci
     return texts, files
 
 
-def embed_files(ws: Workspace, version: str, paths: Sequence[str], out: Path, *, recipe: Recipe, fmt: str = "auto",
-                text_field: str = "text", pooling: str | None = None, batch_size: int = 64, device: str | None = None,
-                reporter: Reporter | None = None) -> EmbedResult:
-    """Embed the documents of ``paths`` with ``version`` and write them to ``out`` (.npy, atomically).
+@dataclass(frozen=True)
+class EmbedRequest:
+    """``incr embed``'s job: the INPUTs (read as ingest reads them: ``fmt``, ``text_field``), the .npy
+    to write, the pooling (None: the one the version's sentence-transformers packaging declares, else
+    mean) and texts per forward pass."""
+    inputs: Sequence[str]
+    out: Path
+    fmt: str = "auto"
+    text_field: str = "text"
+    pooling: str | None = None
+    batch_size: int = 64
 
-    ``pooling`` defaults to the one the version's sentence-transformers packaging declares
-    (``packaging.declared_pooling``), else mean.
+
+def embed_files(ws: Workspace, version: str, request: EmbedRequest, *, recipe: Recipe,
+                reporter: Reporter | None = None) -> EmbedResult:
+    """Embed the documents of ``request.inputs`` with ``version`` on ``recipe.runtime``'s device and
+    write them to ``request.out`` (.npy, atomically).
 
     Row i is the i-th document: INPUTs in argument order, a folder's files sorted, documents in
     file order (as ``incr ingest`` reads them, without its dedup or held-out split)."""
-    from incr_cli.model.weights import load_version
-
     reporter = reporter or Quiet()
+    pooling, out = request.pooling, Path(request.out)
     if pooling is None:
         declared = declared_pooling(ws.version_dir(version))
         pooling = declared.mode if declared else "mean"
@@ -286,12 +298,12 @@ def embed_files(ws: Workspace, version: str, paths: Sequence[str], out: Path, *,
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: the folder {out.parent} does not exist")
     started = time.perf_counter()
-    texts, files = read_inputs(paths, fmt=fmt, text_field=text_field, recipe=recipe)
-    dev = resolve_device(device or recipe.runtime.device)
-    model, tokenizer = load_version(ws, version, recipe=recipe, device=str(dev))
+    texts, files = read_inputs(request.inputs, fmt=request.fmt, text_field=request.text_field, recipe=recipe)
+    place = Placement.resolve(recipe.runtime.device, "fp32")
+    model, tokenizer = load_version(ws, version, recipe=recipe, device=str(place.device))
+    settings = EmbedSettings(pooling, request.batch_size, recipe.model.max_seq_len)
     with reporter.progress(f"embedding with {version}", total=len(texts), unit="texts") as bar:
-        rows, truncated = embed_texts(model, tokenizer, texts, max_length=recipe.model.max_seq_len, pooling=pooling,
-                                      batch_size=batch_size, device=dev, progress=bar)
+        rows, truncated = embed_texts(model, tokenizer, texts, settings=settings, place=place, progress=bar)
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32), allow_pickle=False)
     atomic_write_bytes(out, buffer.getvalue())
@@ -299,5 +311,6 @@ def embed_files(ws: Workspace, version: str, paths: Sequence[str], out: Path, *,
                        time.perf_counter() - started, files)
 
 
-__all__ = ["POOLINGS", "pool", "embedding_drift", "embed_ids", "embed_texts", "embed_files", "EmbedResult",
+__all__ = ["POOLINGS", "pool", "embedding_drift", "EmbedSettings", "embed_ids", "embed_texts", "EmbedRequest",
+           "embed_files", "EmbedResult",
            "version_drift", "drift_checks"]

@@ -19,6 +19,7 @@ import json
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,18 @@ import numpy as np
 import torch
 
 from incr_cli.config.recipe import Recipe
+from incr_cli.data.clean import clean_documents
+from incr_cli.data.packing import PackedWriter, special_ids, token_dtype, tokenize_batch
 from incr_cli.errors import UsageError, clip, shown
 from incr_cli.model import vocab
+from incr_cli.model import weights as models
 from incr_cli.model.heads import MaskedLMHead
 from incr_cli.progress import Quiet, Reporter
-from incr_cli.runtime.device import resolve_device, resolve_precision
+from incr_cli.runtime.device import Placement, configure_threads
 from incr_cli.scoring.cache import ScoreCache, cache_key, eval_settings, heldout_sha, weights_checksum
 from incr_cli.scoring.continual import ContinualSummary, summarize
 from incr_cli.scoring.result import Column, EvalResult, VersionInfo
-from incr_cli.scoring.score import SCORE_KEYS, heldout_words, read_heldout, score_sequences
+from incr_cli.scoring.score import SCORE_KEYS, HeldOut, heldout_words, read_heldout, score_sequences
 from incr_cli.store.files import NOT_WRITABLE, atomic_write_text
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.masking import tokenizer_inputs
@@ -93,27 +97,34 @@ def lineage_summaries(ws: Workspace, final: str, columns: list[str], scores: dic
     return lineage, learned_by, out
 
 
-def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], recipe: Recipe, *,
-             texts: Sequence[str | Path] | None = None, device: str | torch.device | None = None,
-             reporter: Reporter | None = None, use_cache: bool = True) -> EvalResult:
-    """Score every version on every increment's held-out split (and on ``texts``) -> EvalResult.
+@dataclass(frozen=True)
+class EvalGrid:
+    """What ``evaluate`` scores: every version (resolved names, see select_versions) on every increment's
+    held-out split (see select_increments) and on every ad-hoc ``texts`` file (read as ingest reads it)."""
+    versions: Sequence[str]
+    increments: Sequence[str] = ()
+    texts: Sequence[str | Path] = ()
 
-    ``versions`` and ``increments`` are resolved names (see select_versions / select_increments);
-    ``device`` defaults to ``recipe.runtime.device``. Cells found in the cache load nothing; a
-    version's model is loaded (checksums verified) only when one of its cells is missing.
-    Summaries follow the lineage of LATEST when it is among ``versions``, else of the last one.
+
+def evaluate(ws: Workspace, grid: EvalGrid, recipe: Recipe, *, reporter: Reporter | None = None,
+             use_cache: bool = True) -> EvalResult:
+    """Score ``grid`` (versions x increments and texts) -> EvalResult, on ``recipe.runtime``'s device.
+
+    Cells found in the cache load nothing; a version's model is loaded (checksums verified) only when
+    one of its cells is missing. Summaries follow the lineage of LATEST when it is among the versions,
+    else of the last one.
     """
     reporter = reporter or Quiet()
     started = time.monotonic()
-    dev = resolve_device(str(device) if device is not None else recipe.runtime.device)
-    precision = resolve_precision(recipe.runtime.precision, dev)
-    settings = eval_settings(recipe, precision)
+    place = Placement.resolve(recipe.runtime.device, recipe.runtime.precision)
+    settings = eval_settings(recipe, place.precision)
     cache = ScoreCache(ws.eval_dir / "cache", enabled=use_cache)
-    if not versions:
+    if not grid.versions:
         raise UsageError(f"{ws.root}: no versions to score; valid versions: {', '.join(ws.versions()) or 'none'}")
-    infos = [version_info(ws, v) for v in versions]
+    infos = [version_info(ws, v) for v in grid.versions]
+    increments = list(grid.increments)
     columns = [Column(d, "increment") for d in increments]
-    text_docs = {f"text:{label}": (path, docs) for label, path, docs in _read_texts(texts or [], recipe)}
+    text_docs = {f"text:{label}": (path, docs) for label, path, docs in _read_texts(grid.texts, recipe)}
     columns += [Column(col_id, "text", path) for col_id, (path, _) in text_docs.items()]
     if not columns:
         raise UsageError(f"{ws.root}: no data to score; ingest an increment (`incr ingest`) or pass --text FILE")
@@ -121,15 +132,16 @@ def evaluate(ws: Workspace, versions: Sequence[str], increments: Sequence[str], 
     data_sha = {d: heldout_sha(ws, d) for d in increments}
     scores, todo = _cached_cells(ws, infos, columns, data_sha, settings, cache)
     if todo:
-        _score_cells(ws, todo, scores, recipe, dev, precision, text_docs, settings, cache, reporter)
+        job = _Scoring(ws, recipe, place, settings, cache, text_docs)
+        _score_cells(job, todo, scores, reporter)
 
     scores = {v: {c.id: scores[v][c.id] for c in columns} for v in scores}  # column order, hit or not
     names = [i.version for i in infos]
     latest = ws.latest()
     final = latest if latest in names else names[-1]
-    lineage, learned_by, summaries = lineage_summaries(ws, final, list(increments), scores)
+    lineage, learned_by, summaries = lineage_summaries(ws, final, increments, scores)
     return EvalResult(str(ws.root), infos, columns, scores, lineage, latest, learned_by, summaries,
-                      {**settings, "device": str(dev), "batch_size": recipe.eval.batch_size},
+                      {**settings, "device": str(place.device), "batch_size": recipe.eval.batch_size},
                       cache.hits, cache.misses, time.monotonic() - started, recorded_drift(ws, names))
 
 
@@ -185,42 +197,49 @@ def _cached_cells(ws: Workspace, infos: list[VersionInfo], columns: list[Column]
     return scores, todo
 
 
-def _score_cells(ws: Workspace, todo: Cells, scores: dict[str, dict[str, dict[str, Any]]], recipe: Recipe,
-                 dev: torch.device, precision: str, text_docs: dict[str, tuple[str, list[str]]],
-                 settings: dict[str, Any], cache: ScoreCache, reporter: Reporter) -> None:
-    """Load each version of ``todo`` once and score its cells into ``scores`` (and the cache)."""
-    from incr_cli.model import weights as models  # transformers is imported only when a model is needed
-    from incr_cli.runtime.device import configure_threads
+@dataclass(frozen=True)
+class _Scoring:
+    """What scoring the missing cells needs: where, with which settings, into which cache, and the
+    ad-hoc texts' documents ({column id: (path, documents)})."""
+    ws: Workspace
+    recipe: Recipe
+    place: Placement
+    settings: dict[str, Any]
+    cache: ScoreCache
+    text_docs: dict[str, tuple[str, list[str]]]
 
+
+def _score_cells(job: _Scoring, todo: Cells, scores: dict[str, dict[str, dict[str, Any]]], reporter: Reporter) -> None:
+    """Load each version of ``todo`` once and score its cells into ``scores`` (and the cache)."""
+    ws, recipe = job.ws, job.recipe
     configure_threads(recipe.runtime.num_threads)
     total = sum(len(cells) for cells in todo.values())
-    heldout: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # read (and checksummed) once per increment
+    heldout: dict[str, HeldOut] = {}  # read (and checksummed) once per increment
     with reporter.progress("scoring", total=total, unit="cells") as bar:
         for version, cells in todo.items():
-            model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(dev))
+            model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(job.place.device))
             head = MaskedLMHead(model)
             inputs = tokenizer_inputs(tokenizer, recipe)
             revision = vocab.version_revision(ws, version, tokenizer)
             for col, key in cells:
-                tokens, view = inputs, {}
+                tokens, limits = inputs, vocab.NO_LIMITS
                 if col.kind == "increment":
-                    view = vocab.scoring_vocab(
+                    size, limits = vocab.scoring_vocab(
                         ws.increment_manifest(col.id), col.id, revision, "its scores would be meaningless: leave "
                         "it out with --data or that version with --versions")
-                    tokens = inputs.of_vocab(view.pop("vocab_size"))
+                    tokens = inputs.of_vocab(size)
                     if col.id not in heldout:
-                        heldout[col.id] = (read_heldout(ws, col.id), heldout_words(ws, col.id))
-                    ids, words = heldout[col.id]
+                        heldout[col.id] = HeldOut(col.id, read_heldout(ws, col.id), heldout_words(ws, col.id))
+                    rows = heldout[col.id]
                 else:
-                    ids, words = _pack_texts(text_docs[col.id][1], tokenizer, recipe.model.max_seq_len), None
-                result = score_sequences(head, ids, increment_id=col.id, recipe=recipe, tokens=tokens, device=dev,
-                                         precision=precision, continues=words, **view)
+                    rows = HeldOut(col.id, _pack_texts(job.text_docs[col.id][1], tokenizer, recipe.model.max_seq_len))
+                result = score_sequences(head, rows, recipe=recipe, tokens=tokens, place=job.place, limits=limits)
                 scores[version][col.id] = result
                 if key:
-                    cache.put(key, result, {"version": version, "column": col.id, "settings": settings})
+                    job.cache.put(key, result, {"version": version, "column": col.id, "settings": job.settings})
                 bar.advance(1, f"{version} {col.id}")
             del head, model  # one model in memory at a time
-            if dev.type == "cuda":
+            if job.place.device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
@@ -255,8 +274,6 @@ def save_result(ws: Workspace, result: EvalResult, out: Path | None = None) -> P
 
 def _read_texts(paths: Sequence[str | Path], recipe: Recipe) -> list[tuple[str, str, list[str]]]:
     """Each --text FILE -> (label, path, documents), read and cleaned exactly as ingest does."""
-    from incr_cli.data.clean import clean_documents
-
     out = []
     labels: set[str] = set()
     for spec in paths:
@@ -275,8 +292,6 @@ def _read_texts(paths: Sequence[str | Path], recipe: Recipe) -> list[tuple[str, 
 def _pack_texts(docs: list[str], tokenizer: Any, seq_len: int) -> np.ndarray:
     """Tokenize and pack documents with ingest's own writer (into a temporary file outside the
     workspace, removed at once) -> (n, seq_len) int64, the rows ingest would have written."""
-    from incr_cli.data.packing import PackedWriter, special_ids, token_dtype, tokenize_batch
-
     cls_id, sep_id, pad_id = special_ids(tokenizer)
     with tempfile.TemporaryDirectory(prefix="incr-eval-text-") as tmp:
         path = Path(tmp) / "text.bin"

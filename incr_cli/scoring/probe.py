@@ -16,16 +16,19 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from incr_cli.config.recipe import Recipe
+from incr_cli.config.recipe import Recipe, TaskConfig
 from incr_cli.errors import IncrError, InputError
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.scoring import tasks as T
 from incr_cli.store.files import atomic_write_text
 from incr_cli.store.workspace import Workspace
+
+if TYPE_CHECKING:  # torch is imported only where a model runs: `incr status` reads recorded scores
+    from incr_cli.runtime.device import Placement
 
 CACHE_FORMAT = 1
 SHOWN = {"classification": ("accuracy", "accuracy_ci", "macro_f1", "macro_f1_ci", "fold_accuracy", "classes",
@@ -68,26 +71,26 @@ def unknown_share(tokenizer: Any, texts: Sequence[str]) -> float:
     return sum(x.count(unk) for x in ids) / total if total else 0.0
 
 
-def score_task(model: Any, tokenizer: Any, data: T.TaskData, recipe: Recipe, *, device: Any = "cpu",
-               precision: str = "fp32", reporter: Reporter | None = None, version: str = "") -> dict[str, Any]:
-    """Embed ``data``'s texts (and queries) with ``model`` once and score them -> the task's scores,
-    with the pooling, the share of texts cut to ``probe.max_length`` and the seconds it took."""
-    from incr_cli.scoring.embed import embed_texts
+def score_task(model: Any, tokenizer: Any, data: T.TaskData, recipe: Recipe, *, place: Placement | None = None,
+               reporter: Reporter | None = None) -> dict[str, Any]:
+    """Embed ``data``'s texts (and queries) with ``model`` once (on ``place``, default the CPU in fp32) and
+    score them -> the task's scores, with the pooling, the share of texts cut to ``probe.max_length``
+    and the seconds it took."""
+    from incr_cli.runtime.device import CPU
+    from incr_cli.scoring.embed import EmbedSettings, embed_texts
 
     reporter = reporter or Quiet()
     started = time.perf_counter()
     p = recipe.probe
     limit = int(getattr(model.config, "max_position_embeddings", p.max_length) or p.max_length)
     length = min(p.max_length, limit)
-    args = {"max_length": length, "pooling": p.pooling, "batch_size": p.batch_size, "device": device,
-            "precision": precision}
     everything = data.texts + data.queries
-    reporter.log(f"probing {version or 'the model'} on task {data.name} ({len(everything):,} texts)")
     unk = unknown_share(tokenizer, everything)
     if unk > recipe.data.unknown_warn:
         reporter.warn(f"task {data.name!r}: {unk:.1%} of its tokens are unknown ([UNK]) to this version's "
                       "tokenizer; its scores say little about this model")
-    emb, cut = embed_texts(model, tokenizer, everything, **args)
+    emb, cut = embed_texts(model, tokenizer, everything, settings=EmbedSettings(p.pooling, p.batch_size, length),
+                           place=place or CPU)
     texts = emb[:len(data.texts)]
     if data.spec.kind == "retrieval":
         scores = T.retrieval_scores(emb[len(data.texts):], texts, data.positive, p)
@@ -97,13 +100,19 @@ def score_task(model: Any, tokenizer: Any, data: T.TaskData, recipe: Recipe, *, 
             "cut": cut / max(1, len(everything)), "unknown": unk, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def probing(version: str, data: T.TaskData) -> str:
+    """The log line before a version is probed on a task."""
+    return f"probing {version or 'the model'} on task {data.name} ({len(data.texts) + len(data.queries):,} texts)"
+
+
 class TaskBook:
     """Task scores as facts about (weights checksum, task, probe settings), one JSON file each under
-    ``WS/eval/tasks``. A workspace that cannot be written (read-only) still scores: it only cannot keep them."""
-
-    def __init__(self, ws: Workspace, recipe: Recipe, precision: str, *, enabled: bool = True):
+    ``WS/eval/tasks``, and where missing ones are scored (``recipe``'s probe settings on ``place``).
+    A workspace that cannot be written (read-only) still scores: it only cannot keep them."""
+    def __init__(self, ws: Workspace, recipe: Recipe, place: Placement, *, enabled: bool = True):
         self.ws, self.folder = ws, ws.eval_dir / "tasks"
-        self.settings = probe_settings(recipe, precision)
+        self.recipe, self.place = recipe, place
+        self.settings = probe_settings(recipe, place.precision)
         self.enabled = enabled
         self.hits = self.misses = 0
 
@@ -144,35 +153,31 @@ def version_sha(ws: Workspace, version: str) -> str:
     return weights_checksum(ws.version_manifest(version))
 
 
-def score_version(book: TaskBook, version: str, tasks: Sequence[T.TaskData], recipe: Recipe, *, device: Any,
-                  precision: str, reporter: Reporter, model: Any = None, tokenizer: Any = None) -> dict[str, dict[str, Any]]:
-    """{task: scores} of one version: from the book where recorded, the rest scored (with ``model``
-    when given, else the version loaded once) and recorded. A pruned version keeps only recorded scores."""
+def score_version(book: TaskBook, version: str, tasks: Sequence[T.TaskData], *, reporter: Reporter,
+                  loaded: tuple[Any, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """{task: scores} of one version: from the book where recorded, the rest scored (with ``loaded``'s
+    (model, tokenizer) when given, else the version loaded once) and recorded. A pruned version keeps
+    only recorded scores."""
     from incr_cli.model import weights as models
 
     ws = book.ws
     sha = version_sha(ws, version)
     out = {d.name: hit for d in tasks if (hit := book.get(sha, d)) is not None}
     todo = [d for d in tasks if d.name not in out]
-    if not todo or (model is None and ws.pruned(version) is not None):
+    if not todo or (loaded is None and ws.pruned(version) is not None):
         return out
-    if model is None:
-        model, tokenizer = models.load_version(ws, version, recipe=recipe, device=str(device))
+    model, tokenizer = loaded or models.load_version(ws, version, recipe=book.recipe, device=str(book.place.device))
     for data in todo:
-        out[data.name] = score_task(model, tokenizer, data, recipe, device=device, precision=precision,
-                                    reporter=reporter, version=version)
+        reporter.log(probing(version, data))
+        out[data.name] = score_task(model, tokenizer, data, book.recipe, place=book.place, reporter=reporter)
         book.put(sha, version, data, out[data.name])
     return out
 
 
-def score_versions(ws: Workspace, versions: Sequence[str], tasks: Sequence[T.TaskData], recipe: Recipe, *,
-                   device: Any, precision: str, reporter: Reporter | None = None,
-                   use_cache: bool = True) -> tuple[dict[str, dict[str, dict[str, Any]]], TaskBook]:
-    """{version: {task: scores}} of each version (``score_version``), and the book they came from."""
-    book = TaskBook(ws, recipe, precision, enabled=use_cache)
-    out = {v: score_version(book, v, tasks, recipe, device=device, precision=precision, reporter=reporter or Quiet())
-           for v in versions}
-    return out, book
+def score_versions(book: TaskBook, versions: Sequence[str], tasks: Sequence[T.TaskData], *,
+                   reporter: Reporter | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """{version: {task: scores}} of each version (``score_version``); ``book`` counts the hits."""
+    return {v: score_version(book, v, tasks, reporter=reporter or Quiet()) for v in versions}
 
 
 def add_task_scores(ws: Workspace, result: Any, recipe: Recipe, tasks: Sequence[T.TaskData], *,
@@ -182,10 +187,12 @@ def add_task_scores(ws: Workspace, result: Any, recipe: Recipe, tasks: Sequence[
         return
     import torch
 
+    from incr_cli.runtime.device import Placement
+
     versions = [i.version for i in result.versions]
     precision = result.settings["precision"]
-    scores, book = score_versions(ws, versions, tasks, recipe, device=torch.device(result.settings["device"]),
-                                  precision=precision, reporter=reporter, use_cache=use_cache)
+    book = TaskBook(ws, recipe, Placement(torch.device(result.settings["device"]), precision), enabled=use_cache)
+    scores = score_versions(book, versions, tasks, reporter=reporter)
     result.tasks = {v: {name: shown(s) for name, s in per.items()} for v, per in scores.items()}
     result.task_summary = lineage_task_summary(result.lineage, scores, tasks)
     result.task_settings = probe_settings(recipe, precision)
@@ -195,8 +202,6 @@ def add_task_scores(ws: Workspace, result: Any, recipe: Recipe, tasks: Sequence[
 
 def probe_file(path: Path, kind: str, fields: dict[str, str | None], recipe: Recipe) -> T.TaskData:
     """An ad-hoc task file (``incr probe``) read as a recipe task would be."""
-    from incr_cli.config.recipe import TaskConfig
-
     name = Path(path).name.split(".")[0] or "task"
     given = {k: v for k, v in fields.items() if v is not None}
     if kind not in T.MAIN:
@@ -283,5 +288,5 @@ def task_record(tasks: Sequence[T.TaskData], before: dict[str, dict[str, Any]], 
     return {"settings": settings, "tasks": out} if out else {}
 
 
-__all__ = ["load_tasks", "score_task", "score_version", "score_versions", "TaskBook", "task_gate_checks", "task_record", "probe_file",
+__all__ = ["load_tasks", "score_task", "probing", "score_version", "score_versions", "TaskBook", "task_gate_checks", "task_record", "probe_file",
            "probe_settings", "main_score", "shown"]

@@ -44,6 +44,8 @@ def stable_seed(*parts: object) -> int:
     """
     digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 BPE_WORD_STARTS = ("Ġ", "▁")  # byte-level BPE (RoBERTa, GPT-2) and SentencePiece
 
 
@@ -56,6 +58,28 @@ class MaskedBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """What masking and scoring take from a tokenizer: one value for training and for eval, so a
+    run's before/after scores equal ``incr eval``'s."""
+
+    special_ids: torch.Tensor  # (S,) never masked: the special tokens and [UNK]
+    mask_token_id: int
+    vocab_size: int  # random replacements of the masks come from [0, vocab_size)
+    pad_id: int | None = None
+    unk_id: int | None = None
+    word_starts: torch.Tensor | None = None  # (V,) bool, for whole-word masking
+
+    def of_vocab(self, size: int) -> TokenIds:
+        """The same ids, masking over an increment's vocabulary of ``size`` (it may have grown)."""
+        return replace(self, vocab_size=int(size))
+
+    def to(self, device: torch.device | str) -> TokenIds:
+        """The same ids with their tensors on ``device`` (masking there without a copy per batch)."""
+        starts = None if self.word_starts is None else self.word_starts.to(device)
+        return replace(self, special_ids=self.special_ids.to(device), word_starts=starts)
 
 
 def special_tokens_mask(input_ids: torch.Tensor, special_ids: torch.Tensor) -> torch.Tensor:
@@ -86,17 +110,18 @@ def word_start_table(tokenizer) -> torch.Tensor:
     return table
 
 
-def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torch.Tensor,
-               mask_token_id: int, vocab_size: int, generator: torch.Generator,
-               word_starts: torch.Tensor | None = None, continues: torch.Tensor | None = None) -> MaskedBatch:
+def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, tokens: TokenIds, *, generator: torch.Generator,
+               continues: torch.Tensor | None = None) -> MaskedBatch:
     """Choose and replace the positions to predict.
 
-    input_ids (B, T) integer; special_ids (S,) integer (never masked, never drawn as random
-    replacements); word_starts (V,) bool from ``word_start_table``, required when
-    ``cfg.whole_word``; continues (B, T) bool, optional: True where a token continues the word of the
-    token before it although the vocabulary says it starts one (Chinese words from a segmenter, see
-    segment.py); generator on ``input_ids.device``. -> MaskedBatch (see the module docstring).
+    input_ids (B, T) integer; ``tokens``: its special_ids (S,) are never masked nor drawn as random
+    replacements, replacements come from [0, vocab_size), and its word_starts (V,) bool (from
+    ``word_start_table``) are required when ``cfg.whole_word``; continues (B, T) bool, optional: True
+    where a token continues the word of the token before it although the vocabulary says it starts one
+    (Chinese words from a segmenter, see segment.py); generator on ``input_ids.device``.
+    -> MaskedBatch (see the module docstring).
     """
+    special_ids, mask_token_id, vocab_size = tokens.special_ids, tokens.mask_token_id, tokens.vocab_size
     ids = input_ids.long()
     device = ids.device
     batch, length = ids.shape
@@ -117,7 +142,7 @@ def mask_batch(input_ids: torch.Tensor, cfg: MaskingConfig, *, special_ids: torc
         budget = (cfg.probability * n_maskable + row_draw[:, :1]).floor().long()  # stochastic rounding
         budget = torch.minimum(budget.clamp(min=1), n_maskable)  # (B, 1)
 
-    word_id, unit_length, unit_maskable = _units(ids, special, cfg.whole_word, word_starts, continues)
+    word_id, unit_length, unit_maskable = _units(ids, special, cfg.whole_word, tokens.word_starts, continues)
 
     # Shuffle the units (non-maskable ones last) and walk them in that order.
     if hard_cap:
@@ -202,23 +227,6 @@ def _draw_non_special(uniform: torch.Tensor, special_ids: torch.Tensor, vocab_si
     r = torch.minimum((uniform * n_allowed).long(), n_allowed - 1)  # (B, T)
     shifted = s - torch.arange(s.numel(), device=s.device)
     return r + torch.searchsorted(shifted, r, right=True)
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """What masking and scoring take from a tokenizer: one value for training and for eval, so a
-    run's before/after scores equal ``incr eval``'s."""
-
-    special_ids: torch.Tensor  # (S,) never masked: the special tokens and [UNK]
-    mask_token_id: int
-    vocab_size: int  # random replacements of the masks come from [0, vocab_size)
-    pad_id: int | None = None
-    unk_id: int | None = None
-    word_starts: torch.Tensor | None = None  # (V,) bool, for whole-word masking
-
-    def of_vocab(self, size: int) -> TokenIds:
-        """The same ids, masking over an increment's vocabulary of ``size`` (it may have grown)."""
-        return replace(self, vocab_size=int(size))
 
 
 def tokenizer_inputs(tokenizer: Any, recipe: Recipe) -> TokenIds:

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from incr_cli.config.recipe import Recipe, TrainConfig
-from incr_cli.data.shards import BatchSampler, IncrementShards
+from incr_cli.data.shards import BatchSampler, Draw, IncrementShards
 from incr_cli.errors import InputError, TrainingFailed, UsageError, shown
 from incr_cli.faults import fault_value
 from incr_cli.model.heads import MaskedLMHead
 from incr_cli.progress import Reporter
-from incr_cli.runtime import device as devices
 from incr_cli.runtime import distributed
+from incr_cli.runtime.device import Placement
 from incr_cli.runtime.flops import Meter, device_peak, model_shape
 from incr_cli.store.files import finite_json
 from incr_cli.training.masking import TokenIds, mask_batch, stable_seed
@@ -65,13 +65,9 @@ class Run:
     terms: list[LossTerm]
     train: TrainConfig
     masking: Any  # MaskingConfig
-    special_ids: torch.Tensor
-    mask_token_id: int
-    vocab_size: int
+    tokens: TokenIds  # what masking takes from the tokenizer, its tensors on the device
     pad_id: int
-    word_starts: torch.Tensor | None
-    device: torch.device
-    precision: str
+    place: Placement
     steps: int
     ctx: distributed.DistContext
     ddp: nn.Module | None = None
@@ -80,6 +76,14 @@ class Run:
     @property
     def model(self) -> nn.Module:
         return self.student_head.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.place.device
+
+    @property
+    def precision(self) -> str:
+        return self.place.precision
 
     @property
     def term_names(self) -> list[str]:
@@ -171,8 +175,7 @@ def _mask_window(run: Run, state: TrainState) -> tuple[list[tuple[Any, torch.Ten
         # world_size times as many would number it), so the masks do not depend on the rank count
         micro = m * run.ctx.world_size + run.ctx.rank
         generator.manual_seed(stable_seed("train-mask", t.seed, 0, state.step, micro))
-        masked = mask_batch(ids, run.masking, special_ids=run.special_ids, mask_token_id=run.mask_token_id,
-                            vocab_size=run.vocab_size, generator=generator, word_starts=run.word_starts,
+        masked = mask_batch(ids, run.masking, run.tokens, generator=generator,
                             continues=None if batch.continues is None else torch.from_numpy(batch.continues).to(dev))
         micros.append((masked, ids != run.pad_id, len(batch.new_ids)))
     counts = torch.stack([torch.stack([p.positions[:n].sum(), p.positions[n:].sum(), a.sum()])
@@ -201,13 +204,13 @@ def _forward_backward(run: Run, micros: list[tuple[Any, torch.Tensor, int, int]]
     for m, (masked, attention, n_new_targets, n_new_rows) in enumerate(micros):
         sync = run.ddp.no_sync() if run.ddp is not None and m < len(micros) - 1 else nullcontext()
         with sync:
-            with devices.autocast(dev, run.precision):
+            with run.place.autocast():
                 logits, hidden = run.student(masked.input_ids, attention, masked.positions, output_hidden=need_hidden)
             out = MicroOutputs(logits, masked.targets, n_new_targets, attention, norm, run.model, m,
                                len(micros), run.ctx.world_size, student_hidden=hidden)
             if need_teacher:
                 rows = rows_slice(on, n_new_rows)
-                with torch.inference_mode(), devices.autocast(dev, run.precision):
+                with torch.inference_mode(), run.place.autocast():
                     t_logits, t_hidden = run.teacher(masked.input_ids[rows], attention[rows], masked.positions[rows],
                                                      output_hidden=need_hidden)
                 out.teacher_logits, out.teacher_hidden, out.teacher_rows = t_logits, t_hidden, on  # losses detach
@@ -355,18 +358,29 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.AdamW(groups, **options)
 
 
-def build_run(model: nn.Module, tok_inputs: TokenIds, new: list[IncrementShards],
-              replay: list[IncrementShards], recipe: Recipe, plan: IncrementPlan, *, device: torch.device,
-              precision: str, ctx: distributed.DistContext, reporter: Reporter, terms: list[LossTerm],
-              teacher: nn.Module | None = None) -> tuple[Run, int]:
-    """Teacher, student, optimizer and sampler for the loss ``terms`` -> (run, trainable). The teacher,
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run trains: the recipe and the plan (steps, rows per batch), the data it draws (the new and
+    the replayed increments' shards, the tokenizer's ids that masking takes) and the loss terms."""
+
+    recipe: Recipe
+    plan: IncrementPlan
+    new: list[IncrementShards]
+    replay: list[IncrementShards]
+    tokens: TokenIds
+    terms: list[LossTerm]
+
+
+def build_run(model: nn.Module, spec: RunSpec, *, place: Placement, ctx: distributed.DistContext,
+              reporter: Reporter, teacher: nn.Module | None = None) -> tuple[Run, int]:
+    """Teacher, student, optimizer and sampler for ``spec`` -> (run, trainable parameters). The teacher,
     when a term needs one, is ``teacher`` or else a frozen copy of ``model`` as it is now (the parent)."""
-    has_replay = plan.replay_per_batch > 0
+    recipe, plan, device = spec.recipe, spec.plan, place.device
     teacher_head = None
-    if any(term.needs_teacher for term in terms):
+    if any(term.needs_teacher for term in spec.terms):
         if teacher is None:
             teacher = copy.deepcopy(model)
-            if precision == "bf16":  # never trained: half the memory, and no autocast copies of its weights
+            if place.precision == "bf16":  # never trained: half the memory, and no autocast copies of its weights
                 teacher = teacher.to(torch.bfloat16)
         teacher_head = MaskedLMHead(teacher.to(device).eval().requires_grad_(False))
     model.train()
@@ -379,16 +393,13 @@ def build_run(model: nn.Module, tok_inputs: TokenIds, new: list[IncrementShards]
         student = ddp
     if recipe.runtime.compile:
         student = torch.compile(student)
-    sampler = BatchSampler(new, replay if has_replay else [], n_new=plan.new_per_batch,
-                           n_replay=plan.replay_per_batch, seed=recipe.train.seed, sample=recipe.data.sample,
-                           rank=ctx.rank, world_size=ctx.world_size, split=recipe.replay.split)
-    word_starts = tok_inputs.word_starts
+    draw = Draw(plan.new_per_batch, plan.replay_per_batch, recipe.train.seed, recipe.data.sample, recipe.replay.split)
+    sampler = BatchSampler(spec.new, spec.replay if plan.replay_per_batch > 0 else [], draw, rank=ctx.rank,
+                           world_size=ctx.world_size)
     run = Run(student_head=head, student=student, teacher=teacher_head, optimizer=build_optimizer(model, recipe.train),
-              sampler=sampler, terms=list(terms), train=recipe.train, masking=recipe.masking,
-              special_ids=tok_inputs.special_ids.to(device), mask_token_id=tok_inputs.mask_token_id,
-              vocab_size=tok_inputs.vocab_size, pad_id=int(new[0].pad_id),
-              word_starts=word_starts.to(device) if word_starts is not None else None, device=device,
-              precision=precision, steps=plan.steps, ctx=ctx, ddp=ddp)
+              sampler=sampler, terms=list(spec.terms), train=recipe.train, masking=recipe.masking,
+              tokens=spec.tokens.to(device), pad_id=int(spec.new[0].pad_id), place=place, steps=plan.steps, ctx=ctx,
+              ddp=ddp)
     if ctx.is_main:  # only rank 0 writes the log
         run.meter = _meter(run, compiled=recipe.runtime.compile)
     return run, trainable

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.scoring import render as eval_report
-from incr_cli.scoring.evaluate import evaluate
+from incr_cli.scoring.evaluate import EvalGrid, evaluate
 
 eval_recipe, _three_template, three = helpers_eval.eval_recipe, helpers_eval._three_template, helpers_eval.three
 runner = CliRunner()
@@ -99,7 +99,7 @@ def test_text_files_and_overrides(three, tmp_path):
 def test_matrix_table_labels_rejected_versions_and_new_cells(three, eval_recipe):
     ws, (d1, d2) = three
     add_version(ws, "v0003", "v0002", [], seed=3, recipe=eval_recipe, status="rejected")
-    result = evaluate(ws, ["v0001", "v0002", "v0003"], [d1, d2], eval_recipe)
+    result = evaluate(ws, EvalGrid(["v0001", "v0002", "v0003"], [d1, d2]), eval_recipe)
     title, columns, rows = eval_report.matrix_table(result, "perplexity")
     assert columns == ["version", d1, d2]
     assert rows[0][1].startswith("[bold]") and rows[0][1].endswith("*[/bold]")  # v0001 trained d1 itself

@@ -15,7 +15,7 @@ import pytest
 
 from incr_cli.cli.output import plain_progress
 from incr_cli.store.workspace import Workspace
-from tests.helpers_train import REPO, copy_workspace, excerpt, template
+from tests.helpers_train import REPO, excerpt
 
 INCR = Path(sys.executable).parent / "incr"  # the console script `make install` puts beside python
 
@@ -28,8 +28,8 @@ def incr(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+def ws(tmp_path, workspace_copy) -> Workspace:
+    return workspace_copy("one_pending", tmp_path / "ws")
 
 
 def test_1_an_override_typo_is_blamed_on_the_command_line_with_a_suggestion(ws):
@@ -87,9 +87,9 @@ def test_5_status_does_not_tell_a_running_resume_to_rerun_itself(ws):
     assert "rerun the same" not in running.stderr and f"train-increment PID {os.getpid()} is running" in running.stdout
 
 
-def test_6_and_8_mlflow_is_quiet_and_a_quote_in_the_path_works(tmp_path, tmp_path_factory):
+def test_6_and_8_mlflow_is_quiet_and_a_quote_in_the_path_works(tmp_path, workspace_copy):
     pytest.importorskip("mlflow")
-    ws = copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "it's a ws")
+    ws = workspace_copy("one_pending", tmp_path / "it's a ws")
     args = ["train.steps=2", "tracking.sinks=[mlflow]", "eval.max_sequences=8"]
     first = incr("train-increment", ws.root, *args)
     assert first.returncode == 0, first.stderr

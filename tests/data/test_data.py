@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from incr_cli.data.shards import BatchSampler, open_increment, replay_shares, split_batch_size
+from incr_cli.data.shards import BatchSampler, Draw, open_increment, replay_shares, split_batch_size
 from incr_cli.errors import InputError, IntegrityError
 from incr_cli.store.workspace import Workspace
 from tests.helpers_train import row_ids, tagged_rows, write_increment
@@ -63,7 +63,7 @@ def test_missing_increment_is_named(ws):
 
 def test_each_epoch_visits_every_new_sequence_once(ws):
     new = shards(ws, {1: 12, 2: 8})
-    sampler = BatchSampler(new, [], n_new=5, n_replay=0, seed=3)
+    sampler = BatchSampler(new, [], Draw(5, seed=3))
     seen = [rid for _ in range(8) for rid in row_ids(sampler.next_batch().new_ids)]  # 40 rows = 2 epochs
     assert Counter(seen[:20]) == Counter(seen[20:]) == Counter([(1, i) for i in range(12)] + [(2, i) for i in range(8)])
     assert seen[:20] != seen[20:]  # a fresh permutation per epoch
@@ -73,7 +73,7 @@ def test_replay_ratio_and_sources_are_respected(ws):
     new, *replay = shards(ws, {1: 30, 2: 10, 3: 50})
     n_new, n_replay = split_batch_size(8, 0.25, has_replay=True)
     assert (n_new, n_replay) == (6, 2)
-    sampler = BatchSampler([new], replay, n_new=n_new, n_replay=n_replay, seed=0)
+    sampler = BatchSampler([new], replay, Draw(n_new, n_replay, seed=0))
     counts = Counter()
     for _ in range(200):
         batch = sampler.next_batch()
@@ -100,25 +100,25 @@ def test_split_batch_size():
 
 def test_same_seed_same_batches_and_state_resumes_exactly(ws):
     new, replay = shards(ws, {1: 9, 2: 20})
-    a = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
-    b = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
+    a = BatchSampler([new], [replay], Draw(3, 2, seed=7))
+    b = BatchSampler([new], [replay], Draw(3, 2, seed=7))
     first = [a.next_batch() for _ in range(10)]
     for _ in range(4):
         b.next_batch()
-    resumed = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=7)
+    resumed = BatchSampler([new], [replay], Draw(3, 2, seed=7))
     resumed.load_state_dict(b.state_dict())
     for batch in first[4:]:
         got = resumed.next_batch()
         np.testing.assert_array_equal(got.new_ids, batch.new_ids)
         np.testing.assert_array_equal(got.replay_ids, batch.replay_ids)
-    other = BatchSampler([new], [replay], n_new=3, n_replay=2, seed=8)
+    other = BatchSampler([new], [replay], Draw(3, 2, seed=8))
     assert not np.array_equal(other.next_batch().input_ids, first[0].input_ids)
 
 
 def test_ranks_take_disjoint_slices_of_the_same_global_batch(ws):
     new, replay = shards(ws, {1: 40, 2: 40})
-    ranks = [BatchSampler([new], [replay], n_new=3, n_replay=1, seed=1, rank=r, world_size=2) for r in range(2)]
-    whole = BatchSampler([new], [replay], n_new=3, n_replay=1, seed=1, world_size=2)
+    ranks = [BatchSampler([new], [replay], Draw(3, 1, seed=1), rank=r, world_size=2) for r in range(2)]
+    whole = BatchSampler([new], [replay], Draw(3, 1, seed=1), world_size=2)
     for b in range(5):
         parts = [s.next_batch() for s in ranks]
         np.testing.assert_array_equal(np.concatenate([p.new_ids for p in parts]),
@@ -130,11 +130,11 @@ def test_ranks_take_disjoint_slices_of_the_same_global_batch(ws):
 
 def test_data_sample_trains_on_k_seeded_sequences_only(ws):
     (new,) = shards(ws, {1: 50})
-    sampler = BatchSampler([new], [], n_new=4, n_replay=0, seed=2, sample=10)
+    sampler = BatchSampler([new], [], Draw(4, seed=2, sample=10))
     assert sampler.n_new_sequences == 10
     seen = {rid for _ in range(10) for rid in row_ids(sampler.next_batch().new_ids)}
     assert len(seen) == 10
-    again = BatchSampler([new], [], n_new=4, n_replay=0, seed=2, sample=10)
+    again = BatchSampler([new], [], Draw(4, seed=2, sample=10))
     assert {rid for _ in range(10) for rid in row_ids(again.next_batch().new_ids)} == seen
 
 
@@ -142,13 +142,13 @@ def test_mixed_sequence_lengths_are_refused(ws):
     (a,) = shards(ws, {1: 5})
     inc = write_increment(ws, "long", tagged_rows(2, 5, 2 * T), tagged_rows(3, 1, 2 * T))
     with pytest.raises(InputError, match="different sequence lengths"):
-        BatchSampler([a], [open_increment(ws, inc)], n_new=2, n_replay=1, seed=0)
+        BatchSampler([a], [open_increment(ws, inc)], Draw(2, 1, seed=0))
 
 
 def test_no_training_rows_is_an_input_error(ws):
     inc = write_increment(ws, "empty", np.zeros((0, T), dtype=np.uint16), tagged_rows(1, 2, T))
     with pytest.raises(InputError, match="no training sequences"):
-        BatchSampler([open_increment(ws, inc)], [], n_new=2, n_replay=0, seed=0)
+        BatchSampler([open_increment(ws, inc)], [], Draw(2, seed=0))
 
 
 def test_a_batch_reads_only_the_increments_it_draws_from(ws):
@@ -167,7 +167,7 @@ def test_a_batch_reads_only_the_increments_it_draws_from(ws):
         spy = np.asarray(s.train).view(Spy)
         spy.increment = s.id
         s.train = spy
-    sampler = BatchSampler([new], history, n_new=6, n_replay=2, seed=0)
+    sampler = BatchSampler([new], history, Draw(6, 2, seed=0))
     for _ in range(20):
         reads.clear()
         batch = sampler.next_batch()
@@ -207,7 +207,7 @@ def test_split_by_increment_draws_each_earlier_increment_equally(ws):
     new, *replay = shards(ws, {1: 30, 2: 10, 3: 90})
     counts = {}
     for split in ("size", "increment"):
-        sampler = BatchSampler([new], replay, n_new=4, n_replay=4, seed=0, split=split)
+        sampler = BatchSampler([new], replay, Draw(4, 4, seed=0, split=split))
         drawn = Counter(tag for _ in range(300) for tag, _ in row_ids(sampler.next_batch().replay_ids))
         counts[split] = drawn[2] / 1200
         rows = {r for _ in range(50) for r in row_ids(sampler.next_batch().replay_ids)}
@@ -218,9 +218,9 @@ def test_split_by_increment_draws_each_earlier_increment_equally(ws):
 
 def test_split_by_increment_is_seeded_and_resumes(ws):
     new, *replay = shards(ws, {1: 9, 2: 5, 3: 40})
-    a = BatchSampler([new], replay, n_new=3, n_replay=3, seed=7, split="increment")
+    a = BatchSampler([new], replay, Draw(3, 3, seed=7, split="increment"))
     first = [a.next_batch().replay_ids for _ in range(6)]
-    b = BatchSampler([new], replay, n_new=3, n_replay=3, seed=7, split="increment")
+    b = BatchSampler([new], replay, Draw(3, 3, seed=7, split="increment"))
     b.load_state_dict({"batch_index": 3})
     for expected in first[3:]:
         np.testing.assert_array_equal(b.next_batch().replay_ids, expected)

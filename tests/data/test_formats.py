@@ -15,7 +15,7 @@ import pytest
 
 from incr_cli.config.recipe import Recipe
 from incr_cli.data import readers
-from incr_cli.data.ingest import ingest
+from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.errors import InputError
 from incr_cli.store.workspace import Workspace
 
@@ -103,7 +103,7 @@ def test_ingest_records_the_format_and_field_of_each_source(tiny_workspace: Work
     assert res.documents["kept"] == len(ROWS)
     (source,) = tiny_workspace.increment_manifest(res.increment)["sources"]
     assert source["format"] == "csv" and source["text_field"] == "text" and source["reader"] == "csv:text"
-    again = ingest(tiny_workspace, [str(tmp_path / "data.csv")], fmt="lines", recipe=tiny_recipe)
+    again = ingest(tiny_workspace, [str(tmp_path / "data.csv")], recipe=tiny_recipe, options=IngestOptions(fmt="lines"))
     assert again.increment is not None and again.warnings  # the same file read as lines is new input, and warned
 
 

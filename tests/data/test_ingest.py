@@ -19,7 +19,7 @@ from incr_cli.data import ingest as ingest_mod
 from incr_cli.data import readers
 from incr_cli.data.clean import clean_text
 from incr_cli.data.dedup import doc_hash, hash_unit, heldout_cutoff
-from incr_cli.data.ingest import ingest
+from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.data.packing import PackedWriter, tokenize_batch
 from incr_cli.errors import InputError, UsageError
 from incr_cli.model.weights import load_tokenizer
@@ -255,7 +255,7 @@ def test_truncated_gz_keeps_what_was_read(tiny_workspace: Workspace, tiny_recipe
 def test_paragraphs_format(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
     text = "first para line one\nline two\n\n\n  second paragraph  \n\nthird\nwith\nthree lines\n"
     (tmp_path / "p.txt").write_text(text, encoding="utf-8")
-    res = ingest(tiny_workspace, [str(tmp_path / "p.txt")], fmt="paragraphs", recipe=tiny_recipe)
+    res = ingest(tiny_workspace, [str(tmp_path / "p.txt")], recipe=tiny_recipe, options=IngestOptions(fmt="paragraphs"))
     assert res.documents["kept"] == 3
     train, heldout, m = shards(tiny_workspace, res.increment)
     tok = load_tokenizer(tiny_workspace, "v0000")
@@ -317,7 +317,7 @@ def test_malformed_jsonl_lines_are_counted(tiny_workspace: Workspace, tiny_recip
     lines = [json.dumps({"body": d}) for d in docs] + ["{not json", "[1, 2]", json.dumps({"text": "x"}),
                                                        json.dumps({"body": 42}), ""]
     (tmp_path / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b'{"body": "bad \xff"}\n')
-    res = ingest(tiny_workspace, [str(tmp_path / "a.jsonl")], text_field="body", recipe=tiny_recipe)
+    res = ingest(tiny_workspace, [str(tmp_path / "a.jsonl")], recipe=tiny_recipe, options=IngestOptions(text_field="body"))
     assert res.documents["kept"] == 6
     assert res.documents["rejected"] == {"malformed_json": 1, "not_an_object": 1, "missing_field": 2, "invalid_utf8": 1}
 
@@ -368,9 +368,9 @@ def test_only_empty_or_blank_input_writes_nothing(tiny_workspace: Workspace, tin
 def test_bad_name_and_format_are_usage_errors(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
     src = str(write_lines(tmp_path / "a.txt", make_docs(3)))
     with pytest.raises(UsageError, match="increment name"):
-        ingest(tiny_workspace, [src], name="../evil", recipe=tiny_recipe)
+        ingest(tiny_workspace, [src], recipe=tiny_recipe, options=IngestOptions(name="../evil"))
     with pytest.raises(UsageError, match="--format"):
-        ingest(tiny_workspace, [src], fmt="xml", recipe=tiny_recipe)
+        ingest(tiny_workspace, [src], recipe=tiny_recipe, options=IngestOptions(fmt="xml"))
 
 
 def test_default_name() -> None:
@@ -385,7 +385,7 @@ def test_default_name() -> None:
 _SCRIPT = textwrap.dedent("""
     import os, resource, sys, json
     import psutil
-    from incr_cli.data.ingest import ingest
+    from incr_cli.data.ingest import IngestOptions, ingest
     from incr_cli.config.recipe import load_recipe
     from incr_cli.store.workspace import Workspace
     ws = Workspace.open(sys.argv[1])

@@ -15,15 +15,15 @@ import pytest
 from incr_cli.data import readers
 from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_one_error_line, cli
-from tests.helpers_train import SAMPLES, copy_workspace, template
+from tests.helpers_train import SAMPLES
 
 FAST = ["eval.max_sequences=8", "runtime.num_threads=1"]
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
+def ws(tmp_path, workspace_copy) -> Workspace:
     """v0000 (scratch:tiny) with d0001-austen pending."""
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+    return workspace_copy("one_pending", tmp_path / "ws")
 
 
 def _untouched(ws: Workspace) -> None:

@@ -43,7 +43,7 @@ from tests.helpers_reliability import (
     lock_holder_pid,
     wait_for,
 )
-from tests.helpers_train import assert_same_weights, copy_workspace, excerpt, template, weights
+from tests.helpers_train import assert_same_weights, excerpt, weights
 
 KILLS = int(os.environ.get("INCR_CAMPAIGN_KILLS", "3"))  # per command: train-increment, then ingest
 SEED = int(os.environ.get("INCR_CAMPAIGN_SEED") or 20261204)
@@ -144,16 +144,16 @@ def _train_check(ws: Workspace) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_random_kill_9_during_train_increment(tmp_path, tmp_path_factory):
+def test_random_kill_9_during_train_increment(tmp_path, workspace_copy):
     print(f"campaign: {REPLAY}")
     rng = random.Random(SEED)
     args = ["train-increment", tmp_path / "ws", *LONG]
-    ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ref")
+    ref = workspace_copy("two_increments", tmp_path / "ref")
     seconds = run_seconds(["train-increment", ref.root, *LONG], ref)
 
     def fresh() -> Workspace:
         shutil.rmtree(tmp_path / "ws", ignore_errors=True)
-        return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+        return workspace_copy("two_increments", tmp_path / "ws")
 
     ws, outcomes = campaign(args, fresh, train_phase, checkpoint_step, TRAIN_PHASES, rng, seconds, _train_check)
     assert {*TRAIN_PHASES} <= {*outcomes} and sum(o != "finished" for o in outcomes) >= KILLS, (REPLAY, outcomes)
@@ -182,17 +182,17 @@ def _ingest_check(ws: Workspace) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_random_kill_9_during_ingest(tmp_path, tmp_path_factory):
+def test_random_kill_9_during_ingest(tmp_path, workspace_copy):
     print(f"campaign: {REPLAY}")
     rng = random.Random(SEED + 1)
     text = excerpt("pydocs.txt", slice(0, 3000), tmp_path)
-    ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ref")
+    ref = workspace_copy("two_increments", tmp_path / "ref")
     seconds = run_seconds(["ingest", ref.root, text, "--name", "pydocs"], ref)
     args = ["ingest", tmp_path / "ws", text, "--name", "pydocs"]
 
     def fresh() -> Workspace:
         shutil.rmtree(tmp_path / "ws", ignore_errors=True)
-        return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+        return workspace_copy("two_increments", tmp_path / "ws")
 
     ws, outcomes = campaign(args, fresh, ingest_phase, staged, INGEST_PHASES, rng, seconds, _ingest_check)
     assert {*INGEST_PHASES} <= {*outcomes} and sum(o != "finished" for o in outcomes) >= KILLS, (REPLAY, outcomes)

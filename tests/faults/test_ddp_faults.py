@@ -17,7 +17,7 @@ import pytest
 
 from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_only_complete_versions, leftovers, wait_for
-from tests.helpers_train import REPO, assert_same_weights, copy_workspace, template, weights
+from tests.helpers_train import REPO, assert_same_weights, weights
 
 # Long enough that a fault sent after the first periodic state lands inside the loop.
 DDP_ARGS = ["train.steps=24", "runtime.save_every=2", "eval.max_sequences=8", "runtime.num_threads=1"]
@@ -68,17 +68,17 @@ def in_the_loop(ws: Workspace, proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory) -> dict:
+def ddp_reference(tmp_path_factory, workspace_copy) -> dict:
     """v0002 of one uninterrupted 2-rank run of DDP_ARGS."""
-    ws = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ddp-ref") / "ws")
+    ws = workspace_copy("two_increments", tmp_path_factory.mktemp("ddp-ref") / "ws")
     code, stderr = finish(torchrun(ws), timeout=600)
     assert code == 0, stderr[-3000:]
     return {"weights": weights(ws, "v0002"), "run_key": ws.version_manifest("v0002")["run_key"]}
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+def ws(tmp_path, workspace_copy) -> Workspace:
+    return workspace_copy("two_increments", tmp_path / "ws")
 
 
 def nothing_promoted_state_kept(ws: Workspace) -> int:

@@ -34,7 +34,7 @@ from tests.helpers_reliability import (
     rerun_equals,
     uninterrupted,
 )
-from tests.helpers_train import copy_workspace, excerpt, template
+from tests.helpers_train import excerpt
 
 NO_PERIODIC_STATE = ["train.steps=6", "runtime.save_every=0", *FAST]  # the same run key as ARGS
 
@@ -47,9 +47,9 @@ def disk(tmp_path):
 
 
 @pytest.fixture
-def ws(disk, tmp_path_factory) -> Workspace:
+def ws(disk, workspace_copy) -> Workspace:
     """The two_increments workspace (v0001, d0002-fortunes pending) on the small disk."""
-    return copy_workspace(template(tmp_path_factory, "two_increments"), disk.root / "ws")
+    return workspace_copy("two_increments", disk.root / "ws")
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +166,9 @@ def test_version_on_a_full_disk(ws, disk, reference, no_precheck, monkeypatch, c
 
 
 @pytest.fixture(scope="module")
-def fortunes_reference(tmp_path_factory) -> dict:
+def fortunes_reference(tmp_path_factory, workspace_copy) -> dict:
     """The uninterrupted ingest of the same excerpt into the same workspace, on an ordinary disk."""
-    ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ingest-ref") / "ws")
+    ref = workspace_copy("two_increments", tmp_path_factory.mktemp("ingest-ref") / "ws")
     text = excerpt("pydocs.txt", slice(0, 300), tmp_path_factory.mktemp("texts"))
     assert cli("ingest", ref.root, text, "--name", "pydocs").exit_code == 0
     return {"text": text, "shards": _shards(ref, "d0003-pydocs"), "index": _index_rows(ref)}

@@ -29,12 +29,12 @@ from tests.helpers_reliability import (
     uninterrupted,
     wait_for,
 )
-from tests.helpers_train import SAMPLES, assert_same_weights, copy_workspace, template, weights
+from tests.helpers_train import SAMPLES, assert_same_weights, weights
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
-    return copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+def ws(tmp_path, workspace_copy) -> Workspace:
+    return workspace_copy("two_increments", tmp_path / "ws")
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +66,13 @@ LATEST_UPDATE = "train.latest_update:kill"  # after v0002 was renamed into place
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory):
+def killed(tmp_path_factory, workspace_copy):
     """The kill -9 runs of this module, started up front two at a time (each is mostly one core
     importing torch) while the tests rerun the ones already done: fault -> (workspace, future)."""
     pool = ThreadPoolExecutor(max_workers=2)
     runs = {}
     for fault in [*(k[0] for k in KILLS), LATEST_UPDATE]:
-        ws = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("killed") / "ws")
+        ws = workspace_copy("two_increments", tmp_path_factory.mktemp("killed") / "ws")
         runs[fault] = (ws, pool.submit(run_incr, "train-increment", ws.root, *ARGS, fault=fault))
     yield runs
     pool.shutdown(cancel_futures=True)

@@ -16,15 +16,15 @@ from incr_cli.line.retention import keep_reasons
 from incr_cli.store.files import folder_bytes
 from incr_cli.store.workspace import Workspace
 from tests.helpers_reliability import assert_one_error_line, assert_only_complete_versions, cli, run_incr
-from tests.helpers_train import copy_workspace, excerpt, template
+from tests.helpers_train import excerpt
 
 FAST = ["train.steps=4", "eval.max_sequences=8", "runtime.num_threads=1"]
 
 
 @pytest.fixture(scope="module")
-def line_template(tmp_path_factory) -> Workspace:
+def line_template(tmp_path_factory, workspace_copy) -> Workspace:
     """v0000 base, v0001 (austen) and v0002 (fortunes) promoted, v0003 (pydocs) rejected by the gate."""
-    ws = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("line") / "ws")
+    ws = workspace_copy("two_increments", tmp_path_factory.mktemp("line") / "ws")
     assert cli("train-increment", ws.root, *FAST).exit_code == 0
     texts = ws.root.parent / "texts"
     texts.mkdir()

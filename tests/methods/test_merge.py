@@ -12,7 +12,7 @@ from incr_cli.errors import RecipeError
 from incr_cli.line.increment import train_increment
 from incr_cli.methods.merge import candidate_weights, interpolate_, merge_with_parent, objective
 from incr_cli.progress import Quiet
-from tests.helpers_train import copy_workspace, weights
+from tests.helpers_train import weights
 
 
 def test_candidate_weights_run_from_one_down_to_the_lowest():
@@ -56,7 +56,7 @@ def test_choose_keeps_the_weight_with_the_lowest_objective():
 
 
 def test_a_merged_increment_writes_the_average_of_the_trained_and_the_parent_weights(two_increments, tmp_path):
-    plain_ws = copy_workspace(two_increments.root, tmp_path / "plain")
+    plain_ws = two_increments.copy_to(tmp_path / "plain")
     merged_ws = two_increments
 
     def run(ws, *overrides):

@@ -13,21 +13,21 @@ from typer.testing import CliRunner
 import incr_cli.methods as methods
 from incr_cli.cli.app import app
 from incr_cli.config.recipe import build_recipe, load_recipe, strategy_presets
-from incr_cli.data.shards import BatchSampler, open_increment
+from incr_cli.data.shards import BatchSampler, Draw, open_increment
 from incr_cli.line.increment import train_increment
 from incr_cli.methods import ewc, loss_terms
 from incr_cli.model.weights import load_version
 from incr_cli.progress import Quiet
+from incr_cli.runtime.device import Placement
 from incr_cli.runtime.distributed import DistContext
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.masking import TokenIds, mask_batch, stable_seed, tokenizer_inputs
 from incr_cli.training.plan import IncrementPlan
-from incr_cli.training.step import TrainState, build_run, train_step
+from incr_cli.training.step import RunSpec, TrainState, build_run, train_step
 from incr_cli.training.terms import LogitDistill, MicroOutputs, Normalisers, teacher_rows
 from tests.helpers_train import (
     _ingest,
     assert_same_weights,
-    copy_workspace,
     excerpt,
     reset_faults,
     tagged_rows,
@@ -115,8 +115,8 @@ def sgd_step(tmp_path, *, with_ewc: bool, displacement: float):
             p.add_(displacement * torch.randn(p.shape, generator=gen))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fisher = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
-    run, _ = build_run(model, TOK_INPUTS, [new], [], recipe, plan, device=CPU, precision="fp32",
-                       ctx=DistContext(0, 1, CPU), reporter=Quiet(), terms=loss_terms(recipe, plan))
+    spec = RunSpec(recipe, plan, [new], [], TOK_INPUTS, loss_terms(recipe, plan))
+    run, _ = build_run(model, spec, place=Placement(CPU), ctx=DistContext(0, 1, CPU), reporter=Quiet())
     run.optimizer = torch.optim.SGD([p for p in run.model.parameters() if p.requires_grad], lr=0.1)
     if with_ewc:
         run.terms.append(ewc.EwcPenalty(recipe.ewc.weight, anchor, fisher))
@@ -161,16 +161,15 @@ def test_fisher_is_the_squared_gradient_of_the_mlm_loss(tmp_path):
     model.train()
     frozen = "bert.embeddings.position_embeddings.weight"
     model.get_parameter(frozen).requires_grad_(False)
-    fisher = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    fisher = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, place=Placement(CPU), batches=1)
 
     assert model.training and not model.get_parameter(frozen).requires_grad  # flags restored
     assert all(p.grad is None for p in model.parameters())
     assert fisher.keys() == dict(model.named_parameters()).keys()  # frozen ones too
-    sampler = BatchSampler([shards], [], n_new=6, n_replay=0, seed=3)
+    sampler = BatchSampler([shards], [], Draw(6, seed=3))
     ids = torch.from_numpy(sampler.next_batch().input_ids)
     gen = torch.Generator().manual_seed(stable_seed("ewc-fisher", 3, 0))
-    masked = mask_batch(ids, recipe.masking, special_ids=TOK_INPUTS.special_ids, mask_token_id=4, vocab_size=3000,
-                        generator=gen)
+    masked = mask_batch(ids, recipe.masking, TOK_INPUTS, generator=gen)
     reference = tiny_model().eval()
     loss = reference(input_ids=masked.input_ids, attention_mask=ids != 0,
                      labels=torch.where(masked.positions, ids, -100)).loss
@@ -185,9 +184,9 @@ def test_fisher_is_a_seeded_mean_over_batches(tmp_path):
     recipe = build_recipe({"train": {"batch_size": 4}, "ewc": {"fisher_batches": 3}})
     shards = hand_increment(tmp_path)
     model = tiny_model()
-    first = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    again = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32")
-    one = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, device=CPU, precision="fp32", batches=1)
+    first = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, place=Placement(CPU))
+    again = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, place=Placement(CPU))
+    one = ewc.fisher_diagonal(model, [shards], recipe, TOK_INPUTS, place=Placement(CPU), batches=1)
     for name in first:
         assert torch.equal(first[name], again[name]), name
         assert (first[name] >= 0).all()
@@ -237,7 +236,7 @@ def test_ewc_writes_a_checksummed_fisher_and_penalises_the_next_increment(one_pe
     assert fisher.keys() == dict(model.named_parameters()).keys()
     recipe = load_recipe(ws.recipe_path, ["train.steps=4", "strategy.name=ewc"])
     again = ewc.fisher_diagonal(model, [open_increment(ws, d) for d in first.plan.new], recipe,
-                                       tokenizer_inputs(tokenizer, recipe), device=CPU, precision="fp32")
+                                       tokenizer_inputs(tokenizer, recipe), place=Placement(CPU))
     for name in fisher:  # reloaded = estimated on the new weights over the data just trained
         torch.testing.assert_close(fisher[name], again[name], rtol=1e-5, atol=0.0, msg=name)
 
@@ -271,7 +270,7 @@ def test_joint_retrains_from_v0000_on_the_union(two_increments, tmp_path):
     assert ws.latest() == result.version
 
     # The same weights as a plain fine-tune from v0000 with both increments pending.
-    scratch = copy_workspace(ws.root, tmp_path / "from-base")
+    scratch = ws.copy_to(tmp_path / "from-base")
     for version in scratch.versions()[1:]:
         shutil.rmtree(scratch.version_dir(version))
     scratch.move_latest("v0000", command="test")
@@ -348,8 +347,8 @@ def replay_distill_step(tmp_path, *, teacher_on_every_row: bool):
                            "distill": {"alpha": 1.0, "rows": "replay"}})
     new, old = hand_increment(tmp_path / "new"), hand_increment(tmp_path / "old", tag=21)
     plan = IncrementPlan("v0000", [new.id], [old.id], 40, 40, 2, 2, 1, 3, 0, T)
-    run, _ = build_run(tiny_model(), TOK_INPUTS, [new], [old], recipe, plan, device=CPU, precision="fp32",
-                       ctx=DistContext(0, 1, CPU), reporter=Quiet(), terms=loss_terms(recipe, plan))
+    spec = RunSpec(recipe, plan, [new], [old], TOK_INPUTS, loss_terms(recipe, plan))
+    run, _ = build_run(tiny_model(), spec, place=Placement(CPU), ctx=DistContext(0, 1, CPU), reporter=Quiet())
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():  # a student that differs from its teacher (the parent's copy)
         for p in run.model.parameters():

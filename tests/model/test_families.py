@@ -19,7 +19,7 @@ from incr_cli.config.recipe import load_recipe
 from incr_cli.line.increment import train_increment
 from incr_cli.model.heads import head_kind
 from incr_cli.model.weights import init_workspace
-from incr_cli.scoring.evaluate import evaluate
+from incr_cli.scoring.evaluate import EvalGrid, evaluate
 from incr_cli.store.workspace import Workspace
 from tests.helpers_train import (
     REPO,
@@ -69,7 +69,7 @@ def test_family_trains_two_increments_evaluates_and_fills_masks(tmp_path, family
     drift = result.metrics["embedding_drift"]  # the feature extractor (incr embed's code) works on every family
     assert drift["all"]["n"] > 0 and 0 < drift["all"]["mean_cosine"] <= 1
 
-    scores = evaluate(ws, ws.versions(), increments, load_recipe(ws.recipe_path)).scores
+    scores = evaluate(ws, EvalGrid(ws.versions(), increments), load_recipe(ws.recipe_path)).scores
     cells = [c for row in scores.values() for c in row.values()]
     assert cells and all(c["loss"] is not None and c["tokens"] > 0 for c in cells)
 

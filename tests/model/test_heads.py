@@ -19,7 +19,7 @@ from transformers import (
 from incr_cli.config.recipe import MaskingConfig
 from incr_cli.model.heads import MaskedLMHead
 from incr_cli.training.losses import hidden_loss_sum, kd_loss_sum, mlm_loss_sum
-from incr_cli.training.masking import mask_batch
+from incr_cli.training.masking import TokenIds, mask_batch
 
 VOCAB = 99
 SPECIAL = torch.tensor([0, 1, 2, 3, 4])  # pad, unk/bos, cls, sep/eos, mask
@@ -62,8 +62,7 @@ def batch(seed=0):
     ids = torch.randint(5, VOCAB, (3, 12), generator=g)
     ids[:, 0] = 2
     ids[-1, 8:] = 0  # padding in the last row
-    out = mask_batch(ids, MaskingConfig(probability=0.3), special_ids=SPECIAL, mask_token_id=4,
-                     vocab_size=VOCAB, generator=g)
+    out = mask_batch(ids, MaskingConfig(probability=0.3), TokenIds(SPECIAL, 4, VOCAB), generator=g)
     return out, ids != 0
 
 

@@ -13,7 +13,7 @@ from conftest import write_tiny_model_dir
 
 import incr_cli
 from incr_cli.model.packaging import Pooling, declared_pooling, packaging_files
-from incr_cli.scoring.embed import embed_files
+from incr_cli.scoring.embed import EmbedRequest, embed_files
 from incr_cli.store.workspace import Workspace
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "emma reads her letters in the garden",
@@ -79,7 +79,7 @@ def test_the_declared_pooling(tmp_path):
 def test_incr_embed_pools_as_the_packaging_declares(st_line, tmp_path, tiny_recipe):
     _, ws, _ = st_line
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
-    res = embed_files(ws, "v0001", [str(tmp_path / "texts.txt")], tmp_path / "e.npy", recipe=tiny_recipe)
+    res = embed_files(ws, "v0001", EmbedRequest([str(tmp_path / "texts.txt")], tmp_path / "e.npy"), recipe=tiny_recipe)
     assert res.pooling == "mean"
     cls_dir = write_st_model(tmp_path / "clsbase", pooling="cls")
     assert declared_pooling(cls_dir).mode == "cls"
@@ -89,7 +89,7 @@ def test_the_export_loads_in_sentence_transformers_with_incr_embeds_vectors(st_l
     st = pytest.importorskip("sentence_transformers")
     _, ws, out = st_line
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
-    embed_files(ws, "v0001", [str(tmp_path / "texts.txt")], tmp_path / "e.npy", recipe=tiny_recipe, device="cpu")
+    embed_files(ws, "v0001", EmbedRequest([str(tmp_path / "texts.txt")], tmp_path / "e.npy"), recipe=tiny_recipe)
     ours = np.load(tmp_path / "e.npy")
     model = st.SentenceTransformer(str(out), device="cpu")
     assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.config.recipe import VocabConfig, load_recipe
-from incr_cli.data.ingest import ingest
+from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.errors import InputError, UsageError
 from incr_cli.model import vocab
 from incr_cli.model.weights import init_workspace, load_tokenizer, tokenizer_sha256
@@ -47,9 +47,10 @@ def _pydocs(tmp_path: Path, lines: slice = slice(0, 300)) -> Path:
     return excerpt("pydocs.txt", lines, folder)
 
 
-def _ingest(ws: Workspace, path: Path, **kw):
+def _ingest(ws: Workspace, path: Path, tokenizer=None, **options):
     with ws.lock("ingest"):
-        return ingest(ws, [str(path)], recipe=load_recipe(ws.recipe_path), **kw)
+        return ingest(ws, [str(path)], recipe=load_recipe(ws.recipe_path), options=IngestOptions(**options),
+                      tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------- 1. choosing the words

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.config.recipe import load_recipe
-from incr_cli.data.ingest import ingest
+from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.line.increment import train_increment
 from incr_cli.model import vocab
 from incr_cli.model.weights import init_workspace
-from incr_cli.scoring.evaluate import evaluate
+from incr_cli.scoring.evaluate import EvalGrid, evaluate
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.terms import LogitDistill, MicroOutputs, Normalisers
 from tests.helpers_reliability import assert_only_complete_versions, cli, leftovers, run_incr
@@ -111,7 +111,7 @@ def _grown_line(tmp_path: Path, family: str, first: tuple[str, ...] = ()) -> tup
         first_inc = ingest(ws, [str(excerpt("austen.txt", slice(0, 120), texts))], recipe=recipe).increment
         train_increment(ws, load_recipe(ws.recipe_path, list(first)))
         second = ingest(ws, [str(excerpt("pydocs.txt", slice(0, 300), texts))], recipe=recipe,
-                        extend_vocab=NEW_WORDS).increment
+                        options=IngestOptions(extend_vocab=NEW_WORDS)).increment
     return ws, [first_inc, second]
 
 
@@ -141,7 +141,7 @@ def test_a_grown_line_trains_scores_comparably_and_loads_with_transformers(tmp_p
     assert shared[pydocs]["coverage"] == before[pydocs]["coverage"]  # the gate compares the same positions
     assert all(math.isfinite(s["loss"]) for s in (*before.values(), *after.values(), *shared.values()))
 
-    scores = evaluate(ws, ws.versions(), [austen, pydocs], load_recipe(ws.recipe_path))
+    scores = evaluate(ws, EvalGrid(ws.versions(), [austen, pydocs]), load_recipe(ws.recipe_path))
     assert scores.scores["v0001"][pydocs]["coverage"] == before[pydocs]["coverage"]  # the same cell as training's
     assert scores.scores["v0001"][pydocs]["loss"] == pytest.approx(before[pydocs]["loss"])
     assert scores.scores["v0002"][austen]["coverage"] == 1.0

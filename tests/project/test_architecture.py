@@ -198,41 +198,7 @@ def test_every_long_function_exception_is_still_needed():
     assert not stale, f"no longer long (or gone): drop their exceptions: {stale}"
 
 
-MAX_PARAMETERS = 6
-# Functions over MAX_PARAMETERS today, with their count: a ratchet. None may be added, none may grow,
-# and one brought under the limit must leave the list. Grouping these settings into small frozen
-# dataclasses is the open part of the wings work (docs/architecture.md says so). The CLI's commands
-# are left out: a Typer command takes one parameter per option.
-PARAMETER_EXCEPTIONS: dict[str, int] = {
-    "incr_cli.config.recipe.knob": 7,
-    "incr_cli.data.ingest._tokenize_pack": 8,
-    "incr_cli.data.ingest._grow_tokenizer": 7,
-    "incr_cli.data.ingest.ingest": 11,
-    "incr_cli.data.shards.__init__": 9,  # BatchSampler: rank and world size, the sample, the replay split
-    "incr_cli.line.increment.evaluate_lineage": 7,
-    "incr_cli.line.increment.before_scores": 7,
-    "incr_cli.line.increment._train": 8,
-    "incr_cli.line.increment._set_up": 7,
-    "incr_cli.methods.compress.distil": 9,
-    "incr_cli.methods.compress.compress": 7,
-    "incr_cli.methods.compress._measure": 9,
-    "incr_cli.methods.ewc.fisher_diagonal": 7,
-    "incr_cli.scoring.embed.embed_ids": 8,
-    "incr_cli.scoring.embed.embed_texts": 9,
-    "incr_cli.scoring.embed.version_drift": 8,
-    "incr_cli.scoring.embed.embed_files": 11,
-    "incr_cli.scoring.evaluate.evaluate": 8,
-    "incr_cli.scoring.evaluate._score_cells": 10,
-    "incr_cli.scoring.probe.score_task": 8,
-    "incr_cli.scoring.probe.score_version": 9,
-    "incr_cli.scoring.probe.score_versions": 8,
-    "incr_cli.scoring.score.score_sequences": 10,
-    "incr_cli.scoring.score._score_batches": 9,
-    "incr_cli.scoring.score.score_increment": 7,
-    "incr_cli.scoring.score.held_out_scores": 7,
-    "incr_cli.training.masking.mask_batch": 8,
-    "incr_cli.training.step.build_run": 12,
-}
+MAX_PARAMETERS = 6  # more is a sign that some belong together in a small frozen dataclass (or two jobs in one)
 
 
 def _parameter_counts() -> dict[str, int]:
@@ -246,13 +212,78 @@ def _parameter_counts() -> dict[str, int]:
     return counts
 
 
-def test_no_new_function_takes_more_than_six_parameters():
-    over = {name: n for name, n in _parameter_counts().items()
-            if n > MAX_PARAMETERS and n > PARAMETER_EXCEPTIONS.get(name, MAX_PARAMETERS)}
+def test_no_function_takes_more_than_six_parameters():
+    """Keyword-only settings that belong together travel as one frozen dataclass (``EvalGrid``,
+    ``IngestOptions``, ``Placement``, ``RunSpec`` ...). The CLI's commands and the API's functions are left
+    out: they take one parameter per option the user sets."""
+    over = {name: n for name, n in _parameter_counts().items() if n > MAX_PARAMETERS}
     assert not over, f"functions over {MAX_PARAMETERS} parameters (group settings in a frozen dataclass): {over}"
 
 
-def test_every_parameter_exception_is_still_needed():
-    counts = _parameter_counts()
-    stale = [name for name in PARAMETER_EXCEPTIONS if counts.get(name, 0) <= MAX_PARAMETERS]
-    assert not stale, f"no longer over {MAX_PARAMETERS} parameters (or gone): drop their exceptions: {stale}"
+# ----------------------------------------------------------------------------- deferred imports
+
+# What a module of the package may defer to a function: a library that costs seconds to import.
+HEAVY = ("torch", "transformers", "onnx", "onnxruntime", "pyarrow", "sklearn", "mlflow", "tensorboard",
+         "datasets", "huggingface_hub", "scipy", "jieba", "matplotlib")
+
+
+def _top_level_imports(module: str) -> set[str]:
+    """What importing ``module`` runs: its top-level imports (TYPE_CHECKING blocks left out), as names."""
+    names: set[str] = set()
+    for node in ast.parse(MODULES[module].read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _heavy_loaded(module: str, _visiting: set[str] | None = None) -> frozenset[str]:
+    """The heavy libraries importing ``module`` loads, through the package's own modules too."""
+    if module in _HEAVY_LOADED:
+        return _HEAVY_LOADED[module]
+    visiting = _visiting if _visiting is not None else set()
+    visiting.add(module)
+    found: set[str] = set()
+    parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    for name in _top_level_imports(module) | (parents & set(MODULES)):
+        if name.split(".")[0] in HEAVY:
+            found.add(name.split(".")[0])
+        elif name.startswith("incr_cli") and (dep := _resolve(name)) and dep not in visiting:
+            found |= _heavy_loaded(dep, visiting)
+    visiting.discard(module)
+    _HEAVY_LOADED[module] = frozenset(found)
+    return _HEAVY_LOADED[module]
+
+
+_HEAVY_LOADED: dict[str, frozenset[str]] = {}
+
+
+def _deferred_imports() -> list[tuple[str, str, str]]:
+    """(module, function, imported module) for each import of the package's own modules inside a
+    function, outside the CLI and the API (whose commands and functions import what they run)."""
+    out = []
+    for module, path in MODULES.items():
+        if module.split(".")[1:2] in (["cli"], ["api"]) or module == "incr_cli":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("incr_cli."):
+                        out += [(module, fn.name, _resolve(f"{node.module}.{a.name}")) for a in node.names]
+    return out
+
+
+def test_a_deferred_import_keeps_a_heavy_library_out_of_its_module():
+    """A function-level import of the package's own module is there to keep torch, transformers (...)
+    off a path that does not need them; one that adds no heavy library belongs at the top."""
+    pointless = [f"{m}:{fn} imports {dep}" for m, fn, dep in _deferred_imports()
+                 if not _heavy_loaded(dep) - _heavy_loaded(m)]
+    assert not pointless, "move to the module's top (it defers nothing heavy): " + "; ".join(pointless)
+
+
+def test_a_wing_that_defers_imports_says_why_at_its_top():
+    wings = {m.split(".")[1] for m, _, _ in _deferred_imports()}
+    silent = [w for w in sorted(wings) if "Why" not in (PACKAGE / w / "__init__.py").read_text(encoding="utf-8")]
+    assert not silent, f"say once, in the wing's __init__.py docstring, why it defers imports: {silent}"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers_train import REPO, copy_workspace, template, weights
+from tests.helpers_train import REPO, weights
 
 
 def _env() -> dict[str, str]:
@@ -26,8 +26,8 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.Com
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_one_version(tmp_path, tmp_path_factory):
-    ws = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path / "ws")
+def test_two_gloo_processes_train_one_version(tmp_path, workspace_copy):
+    ws = workspace_copy("two_increments", tmp_path / "ws")
     proc = torchrun("train-increment", str(ws.root), "--json", "train.steps=3", "eval.max_sequences=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout)  # rank 0 alone prints (and writes)
@@ -45,14 +45,14 @@ def test_two_gloo_processes_train_one_version(tmp_path, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process_accumulating_the_same_global_batch(tmp_path, tmp_path_factory):
+def test_two_gloo_ranks_equal_one_process_accumulating_the_same_global_batch(tmp_path, workspace_copy):
     """2 ranks x 1 micro-batch and 1 process x 2 micro-batches (grad_accum=2) train on the same rows
     with the same masks: the same token count exactly, the same weights up to float summation order
     (gloo's all-reduce sums the two gradients in another order than accumulation does). The model has
     no dropout: each process draws its own dropout stream, which no rank count can reproduce."""
     args = ["--json", "train.steps=4", "eval.max_sequences=8"]
-    ddp = copy_workspace(template(tmp_path_factory, "two_increments_no_dropout"), tmp_path / "ddp")
-    single = copy_workspace(template(tmp_path_factory, "two_increments_no_dropout"), tmp_path / "single")
+    ddp = workspace_copy("two_increments_no_dropout", tmp_path / "ddp")
+    single = workspace_copy("two_increments_no_dropout", tmp_path / "single")
     two = torchrun("train-increment", str(ddp.root), *args)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "incr_cli", "train-increment", str(single.root), *args,
@@ -81,12 +81,12 @@ def two_nodes(ws_root, *args: str, port: int, fault: str | None = None) -> list[
 
 
 @pytest.mark.slow
-def test_two_torchrun_agents_as_two_nodes_train_resume_and_agree_with_one_process(tmp_path, tmp_path_factory):
+def test_two_torchrun_agents_as_two_nodes_train_resume_and_agree_with_one_process(tmp_path, workspace_copy):
     """README's multi-node command on one machine: the same weights as one process accumulating the
     same global batch, one writer, and a run stopped on both nodes resumes where it stopped."""
     args = ["--json", "train.steps=4", "eval.max_sequences=8", "runtime.save_every=1"]
-    nodes = copy_workspace(template(tmp_path_factory, "two_increments_no_dropout"), tmp_path / "nodes")
-    single = copy_workspace(template(tmp_path_factory, "two_increments_no_dropout"), tmp_path / "single")
+    nodes = workspace_copy("two_increments_no_dropout", tmp_path / "nodes")
+    single = workspace_copy("two_increments_no_dropout", tmp_path / "single")
     stopped = two_nodes(nodes.root, *args, port=29561, fault="train.step@2:int")
     assert all(a.returncode != 0 for a in stopped), [a.stderr[-2000:] for a in stopped]
     assert any("interrupted by SIGINT after step 2 of 4" in a.stderr for a in stopped)

@@ -17,9 +17,11 @@ from incr_cli.config.recipe import build_recipe, recipe_to_dict
 from incr_cli.errors import IntegrityError, UsageError
 from incr_cli.model import weights as models
 from incr_cli.model.heads import MaskedLMHead
+from incr_cli.runtime.device import Placement
 from incr_cli.scoring import evaluate as ev
 from incr_cli.scoring import score
 from incr_cli.scoring.render import summary_table
+from incr_cli.scoring.score import HeldOut
 
 # Shared fixtures of the eval tests (a three-version workspace built once per session).
 eval_recipe, _three_template, three = helpers_eval.eval_recipe, helpers_eval._three_template, helpers_eval.three
@@ -59,7 +61,7 @@ def test_score_equals_the_full_model_cross_entropy(three, eval_recipe):
     ws, (d1, _) = three
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     ids = ev.read_heldout(ws, d1)
-    got = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", tokens=inputs)
+    got = ev.score_sequences(head, HeldOut(d1, ids), recipe=eval_recipe, tokens=inputs)
 
     rows = torch.from_numpy(np.asarray(ids[: eval_recipe.eval.max_sequences]).astype(np.int64))
     masked, positions = score.eval_masks(rows, key=d1, recipe=eval_recipe, tokens=inputs)
@@ -81,8 +83,8 @@ def test_scores_do_not_depend_on_batch_size_and_restore_training_mode(three, eva
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     head.train()
     ids = ev.read_heldout(ws, d1)
-    results = [ev.score_sequences(head, ids, increment_id=d1, recipe=_recipe(eval_recipe, eval__batch_size=b),
-                                  device="cpu", precision="fp32", tokens=inputs) for b in (3, 64)]
+    results = [ev.score_sequences(head, HeldOut(d1, ids), recipe=_recipe(eval_recipe, eval__batch_size=b),
+                                  tokens=inputs) for b in (3, 64)]
     assert head.training  # eval mode only for the duration
     assert results[0]["tokens"] == results[1]["tokens"]
     assert results[0]["accuracy"] == results[1]["accuracy"]
@@ -93,12 +95,11 @@ def test_max_sequences_and_empty_input(three, eval_recipe):
     ws, (d1, _) = three
     head, inputs = _head_and_inputs(ws, "v0000", eval_recipe)
     ids = ev.read_heldout(ws, d1)
-    few = ev.score_sequences(head, ids, increment_id=d1, recipe=_recipe(eval_recipe, eval__max_sequences=2),
-                             device="cpu", precision="fp32", tokens=inputs)
-    full = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="fp32", tokens=inputs)
+    few = ev.score_sequences(head, HeldOut(d1, ids), recipe=_recipe(eval_recipe, eval__max_sequences=2),
+                             tokens=inputs)
+    full = ev.score_sequences(head, HeldOut(d1, ids), recipe=eval_recipe, tokens=inputs)
     assert 0 < few["tokens"] < full["tokens"]
-    empty = ev.score_sequences(head, ids[:0], increment_id=d1, recipe=eval_recipe, device="cpu",
-                               precision="fp32", tokens=inputs)
+    empty = ev.score_sequences(head, HeldOut(d1, ids[:0]), recipe=eval_recipe, tokens=inputs)
     assert empty == {"loss": None, "perplexity": None, "accuracy": None, "top5": None, "tokens": 0, "coverage": None}
 
 
@@ -106,8 +107,9 @@ def test_bf16_autocast_path_runs_and_stays_close(three, eval_recipe):
     ws, (d1, _) = three
     head, inputs = _head_and_inputs(ws, "v0001", eval_recipe)
     ids = ev.read_heldout(ws, d1)
-    fp32 = score.score_increment(head, ws, d1, eval_recipe, models.load_tokenizer(ws, "v0001"), "cpu", "fp32")
-    bf16 = ev.score_sequences(head, ids, increment_id=d1, recipe=eval_recipe, device="cpu", precision="bf16", tokens=inputs)
+    fp32 = score.score_increment(head, ws, d1, eval_recipe, models.load_tokenizer(ws, "v0001"))
+    bf16 = ev.score_sequences(head, HeldOut(d1, ids), recipe=eval_recipe, tokens=inputs,
+                              place=Placement(torch.device("cpu"), "bf16"))
     assert bf16["tokens"] == fp32["tokens"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
 
@@ -117,7 +119,7 @@ def test_bf16_autocast_path_runs_and_stays_close(three, eval_recipe):
 
 def test_matrix_of_three_versions_with_lineage_summaries(three, eval_recipe):
     ws, (d1, d2) = three
-    result = ev.evaluate(ws, ev.select_versions(ws, None), ev.select_increments(ws, None), eval_recipe)
+    result = ev.evaluate(ws, ev.EvalGrid(ev.select_versions(ws, None), ev.select_increments(ws, None)), eval_recipe)
     assert [v.version for v in result.versions] == ["v0000", "v0001", "v0002"]
     assert [c.id for c in result.columns] == [d1, d2]
     assert result.lineage == ["v0000", "v0001", "v0002"] and result.latest == "v0002"
@@ -146,13 +148,13 @@ def test_matrix_of_three_versions_with_lineage_summaries(three, eval_recipe):
 def test_second_run_comes_from_the_cache_and_loads_nothing(three, eval_recipe, monkeypatch):
     ws, incs = three
     versions = ev.select_versions(ws, "all")
-    first = ev.evaluate(ws, versions, incs, eval_recipe)
+    first = ev.evaluate(ws, ev.EvalGrid(versions, incs), eval_recipe)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached eval must not load a model")
 
     monkeypatch.setattr(models, "load_version", refuse)
-    second = ev.evaluate(ws, versions, incs, eval_recipe)
+    second = ev.evaluate(ws, ev.EvalGrid(versions, incs), eval_recipe)
     assert second.scores == first.scores
     assert (second.cache_hits, second.cache_misses) == (6, 0)
     assert second.summaries == first.summaries
@@ -160,22 +162,22 @@ def test_second_run_comes_from_the_cache_and_loads_nothing(three, eval_recipe, m
 
 def test_an_unreadable_cache_file_is_a_miss(three, eval_recipe):
     ws, (d1, _) = three
-    first = ev.evaluate(ws, ["v0001"], [d1], eval_recipe)
+    first = ev.evaluate(ws, ev.EvalGrid(["v0001"], [d1]), eval_recipe)
     (cell,) = (ws.eval_dir / "cache").glob("*.json")
     cell.write_text("{not json")
-    again = ev.evaluate(ws, ["v0001"], [d1], eval_recipe)
+    again = ev.evaluate(ws, ev.EvalGrid(["v0001"], [d1]), eval_recipe)
     assert (again.cache_hits, again.cache_misses) == (0, 1) and again.scores == first.scores
     assert json.loads(cell.read_text())["scores"] == first.scores["v0001"][d1]  # rewritten whole
 
 
 def test_a_new_version_costs_only_its_row(three, eval_recipe, monkeypatch):
     ws, incs = three
-    ev.evaluate(ws, ev.select_versions(ws, "all"), incs, eval_recipe)
+    ev.evaluate(ws, ev.EvalGrid(ev.select_versions(ws, "all"), incs), eval_recipe)
     add_version(ws, "v0003", "v0002", [], seed=3, recipe=eval_recipe, status="rejected")
     loaded = []
     real = models.load_version
     monkeypatch.setattr(models, "load_version", lambda ws_, v, **kw: loaded.append(v) or real(ws_, v, **kw))
-    result = ev.evaluate(ws, ev.select_versions(ws, "all"), incs, eval_recipe)
+    result = ev.evaluate(ws, ev.EvalGrid(ev.select_versions(ws, "all"), incs), eval_recipe)
     assert loaded == ["v0003"]
     assert (result.cache_hits, result.cache_misses) == (6, 2)
     assert result.lineage == ["v0000", "v0001", "v0002"]  # summaries follow LATEST, not the rejected one
@@ -184,14 +186,14 @@ def test_a_new_version_costs_only_its_row(three, eval_recipe, monkeypatch):
 
 def test_settings_that_change_scores_change_the_cache_key(three, eval_recipe):
     ws, incs = three
-    ev.evaluate(ws, ["v0001"], incs, eval_recipe)
+    ev.evaluate(ws, ev.EvalGrid(["v0001"], incs), eval_recipe)
     for changed in (_recipe(eval_recipe, eval__seed=7), _recipe(eval_recipe, masking__probability=0.3),
                     _recipe(eval_recipe, eval__max_sequences=4), _recipe(eval_recipe, masking__whole_word=True)):
-        assert ev.evaluate(ws, ["v0001"], incs, changed).cache_hits == 0
+        assert ev.evaluate(ws, ev.EvalGrid(["v0001"], incs), changed).cache_hits == 0
     # batch size is not a scoring setting
-    assert ev.evaluate(ws, ["v0001"], incs, _recipe(eval_recipe, eval__batch_size=5)).cache_misses == 0
+    assert ev.evaluate(ws, ev.EvalGrid(["v0001"], incs), _recipe(eval_recipe, eval__batch_size=5)).cache_misses == 0
     # use_cache=False scores again
-    assert ev.evaluate(ws, ["v0001"], incs, eval_recipe, use_cache=False).cache_hits == 0
+    assert ev.evaluate(ws, ev.EvalGrid(["v0001"], incs), eval_recipe, use_cache=False).cache_hits == 0
 
 
 def test_eval_never_modifies_version_or_data_folders(three, eval_recipe, tmp_path):
@@ -199,7 +201,7 @@ def test_eval_never_modifies_version_or_data_folders(three, eval_recipe, tmp_pat
     before = (tree_state(ws.checkpoints), tree_state(ws.data))
     text = tmp_path / "notes.txt"
     text.write_text("\n".join(lines("pydocs.txt", 30)) + "\n", encoding="utf-8")
-    result = ev.evaluate(ws, ev.select_versions(ws, "all"), incs, eval_recipe, texts=[text])
+    result = ev.evaluate(ws, ev.EvalGrid(ev.select_versions(ws, "all"), incs, [text]), eval_recipe)
     ev.save_result(ws, result)
     assert (tree_state(ws.checkpoints), tree_state(ws.data)) == before
     assert ws.increments() == incs  # the ad-hoc text was not ingested
@@ -209,13 +211,13 @@ def test_text_column_is_scored_like_an_increment(three, eval_recipe, tmp_path):
     ws, incs = three
     text = tmp_path / "notes.txt"
     text.write_text("\n".join(lines("pydocs.txt", 30)) + "\n", encoding="utf-8")
-    result = ev.evaluate(ws, ["v0001", "v0002"], [], eval_recipe, texts=[str(text)])
+    result = ev.evaluate(ws, ev.EvalGrid(["v0001", "v0002"], [], [str(text)]), eval_recipe)
     assert [c.id for c in result.columns] == ["text:notes.txt"]
-    again = ev.evaluate(ws, ["v0001", "v0002"], [], eval_recipe, texts=[str(text)])
+    again = ev.evaluate(ws, ev.EvalGrid(["v0001", "v0002"], [], [str(text)]), eval_recipe)
     assert again.scores == result.scores and result.scores["v0001"]["text:notes.txt"]["tokens"] > 0
     assert result.summaries["perplexity"].final_average is None  # text columns are not increments
     with pytest.raises(UsageError, match="nothing to score"):
-        ev.evaluate(ws, ["v0001"], [], eval_recipe, texts=[tmp_path / "missing.txt"])
+        ev.evaluate(ws, ev.EvalGrid(["v0001"], [], [tmp_path / "missing.txt"]), eval_recipe)
 
 
 def test_selection_errors_list_the_valid_names(three, eval_recipe):
@@ -236,12 +238,12 @@ def test_altered_heldout_is_refused_when_scored(three, eval_recipe):
     data[10] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="heldout.bin"):
-        ev.evaluate(ws, ["v0000"], [d1], eval_recipe)
+        ev.evaluate(ws, ev.EvalGrid(["v0000"], [d1]), eval_recipe)
 
 
 def test_save_result_keeps_a_copy_and_writes_out(three, eval_recipe, tmp_path):
     ws, incs = three
-    result = ev.evaluate(ws, ["v0000", "v0001"], incs, eval_recipe)
+    result = ev.evaluate(ws, ev.EvalGrid(["v0000", "v0001"], incs), eval_recipe)
     first = ev.save_result(ws, result, tmp_path / "out.json")
     second = ev.save_result(ws, result)
     assert first != second and first.parent == second.parent == ws.eval_dir
@@ -254,7 +256,7 @@ def test_save_result_keeps_a_copy_and_writes_out(three, eval_recipe, tmp_path):
 
 def test_eval_agrees_with_train_increment_before_and_after(tiny_workspace, eval_recipe, tmp_path):
     """The scores train-increment records (through score_sequences) are the matrix cells of incr eval."""
-    from incr_cli.data.ingest import ingest
+    from incr_cli.data.ingest import IngestOptions, ingest
     from incr_cli.line.increment import train_increment
 
     ws = tiny_workspace
@@ -262,10 +264,10 @@ def test_eval_agrees_with_train_increment_before_and_after(tiny_workspace, eval_
     text = tmp_path / "austen.txt"
     text.write_text("\n".join(lines("austen.txt", 120)) + "\n", encoding="utf-8")
     with ws.lock("test"):
-        inc = ingest(ws, [str(text)], name="austen", recipe=recipe).increment
+        inc = ingest(ws, [str(text)], recipe=recipe, options=IngestOptions(name="austen")).increment
         trained = train_increment(ws, recipe)
     metrics = json.loads((ws.version_dir(trained.version) / "metrics.json").read_text())
-    result = ev.evaluate(ws, ["v0000", trained.version], [inc], recipe)
+    result = ev.evaluate(ws, ev.EvalGrid(["v0000", trained.version], [inc]), recipe)
     for when, version in (("before", "v0000"), ("after", trained.version)):
         for key in ("loss", "perplexity", "accuracy"):
             assert metrics["eval"][when][inc][key] == pytest.approx(result.scores[version][inc][key], rel=1e-6)

@@ -16,16 +16,16 @@ from incr_cli.config.recipe import load_recipe, recipe_to_dict
 from incr_cli.store import workspace as workspace_mod
 from incr_cli.store.workspace import Workspace, seal_folder
 from tests.helpers_reliability import assert_one_error_line, cli
-from tests.helpers_train import REPO, SAMPLES, copy_workspace, template
+from tests.helpers_train import REPO, SAMPLES
 
 FAST = ["eval.max_sequences=8", "runtime.num_threads=1"]
 TEXT = "it is a truth universally [MASK]"
 
 
 @pytest.fixture
-def ws(tmp_path, tmp_path_factory) -> Workspace:
+def ws(tmp_path, workspace_copy) -> Workspace:
     """v0000 (scratch:tiny) with d0001-austen pending, so train-increment has work to do."""
-    return copy_workspace(template(tmp_path_factory, "one_pending"), tmp_path / "ws")
+    return workspace_copy("one_pending", tmp_path / "ws")
 
 
 def _v0(ws: Workspace) -> Path:

@@ -7,7 +7,13 @@ import torch
 from transformers import BertTokenizerFast
 
 from incr_cli.config.recipe import MaskingConfig
-from incr_cli.training.masking import _draw_non_special, mask_batch, special_tokens_mask, word_start_table
+from incr_cli.training.masking import (
+    TokenIds,
+    _draw_non_special,
+    mask_batch,
+    special_tokens_mask,
+    word_start_table,
+)
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIAL = torch.tensor([PAD, UNK, CLS, SEP, MASK])
@@ -25,8 +31,7 @@ def packed_ids(rows: int, length: int, vocab: int, seed: int = 0) -> torch.Tenso
 
 def run(ids, cfg, seed=0, vocab=99, word_starts=None):
     g = torch.Generator().manual_seed(seed)
-    return mask_batch(ids, cfg, special_ids=SPECIAL, mask_token_id=MASK, vocab_size=vocab,
-                      generator=g, word_starts=word_starts)
+    return mask_batch(ids, cfg, TokenIds(SPECIAL, MASK, vocab, word_starts=word_starts), generator=g)
 
 
 def test_special_tokens_mask():
@@ -214,6 +219,6 @@ def test_accepts_narrow_integer_ids():
 def test_on_cuda_with_a_cuda_generator():
     ids = packed_ids(64, 32, 99).cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
-    out = mask_batch(ids, MaskingConfig(whole_word=True), special_ids=SPECIAL.cuda(), mask_token_id=MASK,
-                     vocab_size=99, generator=g, word_starts=torch.ones(99, dtype=torch.bool, device="cuda"))
+    tokens = TokenIds(SPECIAL.cuda(), MASK, 99, word_starts=torch.ones(99, dtype=torch.bool, device="cuda"))
+    out = mask_batch(ids, MaskingConfig(whole_word=True), tokens, generator=g)
     assert out.positions.is_cuda and not (out.positions & special_tokens_mask(ids, SPECIAL)).any()

@@ -20,7 +20,7 @@ from incr_cli.methods import plan_increment
 from incr_cli.store.workspace import Workspace
 from incr_cli.training.checkpointing import ResumeStore, capture_rng, restore_rng
 from incr_cli.training.plan import run_key
-from tests.helpers_train import REPO, assert_same_weights, copy_workspace, reset_faults, template, weights
+from tests.helpers_train import REPO, assert_same_weights, reset_faults, weights
 
 runner = CliRunner()
 ARGS = ["train.steps=6", "runtime.save_every=2"]  # replay + distillation (the workspace recipe's default)
@@ -40,10 +40,10 @@ _REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
 
 
 @pytest.fixture
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted(tmp_path_factory, workspace_copy) -> dict[str, torch.Tensor]:
     """v0002's weights from an uninterrupted run of ARGS (computed once)."""
     if "v0002" not in _REFERENCE:
-        ref = copy_workspace(template(tmp_path_factory, "two_increments"), tmp_path_factory.mktemp("ref") / "ws")
+        ref = workspace_copy("two_increments", tmp_path_factory.mktemp("ref") / "ws")
         result = cli(ref)
         assert result.exit_code == 0, result.output
         _REFERENCE["v0002"] = weights(ref, "v0002")

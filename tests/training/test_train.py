@@ -13,16 +13,17 @@ from typer.testing import CliRunner
 
 from incr_cli.cli.app import app
 from incr_cli.config.recipe import build_recipe, load_recipe
-from incr_cli.data.shards import BatchSampler, open_increment
+from incr_cli.data.shards import BatchSampler, Draw, open_increment
 from incr_cli.line.increment import gate_checks
 from incr_cli.methods import loss_terms, plan_increment
 from incr_cli.progress import Quiet
+from incr_cli.runtime.device import Placement
 from incr_cli.runtime.distributed import DistContext
 from incr_cli.store.workspace import Workspace
 from incr_cli.training import step as step_mod
 from incr_cli.training.masking import TokenIds, mask_batch
 from incr_cli.training.plan import IncrementPlan
-from incr_cli.training.step import TrainState, build_run, train_step
+from incr_cli.training.step import RunSpec, TrainState, build_run, train_step
 from tests.helpers_train import (
     reset_faults,
     tagged_rows,
@@ -62,8 +63,8 @@ def loop_run(tmp_path, recipe_data: dict, *, replay: bool = False, steps: int = 
     reference = copy.deepcopy(model)
     tok_inputs = TokenIds(SPECIALS, mask_token_id=4, vocab_size=3000, pad_id=0)
     cpu = torch.device("cpu")
-    run, trainable = build_run(model, tok_inputs, [new], old, recipe, plan, device=cpu, precision="fp32",
-                               ctx=DistContext(0, 1, cpu), reporter=Quiet(), terms=loss_terms(recipe, plan))
+    spec = RunSpec(recipe, plan, [new], old, tok_inputs, loss_terms(recipe, plan))
+    run, trainable = build_run(model, spec, place=Placement(cpu), ctx=DistContext(0, 1, cpu), reporter=Quiet())
     return run, reference, trainable
 
 
@@ -194,8 +195,8 @@ def test_replay_on_top_trains_on_a_plain_fine_tunes_new_rows(two_increments):
     def sampler(*overrides: str) -> BatchSampler:
         plan = plan_increment(ws, load_recipe(ws.recipe_path, list(overrides)))
         replay = [open_increment(ws, d) for d in plan.replay] if plan.replay_per_batch else []
-        return BatchSampler([open_increment(ws, d) for d in plan.new], replay, n_new=plan.new_per_batch,
-                            n_replay=plan.replay_per_batch, seed=0)
+        return BatchSampler([open_increment(ws, d) for d in plan.new], replay,
+                            Draw(plan.new_per_batch, plan.replay_per_batch, seed=0))
 
     naive, share, on_top = sampler("strategy.name=naive"), sampler("replay.on_top=false"), sampler()
     for _ in range(6):
@@ -250,9 +251,9 @@ def test_whole_word_and_fixed_count_masking_train(one_pending, monkeypatch):
     than that), and whole words: every piece of a word masked with it, including multi-piece words."""
     seen = []
 
-    def spy(ids, cfg, **kw):
-        out = mask_batch(ids, cfg, **kw)
-        seen.append((ids, out.positions, kw["word_starts"]))
+    def spy(ids, cfg, tokens, **kw):
+        out = mask_batch(ids, cfg, tokens, **kw)
+        seen.append((ids, out.positions, tokens.word_starts))
         return out
 
     monkeypatch.setattr(step_mod, "mask_batch", spy)

@@ -17,7 +17,7 @@ from incr_cli.data.shards import open_increment
 from incr_cli.line.increment import train_increment
 from incr_cli.model.weights import init_workspace, load_tokenizer
 from incr_cli.store.workspace import Workspace
-from incr_cli.training.masking import mask_batch, word_start_table
+from incr_cli.training.masking import TokenIds, mask_batch, word_start_table
 from tests.helpers_train import REPO, SAMPLES, _ingest, excerpt
 
 pytest.importorskip("jieba")
@@ -70,10 +70,9 @@ def test_a_chinese_word_of_several_characters_is_masked_whole(zh_line):
     ids = torch.from_numpy(shards.train[:16].astype(np.int64))
     continues = torch.from_numpy(shards.train_words[:16].astype(bool))
     table = word_start_table(tok)
-    masked = mask_batch(ids, MaskingConfig(probability=0.3, whole_word=True),
-                        special_ids=torch.tensor(tok.all_special_ids), mask_token_id=tok.mask_token_id,
-                        vocab_size=len(tok), generator=torch.Generator().manual_seed(0), word_starts=table,
-                        continues=continues)
+    tokens = TokenIds(torch.tensor(tok.all_special_ids), tok.mask_token_id, len(tok), word_starts=table)
+    masked = mask_batch(ids, MaskingConfig(probability=0.3, whole_word=True), tokens,
+                        generator=torch.Generator().manual_seed(0), continues=continues)
     long_words_masked = 0
     for row in range(ids.shape[0]):
         special = torch.isin(ids[row], torch.tensor(tok.all_special_ids))
@@ -84,9 +83,8 @@ def test_a_chinese_word_of_several_characters_is_masked_whole(zh_line):
             assert bool(chosen.all()) or not bool(chosen.any()), "a word was split"
             long_words_masked += len(word) >= 2 and bool(chosen.all())
     assert long_words_masked > 0
-    without = mask_batch(ids, MaskingConfig(probability=0.3, whole_word=True),
-                         special_ids=torch.tensor(tok.all_special_ids), mask_token_id=tok.mask_token_id,
-                         vocab_size=len(tok), generator=torch.Generator().manual_seed(0), word_starts=table)
+    without = mask_batch(ids, MaskingConfig(probability=0.3, whole_word=True), tokens,
+                         generator=torch.Generator().manual_seed(0))
     assert not torch.equal(without.positions, masked.positions)  # the tokenizer alone masks single characters
 
 
