@@ -179,6 +179,7 @@ class DataConfig:
     sample: Optional[int] = knob(None, "Train on k randomly drawn new sequences instead of all of them (seeded).", lo=1)
     unknown_warn: float = knob(0.01, "Ingest warns when more than this share of an increment's tokens are unknown ([UNK]) or its characters map to no token.", lo=0.0, hi=1.0)
     unknown_max: float = knob(0.2, "Ingest refuses (exit 2) above this share of unknown tokens or dropped characters, unless --allow-unknown.", lo=0.0, hi=1.0)
+    batch_docs: int = knob(1000, "Documents ingest cleans, deduplicates and tokenizes at a time: with the tokenizer, what ingest holds in memory, whatever the corpus size (docs/performance.md measures both). The written increment does not depend on it.", lo=1, hi=1_000_000)
 
 
 @dataclass(frozen=True)

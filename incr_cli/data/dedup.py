@@ -4,6 +4,7 @@ once per line whatever increment brings it; the held-out split is decided by the
 from __future__ import annotations
 
 import hashlib
+import heapq
 import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,17 +29,38 @@ def hash_unit(digest: bytes) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
-    """Cutoff c such that documents with ``unit < c`` are held out.
+class HeldOutCutoff:
+    """The held-out cutoff of documents streaming past, in memory bounded by ``min_docs`` (not by
+    their number): documents with ``unit < cutoff()`` are held out.
 
-    ``units`` (N,) float64 are the kept documents' hash units. c = ``fraction``, raised to just above
-    the ``min_docs``-th smallest unit when that holds out too few and N >= 2 * min_docs.
-    """
-    n = len(units)
-    if min_docs <= 0 or n < 2 * min_docs or int((units < fraction).sum()) >= min_docs:
-        return float(fraction)
-    kth = float(np.partition(units, min_docs - 1)[min_docs - 1])
-    return float(np.nextafter(kth, 1.0))
+    ``cutoff()`` is ``fraction``, raised to just above the ``min_docs``-th smallest unit when that holds
+    out too few documents and there are at least ``2 * min_docs`` of them."""
+
+    def __init__(self, fraction: float, min_docs: int):
+        self.fraction, self.min_docs = fraction, min_docs
+        self.n = self.below = 0
+        self._smallest: list[float] = []  # the min_docs smallest units so far, negated (a max-heap)
+
+    def add(self, unit: float) -> None:
+        self.n += 1
+        self.below += unit < self.fraction
+        if len(self._smallest) < self.min_docs:
+            heapq.heappush(self._smallest, -unit)
+        elif self.min_docs > 0 and unit < -self._smallest[0]:
+            heapq.heapreplace(self._smallest, -unit)
+
+    def cutoff(self) -> float:
+        if self.min_docs <= 0 or self.n < 2 * self.min_docs or self.below >= self.min_docs:
+            return float(self.fraction)
+        return float(np.nextafter(-self._smallest[0], 1.0))  # just above the min_docs-th smallest
+
+
+def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
+    """``HeldOutCutoff`` of the kept documents' hash units (N,) float64, all at once."""
+    c = HeldOutCutoff(fraction, min_docs)
+    for unit in np.asarray(units, dtype=np.float64).tolist():
+        c.add(unit)
+    return c.cutoff()
 
 
 # ----------------------------------------------------------------------------- the dedup index

@@ -30,14 +30,11 @@ import sqlite3
 import sys
 import time
 import uuid
-from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from incr_cli.config.recipe import Recipe
 from incr_cli.data import readers
@@ -45,9 +42,9 @@ from incr_cli.data.clean import clean_text
 from incr_cli.data.coverage import Coverage, check_coverage
 from incr_cli.data.dedup import (
     DOC_HASHES,
+    HeldOutCutoff,
     doc_hash,
     hash_unit,
-    heldout_cutoff,
     lookup,
     open_index,
     recover_index,
@@ -64,7 +61,7 @@ from incr_cli.store.diskspace import disk_writes
 from incr_cli.store.files import sha256_file
 from incr_cli.store.workspace import Workspace, base_manifest, seal_folder
 
-BATCH_DOCS = 1000  # documents per tokenizer call and per index round trip
+BATCH_DOCS = 1000  # the default of data.batch_docs: documents per tokenizer call and per index round trip
 # Reasons for which a file gave no text at all; when every file has one of these, it is an input error.
 STDIN_CHUNK = 1 << 20  # standard input is copied a MiB at a time: memory stays bounded
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -110,7 +107,7 @@ class _Pass1:
     duplicate: int = 0
     cut: int = 0
     duplicates_in: Counter = field(default_factory=Counter)
-    units: array = field(default_factory=lambda: array("d"))
+    split: HeldOutCutoff | None = None  # the kept documents' hash units, streamed into the held-out cutoff
     sources: list[dict[str, Any]] = field(default_factory=list)
     bytes_read: int = 0
     raw_docs: int = 0
@@ -127,6 +124,8 @@ def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass
     increment, fmt, text_field, reporter = job.increment, job.fmt, job.text_field, job.reporter
     max_chars, min_chars = job.recipe.data.max_doc_chars, job.recipe.data.min_doc_chars
     batch: list[tuple[str, bytes, bool]] = []
+    batch_docs = job.recipe.data.batch_docs
+    out.split = HeldOutCutoff(job.recipe.data.heldout_fraction, job.recipe.data.heldout_min_docs)
 
     def flush() -> None:
         if batch:
@@ -150,7 +149,7 @@ def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass
                     tally.reject("too_short")
                     continue
                 batch.append((text, doc_hash(text), cut))
-                if len(batch) >= BATCH_DOCS:
+                if len(batch) >= batch_docs:
                     flush()
                     shown = _advance(bar, shown, out.bytes_read + state.done, out)
             out.bytes_read += src.size
@@ -189,7 +188,7 @@ def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite
             continue
         out.kept += 1
         out.cut += cut
-        out.units.append(hash_unit(digest))
+        out.split.add(hash_unit(digest))
         lines.append(text)
         hash_file.write(digest)
     if lines:
@@ -242,10 +241,12 @@ class _Packing:
     tokenizer: Any
     splits: _Splits
     coverage: Coverage
+    batch_docs: int  # documents per tokenizer call (``data.batch_docs``)
 
 
 def _tokenize_pack(pack: _Packing, *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
     """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs."""
+    batch_docs = pack.batch_docs
     spool, cutoff, tokenizer, splits, coverage = pack.spool, pack.cutoff, pack.tokenizer, pack.splits, pack.coverage
     n_train = n_heldout = 0
     started = time.perf_counter()
@@ -253,7 +254,7 @@ def _tokenize_pack(pack: _Packing, *, total: int, tally: Tally, reporter: Report
             open(spool.with_suffix(".hash"), "rb") as hash_file, \
             reporter.progress("tokenizing", total=total, unit="docs") as bar:
         while True:
-            texts = [line.rstrip("\n") for _, line in zip(range(BATCH_DOCS), text_file)]
+            texts = [line.rstrip("\n") for _, line in zip(range(batch_docs), text_file)]
             if not texts:
                 break
             digests = hash_file.read(16 * len(texts))
@@ -580,8 +581,7 @@ def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[Sour
             _warn_skips(reporter, tally)
             if p1.kept == 0:
                 raise _NothingNew()
-            units = np.frombuffer(p1.units, dtype=np.float64)  # (N,) kept documents' hash units
-            cutoff = heldout_cutoff(units, recipe.data.heldout_fraction, recipe.data.heldout_min_docs)
+            cutoff = p1.split.cutoff()
             if grow.wanted:
                 tokenizer = _grow_tokenizer(job, tmp, spool, cutoff)
             ids, dtype = _tokenizer_fields(tokenizer, grow), token_dtype(len(tokenizer))
@@ -589,7 +589,7 @@ def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[Sour
             splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
             coverage = Coverage(tokenizer.unk_token_id)
             try:
-                pack = _Packing(spool, cutoff, tokenizer, splits, coverage)
+                pack = _Packing(spool, cutoff, tokenizer, splits, coverage, recipe.data.batch_docs)
                 n_train, n_heldout = _tokenize_pack(pack, total=p1.kept, tally=tally, reporter=reporter)
             finally:
                 splits.close()

@@ -130,6 +130,7 @@ def run_key(plan: IncrementPlan, recipe: Recipe, parent_weights_sha: str) -> str
     training = {k: v for k, v in r.items() if k not in _NOT_IN_KEY and k != "runtime"}
     training["runtime"] = {k: r["runtime"][k] for k in _RUNTIME_IN_KEY}
     training["train"] = {k: v for k, v in training["train"].items() if k != "log_every"}
+    training["data"] = {k: v for k, v in training["data"].items() if k != "batch_docs"}  # ingest-only, added later
     return resume_key({"incr": __version__, "parent": plan.parent, "parent_weights": parent_weights_sha,
                        "new": plan.new, "replay": plan.replay, "init_from": plan.init_from, "steps": plan.steps,
                        "world_size": plan.world_size, "recipe": training})

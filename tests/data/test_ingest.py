@@ -9,16 +9,16 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from incr_cli.config.recipe import Recipe, build_recipe
-from incr_cli.data import ingest as ingest_mod
 from incr_cli.data import readers
 from incr_cli.data.clean import clean_text
-from incr_cli.data.dedup import doc_hash, hash_unit, heldout_cutoff
+from incr_cli.data.dedup import HeldOutCutoff, doc_hash, hash_unit, heldout_cutoff
 from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.data.packing import PackedWriter, tokenize_batch
 from incr_cli.errors import InputError, UsageError
@@ -100,6 +100,39 @@ def test_hash_unit_in_unit_interval() -> None:
     assert hash_unit(doc_hash("a")) == hash_unit(doc_hash("a"))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_cutoff_equals_the_kth_smallest_of_all_units(seed: int) -> None:
+    """HeldOutCutoff keeps min_docs units, not all of them, and gives the cutoff of the whole array."""
+    rng = np.random.default_rng(seed)
+    units = rng.random(int(rng.integers(0, 400)))
+    if seed % 2:
+        units = np.round(units, 2)  # ties
+    for fraction, min_docs in [(0.0, 8), (0.01, 8), (0.05, 0), (0.005, 30), (0.2, 3)]:
+        n = len(units)
+        if min_docs <= 0 or n < 2 * min_docs or (units < fraction).sum() >= min_docs:
+            want = fraction
+        else:
+            want = float(np.nextafter(np.partition(units, min_docs - 1)[min_docs - 1], 1.0))
+        streamed = HeldOutCutoff(fraction, min_docs)
+        for u in units:
+            streamed.add(float(u))
+        assert streamed.cutoff() == want and len(streamed._smallest) <= min_docs
+
+
+def test_batch_docs_bounds_memory_not_the_increment(tiny_recipe: Recipe, tmp_path: Path,
+                                                     _tiny_workspace_template: Path) -> None:
+    """data.batch_docs changes how many documents ingest holds at a time, never what it writes."""
+    lines = make_docs(120) + make_docs(40)[::3]
+    src = write_lines(tmp_path / "in.txt", lines)
+    written = []
+    for batch in (1000, 7, 1):
+        ws = Workspace(_tiny_workspace_template).copy_to(tmp_path / f"ws{batch}")
+        res = ingest(ws, [str(src)], recipe=replace(tiny_recipe, data=replace(tiny_recipe.data, batch_docs=batch)))
+        folder = ws.increment_dir(res.increment)
+        written.append({name: (folder / name).read_bytes() for name in ("train.bin", "heldout.bin", "doc_hashes.bin")})
+    assert written[0] == written[1] == written[2]
+
+
 def test_heldout_cutoff_raises_to_min_docs_only_when_big_enough() -> None:
     units = np.linspace(0.01, 0.99, 100)
     assert heldout_cutoff(units, 0.05, 0) == 0.05
@@ -152,12 +185,11 @@ def test_cross_ingest_dedup(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_
     assert m["documents"]["duplicate"] == 50 and m["sources"][0]["bytes"] == (tmp_path / "b.txt").stat().st_size
 
 
-def test_within_ingest_dedup_across_batches(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest_mod, "BATCH_DOCS", 7)  # duplicates land in the same and in later batches
+def test_within_ingest_dedup_across_batches(tiny_workspace: Workspace, tiny_recipe: Recipe, tmp_path: Path) -> None:
+    recipe = replace(tiny_recipe, data=replace(tiny_recipe.data, batch_docs=7))  # duplicates in this and later batches
     docs = make_docs(30)
     lines = docs + docs[::2] + ["  " + docs[1].replace(" ", "   ") + "  "]  # whitespace variants are duplicates
-    res = ingest(tiny_workspace, [str(write_lines(tmp_path / "a.txt", lines))], recipe=tiny_recipe)
+    res = ingest(tiny_workspace, [str(write_lines(tmp_path / "a.txt", lines))], recipe=recipe)
     assert res.documents["kept"] == 30 and res.documents["duplicate"] == 16
     assert res.duplicates_in == {}
     train, heldout, m = shards(tiny_workspace, res.increment)

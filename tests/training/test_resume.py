@@ -100,7 +100,8 @@ def test_run_key_follows_what_changes_the_weights(ws):
         return run_key(plan_increment(ws, recipe), recipe, "sha")
 
     base = key()
-    assert key("gate.max_forgetting=0.1", "eval.max_sequences=8", "train.log_every=3", "runtime.save_every=1") == base
+    assert key("gate.max_forgetting=0.1", "eval.max_sequences=8", "train.log_every=3", "runtime.save_every=1",
+               "data.batch_docs=7") == base
     assert key("train.lr=1e-4") != base and key("replay.ratio=0.5") != base and key("train.steps=7") != base
 
 
