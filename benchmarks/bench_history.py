@@ -120,11 +120,11 @@ class _CountScores:
         self.module, self.original, self.calls = evaluate, evaluate.score_sequences, Counter()
 
     def __enter__(self) -> _CountScores:
-        def counted(head: Any, ids: Any, **kw: Any) -> Any:
+        def counted(head: Any, rows: Any, **kw: Any) -> Any:
             params = list(head.parameters())  # a cheap fingerprint of the weights being scored
             fingerprint = round(float(sum(p.detach().double().sum() for p in params[:2] + params[-2:])), 9)
-            self.calls[(fingerprint, kw["increment_id"])] += 1
-            return self.original(head, ids, **kw)
+            self.calls[(fingerprint, rows.key)] += 1
+            return self.original(head, rows, **kw)
 
         self.module.score_sequences = counted
         return self
