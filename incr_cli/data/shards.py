@@ -1,7 +1,9 @@
 """Reading token shards and sampling training batches of new and replayed sequences.
 
-An increment's ``train.bin`` / ``heldout.bin`` are raw (n, seq_len) arrays read through memmap, so
-opening one costs nothing and a batch touches only its rows. The sampler is a pure function of
+An increment's ``train.bin`` / ``heldout.bin`` are raw (n, seq_len) arrays opened as memmaps, so
+opening one costs nothing; the sampler reads a batch's rows from the files with ``pread`` (see
+``_Pool``), so a long run over a large history keeps neither the history mapped nor its pages read
+ahead. The sampler is a pure function of
 (seed, batch index): a batch's new rows are the next slice of a seeded permutation of the new
 sequences (a fresh permutation per epoch), its replay rows are drawn with replacement from the earlier
 increments of the lineage, split over them by ``replay.split`` (``replay_shares``). Resuming is therefore just "continue at batch b", and
@@ -12,7 +14,10 @@ number of increments only through that O(#increments) table.
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +60,9 @@ class IncrementShards:
     # (n, seq_len) uint8, 1 where a token continues the word before it (segment.py), when ingest segmented
     train_words: np.ndarray | None = None
     heldout_words: np.ndarray | None = None
+    # the files behind ``train`` and ``train_words`` (the sampler reads their rows with pread; None: in memory)
+    train_file: Path | None = None
+    train_words_file: Path | None = None
 
     @property
     def seq_len(self) -> int:
@@ -97,7 +105,9 @@ def open_increment(ws: Workspace, increment_id: str, *, verify: bool = True) -> 
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"{folder / 'manifest.json'}: missing or bad field {exc}; remove {folder} "
                              "and ingest again") from None
-    return IncrementShards(increment_id, train, heldout, manifest, pad_id, *words)
+    files = [safe_relpath(folder, "train.bin") if len(train) else None,
+             safe_relpath(folder, f"train{WORDS_SUFFIX}") if segmented and len(train) else None]
+    return IncrementShards(increment_id, train, heldout, manifest, pad_id, *words, *files)
 
 
 def check_tokenizer(increment_id: str, manifest: dict[str, Any], tokenizer_sha: str | list[str], version: str,
@@ -112,7 +122,11 @@ def check_tokenizer(increment_id: str, manifest: dict[str, Any], tokenizer_sha: 
 
 
 class _Pool:
-    """Several increments' train rows seen as one index space [0, total)."""
+    """Several increments' train rows seen as one index space [0, total).
+
+    Rows are read from their files with ``pread`` (``_RowFiles``), not through the memory map: a replay
+    over a long history would otherwise leave every page it touched mapped into the process (its
+    resident memory growing to the history's size) and read ahead around every random row."""
 
     def __init__(self, shards: list[IncrementShards]):
         self.shards = [s for s in shards if len(s.train)]
@@ -120,23 +134,75 @@ class _Pool:
         self.starts = np.concatenate([[0], np.cumsum(sizes)])  # (I + 1,)
         self.total = int(self.starts[-1])
         self.segmented = any(s.train_words is not None for s in self.shards)
+        self.files = _RowFiles()
 
     def gather(self, index: np.ndarray, seq_len: int, words: bool = False) -> np.ndarray:
         """index (n,) int64 in [0, total) -> (n, seq_len) int64 rows, in the order given; with ``words``
         the rows' word-continuation bits instead (bool; all False for an increment without them)."""
-        out = np.zeros((len(index), seq_len), dtype=bool if words else np.int64)
+        if len(index) == 0:
+            return np.zeros((0, seq_len), dtype=bool if words else np.int64)
         which = np.searchsorted(self.starts, index, side="right") - 1  # (n,) increment of each row
-        for i in np.unique(which):  # touches only the increments this batch draws from
-            source = self.shards[i].train_words if words else self.shards[i].train
-            if source is None:
-                continue
-            sel = which == i
-            local = index[sel] - self.starts[i]
-            order = np.argsort(local, kind="stable")  # sorted reads are kinder to memmap
-            rows = np.empty((len(local), seq_len), dtype=out.dtype)
-            rows[order] = source[local[order]]
-            out[sel] = rows
+        local = index - self.starts[which]  # (n,) row within its increment
+        sources = [(s.train_words, s.train_words_file) if words else (s.train, s.train_file) for s in self.shards]
+        if all(path is not None for _, path in sources):  # one read per row, however many increments it spans
+            dtype = self.shards[0].train_words.dtype if words else self.shards[0].train.dtype
+            rows = self.files.read([sources[i][1] for i in which.tolist()], local, seq_len, dtype)
+            return rows.astype(bool if words else np.int64)
+        out = np.zeros((len(index), seq_len), dtype=bool if words else np.int64)
+        for i in np.unique(which):  # arrays in memory (or without word bits): indexed per increment
+            source = sources[i][0]
+            if source is not None:
+                sel = which == i
+                out[sel] = self.files.rows(source, sources[i][1], local[sel])
         return out
+
+
+class _RowFiles:
+    """Rows of (n, T) arrays read from their files with ``os.preadv`` straight into the batch, the file
+    descriptors kept open (at most ``MAX_OPEN``, least recently used closed first), readahead off."""
+
+    MAX_OPEN = 256
+
+    def __init__(self) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+
+    def rows(self, source: np.ndarray, path: Path | None, index: np.ndarray) -> np.ndarray:
+        """``source[index]`` ((k,) int64 row numbers), read from ``path`` when given."""
+        if path is None:
+            return np.asarray(source[index])
+        return self.read([path] * len(index), index, source.shape[1], source.dtype)
+
+    def read(self, paths: list[Path], index: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
+        """Row ``index[j]`` of the (n, width) ``dtype`` file ``paths[j]``, for each j -> (len(index), width)."""
+        out = np.empty((len(index), width), dtype=dtype)
+        row_bytes = width * out.itemsize
+        view = out.view(np.uint8).reshape(len(index), row_bytes)
+        for buffer, path, row in zip(view, paths, index.tolist()):
+            if os.preadv(self._fd(path), [buffer], row * row_bytes) != row_bytes:
+                raise IntegrityError(f"{path}: row {row} is past the end of the file; it changed since it was "
+                                     "verified: run `incr verify WORKSPACE`")
+        return out
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        fd = os.open(path, os.O_RDONLY)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # a row is a few hundred bytes: no readahead
+        while len(self._fds) >= self.MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass

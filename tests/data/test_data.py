@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import numpy as np
@@ -157,22 +158,38 @@ def test_a_batch_reads_only_the_increments_it_draws_from(ws):
     (new,) = shards(ws, {1: 64})
     history = shards(ws, {tag: 4 for tag in range(2, 62)}, heldout=0)
     reads: Counter[str] = Counter()
-
-    class Spy(np.ndarray):
-        def __getitem__(self, index):
-            reads[self.increment] += 1
-            return np.asarray(self).__getitem__(index)
-
-    for s in history:
-        spy = np.asarray(s.train).view(Spy)
-        spy.increment = s.id
-        s.train = spy
     sampler = BatchSampler([new], history, Draw(6, 2, seed=0))
+    files = sampler.replay_pool.files
+    real = files.read
+
+    def spy(paths, index, width, dtype):
+        reads.update({path.parent.name for path in paths})  # the increments whose files this batch reads
+        return real(paths, index, width, dtype)
+
+    files.read = spy
     for _ in range(20):
         reads.clear()
         batch = sampler.next_batch()
         assert sum(reads.values()) <= 2
         assert len({tag for tag, _ in row_ids(batch.replay_ids)}) == len(reads)
+
+
+def test_rows_are_read_from_the_files_as_the_arrays_hold_them(ws):
+    """The sampler reads rows with pread (the history is never mapped into the process): the batches
+    are the ones indexing the arrays gives, and a row past the end of a changed file is an error."""
+    new, *history = shards(ws, {1: 40, 2: 30, 3: 1, 4: 50})
+    assert new.train_file == ws.increment_dir(new.id) / "train.bin"
+    in_memory = [dataclasses.replace(s, train=np.array(s.train), train_file=None) for s in [new, *history]]
+    from_files = BatchSampler([new], history, Draw(5, 7, seed=3, split="increment"))
+    from_arrays = BatchSampler(in_memory[:1], in_memory[1:], Draw(5, 7, seed=3, split="increment"))
+    for _ in range(12):
+        a, b = from_files.next_batch(), from_arrays.next_batch()
+        assert np.array_equal(a.input_ids, b.input_ids)
+    with open(history[0].train_file, "r+b") as f:
+        f.truncate(T * 2 * 5)  # the file lost rows after it was verified
+    with pytest.raises(IntegrityError, match="past the end"):
+        for _ in range(20):
+            from_files.next_batch()
 
 
 # ----------------------------------------------------------------------------- replay.split
@@ -237,7 +254,6 @@ def test_a_plan_names_the_earlier_increments_replay_would_leave_uncovered():
 
 
 def test_the_recipe_offers_exactly_the_samplers_split_rules():
-    import dataclasses
 
     from incr_cli.config.recipe import ReplayConfig
     from incr_cli.data.shards import REPLAY_SPLITS
