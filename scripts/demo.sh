@@ -31,5 +31,15 @@ step "$INCR" fill-mask "$WS" --versions v0001,v0002 \
   "Use the [MASK] statement to import a module." \
   "He had not the smallest [MASK] of marrying her."
 "${PYTHON:-.venv/bin/python}" scripts/demo_compare.py "$OUT/eval.json" "$OUT/eval-naive.json"
+seconds=$(( $(date +%s) - start ))
+# what README's "the demo takes about N minutes" is read from (results/demo-run.json is a committed copy)
+"${PYTHON:-.venv/bin/python}" - "$OUT/demo-run.json" "$seconds" "$STEPS1" "$STEPS2" <<'PY'
+import json, os, platform, sys
+out, seconds, steps1, steps2 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
+simd = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags), platform.machine())
+json.dump({"seconds": seconds, "cores": len(os.sched_getaffinity(0)), "cpu": simd, "steps": [steps1, steps2],
+           "overrides": os.environ.get("DEMO_OVERRIDES", "")}, open(out, "w"), indent=1)
+PY
 echo
-echo "demo finished in $(( $(date +%s) - start )) s; the plot is $OUT/eval.png, the workspace $WS"
+echo "demo finished in $seconds s; the plot is $OUT/eval.png, the workspace $WS"
