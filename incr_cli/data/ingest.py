@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from incr_cli.data.segment import WORDS_SUFFIX, ChineseWords, has_cjk
 from incr_cli.errors import InputError, UsageError, clip, shown
 from incr_cli.faults import fault_point
 from incr_cli.model import vocab
-from incr_cli.model.weights import tokenizer_sha256
+from incr_cli.model.tokenizer import tokenizer_sha256
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.store.diskspace import disk_writes
 from incr_cli.store.files import sha256_file
@@ -244,21 +245,36 @@ class _Packing:
     batch_docs: int  # documents per tokenizer call (``data.batch_docs``)
 
 
+def _spooled_batches(text_file: Any, hash_file: Any, batch_docs: int) -> Iterator[tuple[list[str], bytes]]:
+    """The spooled documents ``batch_docs`` at a time, with their 16-byte hashes."""
+    while texts := [line.rstrip("\n") for _, line in zip(range(batch_docs), text_file)]:
+        yield texts, hash_file.read(16 * len(texts))
+
+
 def _tokenize_pack(pack: _Packing, *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
-    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs."""
-    batch_docs = pack.batch_docs
-    spool, cutoff, tokenizer, splits, coverage = pack.spool, pack.cutoff, pack.tokenizer, pack.splits, pack.coverage
+    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
+
+    The next batch is tokenized in a worker thread (the fast tokenizer releases the GIL while it
+    encodes) while this one is counted and packed, so that work does not wait on the tokenizer; at most
+    two batches are held."""
+    cutoff, splits, coverage = pack.cutoff, pack.splits, pack.coverage
     n_train = n_heldout = 0
     started = time.perf_counter()
-    with open(spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
-            open(spool.with_suffix(".hash"), "rb") as hash_file, \
+    with open(pack.spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
+            open(pack.spool.with_suffix(".hash"), "rb") as hash_file, \
+            ThreadPoolExecutor(1, thread_name_prefix="incr-tokenize") as pool, \
             reporter.progress("tokenizing", total=total, unit="docs") as bar:
-        while True:
-            texts = [line.rstrip("\n") for _, line in zip(range(batch_docs), text_file)]
-            if not texts:
-                break
-            digests = hash_file.read(16 * len(texts))
-            ids, offsets = tokenize_with_offsets(tokenizer, texts)
+        batches = _spooled_batches(text_file, hash_file, pack.batch_docs)
+
+        def ahead() -> tuple[list[str], bytes, Future] | None:
+            batch = next(batches, None)
+            return None if batch is None else (*batch, pool.submit(tokenize_with_offsets, pack.tokenizer, batch[0]))
+
+        current = ahead()
+        while current is not None:
+            texts, digests, encoded = current
+            current = ahead()  # encodes while this batch is packed
+            ids, offsets = encoded.result()
             coverage.add(texts, ids, offsets)
             docs = []
             for i, doc in enumerate(ids):

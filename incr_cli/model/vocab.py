@@ -35,7 +35,7 @@ from typing import Any
 
 from incr_cli.config.recipe import VocabConfig
 from incr_cli.errors import InputError, IntegrityError, UsageError, clip
-from incr_cli.model.weights import load_tokenizer, quiet_transformers, tokenizer_sha256
+from incr_cli.model.tokenizer import load_tokenizer, quiet_transformers, tokenizer_sha256
 from incr_cli.store.workspace import Workspace
 
 TOKENIZER_DIR = "tokenizer"  # the extended tokenizer inside an increment folder

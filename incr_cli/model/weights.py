@@ -9,15 +9,11 @@ A version folder is exactly what ``from_pretrained`` reads, plus ``manifest.json
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import inspect
 import json
 import os
 import platform
 import re
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +22,25 @@ import torch
 
 from incr_cli import __version__
 from incr_cli.config.recipe import Recipe, recipe_to_dict, recipe_to_yaml
-from incr_cli.errors import IntegrityError, UsageError, clip, shown
+from incr_cli.errors import IntegrityError, UsageError, clip
 from incr_cli.faults import fault_point
 from incr_cli.model.packaging import card_license, packaging_files
+from incr_cli.model.tokenizer import (
+    TINY_VOCAB,
+    first_line,
+    load_tokenizer,
+    quiet_transformers,
+    require_fast,
+    scratch_tokenizer,
+    tokenizer_sha256,
+    version_folder,
+)
 from incr_cli.progress import Quiet, Reporter
 from incr_cli.store.diskspace import disk_writes, tensor_bytes
 from incr_cli.store.files import atomic_write_text, path_errors, read_manifest, safe_relpath
 from incr_cli.store.lock import LOCK_FILE
 from incr_cli.store.workspace import CURRENT_LINK, HISTORY_FILE, Workspace, base_manifest, seal_folder
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-TINY_VOCAB = ASSETS / "tiny-vocab.txt"
 # Weights a base does not supply (a scratch preset, a missing MLM head) are drawn from a private RNG
 # stream with this seed: `init` of the same base gives the same v0000 every time.
 INIT_SEED = 0
@@ -93,63 +97,6 @@ def software_versions() -> dict[str, str]:
 
     return {"incr": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and warnings so the CLI's own output stays clean."""
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as hf_logging
-
-    previous, hub_previous = hf_logging.get_verbosity(), hub_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hub_logging.set_verbosity_error()  # its "Retrying in 1s" lines
-    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on stderr
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        hub_logging.set_verbosity(hub_previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-
-def _load_vocab(path: Path) -> dict[str, int]:
-    tokens = path.read_text(encoding="utf-8").splitlines()
-    return {tok: i for i, tok in enumerate(tokens)}
-
-
-def scratch_tokenizer() -> Any:
-    """The lowercase WordPiece tokenizer of the ``scratch:*`` presets (from the shipped vocabulary)."""
-    from transformers import BertTokenizerFast
-
-    # transformers 5 takes the vocabulary itself; 4.x takes the file path.
-    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
-        return BertTokenizerFast(vocab=_load_vocab(TINY_VOCAB), do_lower_case=True)
-    return BertTokenizerFast(vocab_file=str(TINY_VOCAB), do_lower_case=True)
-
-
-def tokenizer_sha256(tokenizer: Any) -> str:
-    """A hash of what decides token ids (vocab/merges, normalizer, pre-tokenizer, added tokens).
-
-    Stable for the same tokenizer across save/load; ingest records it so data and model match.
-    """
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    added = sorted(spec.get("added_tokens") or [], key=lambda t: t.get("id", 0))
-    key = {"model": spec.get("model"), "normalizer": spec.get("normalizer"),
-           "pre_tokenizer": spec.get("pre_tokenizer"), "added_tokens": added}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _require_fast(tokenizer: Any, where: str) -> Any:
-    if not getattr(tokenizer, "is_fast", False):
-        raise UsageError(f"{where}: the tokenizer is not a fast (Rust) tokenizer; incr needs tokenizer.json "
-                         "or a vocabulary transformers can convert")
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------- resolving a base
@@ -308,8 +255,8 @@ def _local_dir(folder: Path, recipe: Recipe, allow_pickle: bool, reporter: Repor
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                       trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise UsageError(f"{where}: cannot be loaded as a masked-LM model: {_first_line(exc)}") from None
-    _require_fast(tokenizer, where)
+        raise UsageError(f"{where}: cannot be loaded as a masked-LM model: {first_line(exc)}") from None
+    require_fast(tokenizer, where)
     head_initialised, missing = _head_initialised(model, info, reporter, where)
     source_info = {"kind": "local", "spec": str(folder), "path": str(folder.resolve()),
                    "architecture": type(model).__name__, "missing_keys": missing[:20], "license": card_license(folder)}
@@ -335,9 +282,9 @@ def _hub(model_id: str, recipe: Recipe, allow_pickle: bool, reporter: Reporter) 
             last = exc
     else:
         why = "not found, or it has no safetensors MLM weights" if _hub_reachable() else "offline and not in the cache"
-        raise UsageError(f"cannot load hub model {model_id}: {why} ({_first_line(last)}); pass a local directory "
+        raise UsageError(f"cannot load hub model {model_id}: {why} ({first_line(last)}); pass a local directory "
                          "or a scratch: preset, or connect and retry") from None
-    _require_fast(tokenizer, where)
+    require_fast(tokenizer, where)
     head_initialised, missing = _head_initialised(model, info, reporter, where)
     source_info = {"kind": "hub", "spec": model_id, "id": model_id,
                    "revision": getattr(model.config, "_commit_hash", None),
@@ -367,11 +314,6 @@ def _check_positions(model: Any, recipe: Recipe, source: str) -> None:
     if limit is not None and recipe.model.max_seq_len > limit:
         raise UsageError(f"model.max_seq_len={recipe.model.max_seq_len} is longer than {source} supports "
                          f"(max_position_embeddings={limit}); lower model.max_seq_len")
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip().splitlines() if exc else []
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- versions on disk
@@ -405,34 +347,12 @@ def save_version(ws: Workspace, version: str, model: Any, tokenizer: Any, manife
     return sealed
 
 
-def _version_folder(ws: Workspace, version: str) -> Path:
-    folder = ws.version_dir(version)
-    if not folder.is_dir():
-        raise UsageError(f"unknown version {shown(version)}; valid versions: {', '.join(ws.versions()) or 'none'}")
-    ws.require_weights(version)
-    return folder
-
-
-def load_tokenizer(ws: Workspace, version: str) -> Any:
-    """The fast tokenizer stored in a version folder."""
-    from transformers import AutoTokenizer
-
-    folder = _version_folder(ws, version)
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:  # a corrupt tokenizer file surfaces as many exception types
-        raise IntegrityError(f"{version}: the tokenizer files cannot be loaded ({_first_line(exc)}); "
-                             f"run `incr verify {ws.root} --all`") from None
-    return _require_fast(tokenizer, f"{version}")
-
-
 def load_version(ws: Workspace, version: str, *, recipe: Recipe | None = None, device: str = "cpu",
                  verify: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) of a version: checksums first, safetensors only, fp32, eval mode."""
     from transformers import AutoModelForMaskedLM
 
-    folder = _version_folder(ws, version)
+    folder = version_folder(ws, version)
     manifest = ws.verify_version(version) if verify else read_manifest(folder)
     weights = next((f for f in SAFE_WEIGHTS if (folder / f).is_file()), None)
     if weights is None:
@@ -451,7 +371,7 @@ def load_version(ws: Workspace, version: str, *, recipe: Recipe | None = None, d
     try:
         model = with_attn_fallback(load, attn, version)
     except Exception as exc:  # corrupt config or weights: never a traceback
-        raise IntegrityError(f"{version}: cannot load the model from {folder} ({_first_line(exc)}); "
+        raise IntegrityError(f"{version}: cannot load the model from {folder} ({first_line(exc)}); "
                              f"run `incr verify {ws.root} --all`") from None
     tokenizer = load_tokenizer(ws, version)
     return model.float().to(device).eval(), tokenizer
