@@ -35,8 +35,10 @@ class Coverage:
     dropped: int = 0
     example: str | None = None
 
-    def add(self, texts: list[str], ids: list[list[int]], offsets: list[list[tuple[int, int]]]) -> None:
-        """One tokenizer batch: ``texts`` and, per text, its token ids and (start, end) character offsets."""
+    def add(self, texts: list[str], ids: list[list[int]], offsets: list[list[tuple[int, int]] | None]) -> None:
+        """One tokenizer batch: ``texts`` and, per text, its token ids and (start, end) character offsets;
+        None offsets for a text known to lose no character (``packing.tokenize_for_coverage``: printable
+        ASCII without an unknown token, for a tokenizer that drops none of it)."""
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         n = int(lengths.sum())
         self.tokens += n
@@ -46,7 +48,11 @@ class Coverage:
             self.unknown += int(is_unk.sum())
             if self.example is None and is_unk.any():
                 self.example = _example(texts, offsets, lengths, int(np.argmax(is_unk)))
-        self.chars, self.dropped = self.chars + _nonspace(texts), self.dropped + _uncovered(texts, offsets, n)
+        self.chars += _nonspace(texts)
+        spanned = [i for i, spans in enumerate(offsets) if spans is not None]
+        if spanned:
+            some_texts, some_offsets = [texts[i] for i in spanned], [offsets[i] for i in spanned]
+            self.dropped += _uncovered(some_texts, some_offsets, sum(map(len, some_offsets)))
 
     @property
     def unknown_share(self) -> float:

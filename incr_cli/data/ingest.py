@@ -32,7 +32,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +49,10 @@ from incr_cli.data.dedup import (
     open_index,
     recover_index,
 )
-from incr_cli.data.packing import PackedWriter, special_ids, token_dtype, tokenize_with_offsets
+from incr_cli.data.packing import special_ids, token_dtype
 from incr_cli.data.readers import FORMATS, ReadState, SourceFile, Tally
 from incr_cli.data.segment import WORDS_SUFFIX, ChineseWords, has_cjk
+from incr_cli.data.spool import Packing, Splits, TextSpool, TokenSpool, pack_tokens, tokenize_pack
 from incr_cli.errors import InputError, UsageError, clip, shown
 from incr_cli.faults import fault_point
 from incr_cli.model import vocab
@@ -116,11 +116,11 @@ class _Pass1:
 
 
 def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass1, conn: sqlite3.Connection,
-                      spool: Path, tally: Tally) -> None:
+                      sink: TextSpool | TokenSpool, tally: Tally) -> None:
     """Pass 1: stream documents, clean, dedup against the index (inserting new hashes, uncommitted).
 
-    Kept documents go to ``spool``.txt (one per line: cleaning removed every newline) and their
-    hashes to ``spool``.hash; the counts go to ``out``.
+    Kept documents go to ``sink`` (``spool.py``: as text, or tokenized on the way) and their hashes to
+    the spool's .hash file; the counts go to ``out``.
     """
     increment, fmt, text_field, reporter = job.increment, job.fmt, job.text_field, job.reporter
     max_chars, min_chars = job.recipe.data.max_doc_chars, job.recipe.data.min_doc_chars
@@ -130,12 +130,11 @@ def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass
 
     def flush() -> None:
         if batch:
-            _flush_batch(batch, out, conn, increment, text_file, hash_file)
+            _flush_batch(batch, out, conn, increment, sink, hash_file)
 
     total_kb = sum(src.size for src, _ in files) // 1024  # whole units: progress bars count integers
     shown = 0  # bytes of input the bar has been moved by
-    with open(spool.with_suffix(".txt"), "w", encoding="utf-8", newline="\n") as text_file, \
-            open(spool.with_suffix(".hash"), "wb") as hash_file, \
+    with open(sink.path.with_suffix(".hash"), "wb") as hash_file, \
             reporter.progress("reading", total=total_kb, unit="KB") as bar:
         for src, sha in files:
             state = ReadState()
@@ -167,9 +166,9 @@ def _read_clean_dedup(job: _Job, files: list[tuple[SourceFile, str]], out: _Pass
 
 
 def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite3.Connection, increment: str,
-                 text_file: Any, hash_file: Any) -> None:
-    """Dedup ``batch`` (text, hash, cut) within itself and against the index; write the kept ones
-    to the spool files, count every document in ``out``, and empty ``batch``."""
+                 sink: TextSpool | TokenSpool, hash_file: Any) -> None:
+    """Dedup ``batch`` (text, hash, cut) within itself and against the index; hand the kept ones to
+    ``sink`` and their hashes to ``hash_file``, count every document in ``out``, and empty ``batch``."""
     unique: dict[bytes, tuple[str, bool]] = {}
     for text, digest, cut in batch:
         if digest in unique:
@@ -193,7 +192,7 @@ def _flush_batch(batch: list[tuple[str, bytes, bool]], out: _Pass1, conn: sqlite
         lines.append(text)
         hash_file.write(digest)
     if lines:
-        text_file.write("\n".join(lines) + "\n")
+        sink.add(lines)
     batch.clear()
 
 
@@ -202,94 +201,6 @@ def _advance(bar: Any, shown: int, done: int, out: _Pass1) -> int:
     kb = (done - shown) // 1024
     bar.advance(kb, f"{out.kept:,} new docs, {out.duplicate:,} duplicates")
     return shown + kb * 1024
-
-
-class _Splits:
-    """The train and held-out writers of an increment, and with a segmenter their word-boundary twins
-    (``train.words.bin``, ``heldout.words.bin``: the same row layout, uint8, 1 = continues a word)."""
-
-    def __init__(self, folder: Path, seq_len: int, segmenter: ChineseWords | None, **kw: Any):
-        self.segmenter = segmenter
-        self.train = PackedWriter(folder / "train.bin", seq_len, **kw)
-        self.heldout = PackedWriter(folder / "heldout.bin", seq_len, **kw)
-        self.words = None
-        if segmenter is not None:
-            bits = {"cls_id": 0, "sep_id": 0, "pad_id": 0, "dtype": "uint8"}
-            self.words = (PackedWriter(folder / f"train{WORDS_SUFFIX}", seq_len, **bits),
-                          PackedWriter(folder / f"heldout{WORDS_SUFFIX}", seq_len, **bits))
-
-    def add(self, docs: list[tuple[bool, list[int], str, list[tuple[int, int]]]]) -> None:
-        """docs: (held out?, token ids, text, offsets) of each document, in order."""
-        for k, (writer, held) in enumerate(((self.train, False), (self.heldout, True))):
-            chosen = [d for d in docs if d[0] == held]
-            writer.add([ids for _, ids, _, _ in chosen])
-            if self.words is not None:
-                self.words[k].add([self.segmenter.continues(text, spans) for _, _, text, spans in chosen])
-
-    def close(self) -> None:
-        for writer in (self.train, self.heldout, *(self.words or ())):
-            writer.close()
-
-
-@dataclass(frozen=True)
-class _Packing:
-    """Pass 2's inputs and outputs: the spooled documents (``spool``: .txt and .hash), the hash unit
-    below which a document is held out, the tokenizer, the writers of both splits, and the coverage
-    count of unknown tokens and uncovered characters."""
-
-    spool: Path
-    cutoff: float
-    tokenizer: Any
-    splits: _Splits
-    coverage: Coverage
-    batch_docs: int  # documents per tokenizer call (``data.batch_docs``)
-
-
-def _spooled_batches(text_file: Any, hash_file: Any, batch_docs: int) -> Iterator[tuple[list[str], bytes]]:
-    """The spooled documents ``batch_docs`` at a time, with their 16-byte hashes."""
-    while texts := [line.rstrip("\n") for _, line in zip(range(batch_docs), text_file)]:
-        yield texts, hash_file.read(16 * len(texts))
-
-
-def _tokenize_pack(pack: _Packing, *, total: int, tally: Tally, reporter: Reporter) -> tuple[int, int]:
-    """Pass 2: tokenize the spooled documents in batches and pack them; return (train, heldout) docs.
-
-    The next batch is tokenized in a worker thread (the fast tokenizer releases the GIL while it
-    encodes) while this one is counted and packed, so that work does not wait on the tokenizer; at most
-    two batches are held."""
-    cutoff, splits, coverage = pack.cutoff, pack.splits, pack.coverage
-    n_train = n_heldout = 0
-    started = time.perf_counter()
-    with open(pack.spool.with_suffix(".txt"), encoding="utf-8", newline="\n") as text_file, \
-            open(pack.spool.with_suffix(".hash"), "rb") as hash_file, \
-            ThreadPoolExecutor(1, thread_name_prefix="incr-tokenize") as pool, \
-            reporter.progress("tokenizing", total=total, unit="docs") as bar:
-        batches = _spooled_batches(text_file, hash_file, pack.batch_docs)
-
-        def ahead() -> tuple[list[str], bytes, Future] | None:
-            batch = next(batches, None)
-            return None if batch is None else (*batch, pool.submit(tokenize_with_offsets, pack.tokenizer, batch[0]))
-
-        current = ahead()
-        while current is not None:
-            texts, digests, encoded = current
-            current = ahead()  # encodes while this batch is packed
-            ids, offsets = encoded.result()
-            coverage.add(texts, ids, offsets)
-            docs = []
-            for i, doc in enumerate(ids):
-                if not doc:  # e.g. only characters the tokenizer's normaliser drops
-                    tally.reject("no_tokens")
-                else:
-                    docs.append((hash_unit(digests[16 * i: 16 * i + 16]) < cutoff, doc, texts[i], offsets[i]))
-            splits.add(docs)
-            held = sum(d[0] for d in docs)
-            n_train += len(docs) - held
-            n_heldout += held
-            fault_point("ingest.batch")
-            rate = (splits.train.tokens + splits.heldout.tokens) / max(time.perf_counter() - started, 1e-9)
-            bar.advance(len(texts), f"{rate:,.0f} tokens/s")
-    return n_train, n_heldout
 
 
 def _segmenter(recipe: Recipe, spool: Path) -> ChineseWords | None:
@@ -586,48 +497,11 @@ def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[Sour
     Fills ``p1`` as it goes (the caller reports from it); raises ``_NothingNew`` having written nothing
     (``_DryRun`` after choosing the words of a vocabulary dry run).
     """
-    ws, increment, recipe, tokenizer, reporter, grow = job.ws, job.increment, job.recipe, job.tokenizer, job.reporter, job.grow
-    cls_id, sep_id, pad_id = special_ids(tokenizer)
-    seq_len = recipe.model.max_seq_len
+    ws, increment = job.ws, job.increment
     conn.execute("BEGIN IMMEDIATE")
     try:
         with ws.staged_folder(ws.increment_dir(increment)) as tmp:
-            spool = tmp / ".spool"
-            _read_clean_dedup(job, files, p1, conn, spool, tally)
-            _warn_skips(reporter, tally)
-            if p1.kept == 0:
-                raise _NothingNew()
-            cutoff = p1.split.cutoff()
-            if grow.wanted:
-                tokenizer = _grow_tokenizer(job, tmp, spool, cutoff)
-            ids, dtype = _tokenizer_fields(tokenizer, grow), token_dtype(len(tokenizer))
-            segmenter = _segmenter(recipe, spool)
-            splits = _Splits(tmp, seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
-            coverage = Coverage(tokenizer.unk_token_id)
-            try:
-                pack = _Packing(spool, cutoff, tokenizer, splits, coverage, recipe.data.batch_docs)
-                n_train, n_heldout = _tokenize_pack(pack, total=p1.kept, tally=tally, reporter=reporter)
-            finally:
-                splits.close()
-            train, heldout = splits.train, splits.heldout
-            if n_train + n_heldout == 0:
-                raise _NothingNew()
-            check_coverage(coverage, increment, warn_above=recipe.data.unknown_warn,
-                           refuse_above=recipe.data.unknown_max, allow_unknown=job.options.allow_unknown,
-                           reporter=reporter)
-            spool.with_suffix(".txt").unlink()
-            spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
-            _record_sources(conn, increment, p1)
-            manifest = seal_folder(tmp, base_manifest(
-                "increment", id=increment, name=increment.split("-", 1)[1], seq_len=seq_len, dtype=dtype,
-                pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **ids, reader={"format": job.fmt, "text_field": job.text_field},
-                sources=p1.sources, documents=_documents(p1, tally, n_train, n_heldout), heldout_cutoff=cutoff,
-                sequences={"train": train.rows, "heldout": heldout.rows},
-                tokens={"train": train.tokens, "heldout": heldout.tokens},
-                doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
-                unknown=coverage.to_dict(),
-                words={"segmenter": segmenter.name, "suffix": WORDS_SUFFIX} if segmenter else None,
-            ))
+            manifest = _both_passes(job, conn, files, p1, tally, tmp)
             conn.execute("COMMIT")  # before the rename: recovery removes the rows if the rename never happens
             fault_point("ingest.before_rename")
     except BaseException:
@@ -635,6 +509,56 @@ def _write_increment(job: _Job, conn: sqlite3.Connection, files: list[tuple[Sour
             conn.execute("ROLLBACK")
         raise
     return manifest
+
+
+def _both_passes(job: _Job, conn: sqlite3.Connection, files: list[tuple[SourceFile, str]], p1: _Pass1,
+                 tally: Tally, tmp: Path) -> dict[str, Any]:
+    """Pass 1 into a spool (``spool.py``: token ids tokenized on the way, or text when the tokenizer or the
+    segmentation is only known after it), the held-out cutoff, pass 2 into the splits; -> the manifest."""
+    recipe, tokenizer, reporter, grow = job.recipe, job.tokenizer, job.reporter, job.grow
+    spool = tmp / ".spool"
+    tokens_now = not grow.wanted and not recipe.masking.whole_word
+    coverage, dtype = Coverage(tokenizer.unk_token_id), token_dtype(len(tokenizer))
+    sink = TokenSpool(spool, tokenizer, coverage, dtype) if tokens_now else TextSpool(spool)
+    try:
+        _read_clean_dedup(job, files, p1, conn, sink, tally)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    _warn_skips(reporter, tally)
+    if p1.kept == 0:
+        raise _NothingNew()
+    cutoff = p1.split.cutoff()
+    if grow.wanted:
+        tokenizer = _grow_tokenizer(job, tmp, spool, cutoff)
+        coverage, dtype = Coverage(tokenizer.unk_token_id), token_dtype(len(tokenizer))
+    segmenter = None if tokens_now else _segmenter(recipe, spool)
+    cls_id, sep_id, pad_id = special_ids(tokenizer)
+    splits = Splits(tmp, recipe.model.max_seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)
+    try:
+        pack = Packing(spool, cutoff, tokenizer, splits, coverage, recipe.data.batch_docs)
+        counts = (pack_tokens(pack, dtype, tally=tally, reporter=reporter, total=p1.kept) if tokens_now else
+                  tokenize_pack(pack, total=p1.kept, tally=tally, reporter=reporter))
+    finally:
+        splits.close()
+    if sum(counts) == 0:
+        raise _NothingNew()
+    check_coverage(coverage, job.increment, warn_above=recipe.data.unknown_warn, refuse_above=recipe.data.unknown_max,
+                   allow_unknown=job.options.allow_unknown, reporter=reporter)
+    sink.path.unlink()
+    spool.with_suffix(".hash").rename(tmp / DOC_HASHES)
+    _record_sources(conn, job.increment, p1)
+    return seal_folder(tmp, base_manifest(
+        "increment", id=job.increment, name=job.increment.split("-", 1)[1], seq_len=recipe.model.max_seq_len,
+        dtype=dtype, pad_id=pad_id, cls_id=cls_id, sep_id=sep_id, **_tokenizer_fields(tokenizer, grow),
+        reader={"format": job.fmt, "text_field": job.text_field}, sources=p1.sources,
+        documents=_documents(p1, tally, *counts), heldout_cutoff=cutoff,
+        sequences={"train": splits.train.rows, "heldout": splits.heldout.rows},
+        tokens={"train": splits.train.tokens, "heldout": splits.heldout.tokens},
+        doc_hashes={"file": DOC_HASHES, "hash": "blake2b-128"}, skipped=_skipped_summary(tally),
+        unknown=coverage.to_dict(), words={"segmenter": segmenter.name, "suffix": WORDS_SUFFIX} if segmenter else None,
+    ))
 
 
 def _record_sources(conn: sqlite3.Connection, increment: str, p1: _Pass1) -> None:

@@ -133,6 +133,27 @@ def test_batch_docs_bounds_memory_not_the_increment(tiny_recipe: Recipe, tmp_pat
     assert written[0] == written[1] == written[2]
 
 
+def test_tokenized_while_reading_or_after_the_increment_is_the_same(tiny_recipe: Recipe, tmp_path: Path,
+                                                                     _tiny_workspace_template: Path) -> None:
+    """Pass 1 tokenizes as it reads (a token spool) unless whole-word masking or vocabulary growth need
+    the texts after it (a text spool): both write the same files and count the same documents."""
+    lines = make_docs(150) + ["\u0300\u0301", "caf\u00e9 \u2603 \u00bd", "\u0301"] + make_docs(20, tag="late")
+    src = write_lines(tmp_path / "in.txt", lines)
+    written, counts = [], []
+    for whole_word in (False, True):  # English text: no segmenter either way, only the spool differs
+        ws = Workspace(_tiny_workspace_template).copy_to(tmp_path / f"ws{whole_word}")
+        recipe = replace(tiny_recipe, masking=replace(tiny_recipe.masking, whole_word=whole_word),
+                         data=replace(tiny_recipe.data, batch_docs=16))
+        res = ingest(ws, [str(src)], recipe=recipe)
+        folder = ws.increment_dir(res.increment)
+        assert not list(folder.glob(".spool*"))  # the spool never stays
+        written.append({name: (folder / name).read_bytes() for name in ("train.bin", "heldout.bin", "doc_hashes.bin")})
+        m = ws.increment_manifest(res.increment)
+        counts.append((m["documents"], m["tokens"], m["sequences"], m["unknown"]))
+    assert written[0] == written[1]
+    assert counts[0] == counts[1] and counts[0][0]["rejected"].get("no_tokens", 0) >= 1
+
+
 def test_heldout_cutoff_raises_to_min_docs_only_when_big_enough() -> None:
     units = np.linspace(0.01, 0.99, 100)
     assert heldout_cutoff(units, 0.05, 0) == 0.05
@@ -526,3 +547,29 @@ def test_tokenizing_through_the_backend_gives_the_wrappers_ids_and_spans_and_res
     assert ids == want["input_ids"] and [list(map(tuple, s)) for s in spans] == [list(map(tuple, s))
                                                                               for s in want["offset_mapping"]]
     assert tok.mask_token_id not in ids[40]  # "[MASK]" written in a document is text, not the mask token
+
+
+def test_plain_text_skips_the_spans_only_where_no_character_can_be_lost():
+    """Printable-ASCII texts are encoded without spans (faster) when the tokenizer drops no printable
+    ASCII: the same ids, and the same coverage counts as spans for every text give."""
+    from tokenizers import normalizers
+
+    from incr_cli.data.coverage import Coverage
+    from incr_cli.data.packing import covers_printable_ascii, tokenize_for_coverage, tokenize_with_offsets
+    from incr_cli.model.weights import scratch_tokenizer
+
+    tok = scratch_tokenizer()
+    texts = make_docs(30) + ["plain ascii ~~~ with a zzqxj word", "caf\u00e9 \u2603 \u0301", "tab\there", "", "x"]
+    assert covers_printable_ascii(tok)
+    ids, spans = tokenize_for_coverage(tok, texts, plain_covered=True, unk_id=tok.unk_token_id)
+    exact_ids, exact_spans = tokenize_with_offsets(tok, texts)
+    assert ids == exact_ids
+    plain = [t.isascii() and t.isprintable() and tok.unk_token_id not in i for t, i in zip(texts, ids)]
+    assert [s is None for s in spans] == plain and any(plain) and not all(plain)
+    fast, exact = Coverage(tok.unk_token_id), Coverage(tok.unk_token_id)
+    fast.add(texts, ids, spans)
+    exact.add(texts, exact_ids, exact_spans)
+    assert fast.to_dict() == exact.to_dict() and exact.dropped > 0  # the lone accent is dropped
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("~", ""), normalizers.Lowercase()])
+    assert not covers_printable_ascii(tok)  # then every text gets its spans
+    assert all(s is not None for s in tokenize_for_coverage(tok, texts, plain_covered=False, unk_id=None)[1])
