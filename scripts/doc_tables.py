@@ -143,18 +143,39 @@ def ingest_scale_table(m: dict) -> str:
         lines.append(f"| ingest, {m['cores']} cores | {r['mb']:,.0f} MB | {r['documents']:,} | {r['seconds']:,.0f} | "
                      f"{r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['peak_rss'] / 1e6:,.0f} | |")
     first = next(iter(m["sizes"].values()))
+    names = {"raw": "raw tokenizer", "raw_call": "raw `tokenizer(batch)`", "raw_fast": "raw `encode_batch_fast`"}
     for cores, runs in m["cores_runs"].items():
-        ing, raw = runs["ingest"], runs["raw"]
+        ing, raws = runs["ingest"], {k: v for k, v in runs.items() if k != "ingest"}
+        against = "; ".join(f"{ing['docs_per_s'] / r['docs_per_s']:.0%} of {names[k].removeprefix('raw ')}"
+                            for k, r in raws.items())
         lines.append(f"| ingest, {cores} core(s) | {first['mb']:,.0f} MB | {ing['docs']:,} | {ing['seconds']:,.0f} | "
-                     f"{ing['docs_per_s']:,.0f} | {ing['mb_per_s']:.2f} | {ing['peak_rss'] / 1e6:,.0f} | "
-                     f"{ing['docs_per_s'] / raw['docs_per_s']:.0%} of the raw tokenizer |")
-        lines.append(f"| raw tokenizer, {cores} core(s) | {first['mb']:,.0f} MB | {raw['docs']:,} | {raw['seconds']:,.0f} | "
-                     f"{raw['docs_per_s']:,.0f} | | {raw['peak_rss'] / 1e6:,.0f} | |")
+                     f"{ing['docs_per_s']:,.0f} | {ing['mb_per_s']:.2f} | {ing['peak_rss'] / 1e6:,.0f} | {against} |")
+        for k, raw in raws.items():
+            lines.append(f"| {names[k]}, {cores} core(s) | {first['mb']:,.0f} MB | {raw['docs']:,} | "
+                         f"{raw['seconds']:,.0f} | {raw['docs_per_s']:,.0f} | | {raw['peak_rss'] / 1e6:,.0f} | |")
     plain = m["formats"]["lines"]["docs_per_s"]
     for name, r in m["formats"].items():
         lines.append(f"| ingest `{name}`, {m['cores']} cores | {r['mb_per_s'] * r['seconds']:,.0f} MB | {r['docs']:,} | "
                      f"{r['seconds']:,.0f} | {r['docs_per_s']:,.0f} | {r['mb_per_s']:.2f} | {r['peak_rss'] / 1e6:,.0f} | "
                      f"{r['docs_per_s'] / plain:.0%} of plain text's docs/s |")
+    return "\n".join(lines)
+
+
+def reader_scale_table(m: dict) -> str:
+    """benchmarks/bench_reader_scale.py --out: drawing batches from a long history, per history length."""
+    lines = ["| reader | replay split | earlier increments | their rows (GB) | open (s) | ms/batch, warm | "
+             "ms/batch, cold | RSS: anonymous (MB) | RSS: mapped files (MB) | peak RSS (MB) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in m["rows"]:
+        cold = "" if r["ms_per_batch_cold"] is None else f"{r['ms_per_batch_cold']:.2f}"
+        lines.append(f"| {r['reader']} | {r['split']} | {r['k']} | {r['history_gb']:.2f} | {r['open_seconds']:.2f} | "
+                     f"{r['ms_per_batch_warm']:.2f} | {cold} | {r['anon_rss'] / 1e6:,.0f} | {r['file_rss'] / 1e6:,.0f} | "
+                     f"{r['peak_rss'] / 1e6:,.0f} |")
+    v = m["verify"]
+    lines += ["", f"Measured {m['date']}: {m['increments']} increments, {m['gb']:g} GB of rows ({m['seq_len']} tokens a "
+                  f"row), {m['batches']:,} micro-batches of {m['new']} new + {m['replay']} replayed rows per phase, "
+                  f"{m['machine']['cores']} cores. The first verification of every increment (each byte hashed) took "
+                  f"{v['first_seconds']:.0f} s, a later one (checksums cached by file stat) {v['cached_seconds']:.2f} s."]
     return "\n".join(lines)
 
 
@@ -249,6 +270,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "drift": ("results/drift-demo.json", drift_table),
     "history-cost": ("results/history-cost.json", history_table),
     "ingest-scale": ("results/ingest-scale.json", ingest_scale_table),
+    "reader-scale": ("results/reader-scale.json", reader_scale_table),
     "int8": ("results/int8-table.json", int8_table),
     "compress": ("results/compress-check.json", compress_table),
     "vocab": ("results/vocab-growth.json", vocab_table),
