@@ -124,3 +124,13 @@ def test_every_file_path_the_docs_name_exists():
     assert len(named) > 10
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"the docs name files that do not exist: {missing}"
+
+
+def test_the_demo_time_readme_states_is_the_committed_run():
+    """README's demo time is results/demo-run.json's (written by scripts/demo.sh at the end of make demo)."""
+    import json
+
+    run = json.loads((ROOT / "results" / "demo-run.json").read_text(encoding="utf-8"))
+    stated = re.search(r"The demo takes about (\d+) minutes on (\d+) CPU cores", README)
+    assert stated, "README.md should state the demo's time as results/demo-run.json measured it"
+    assert (int(stated[1]), int(stated[2])) == (round(run["seconds"] / 60), run["cores"])
