@@ -144,5 +144,7 @@ def test_the_ingest_scale_benchmark_runs_small_and_its_table_renders(tmp_path):
     sys.path.insert(0, str(BENCH.parent / "scripts"))
     import doc_tables
 
+    assert all({"ingest", "raw_call", "raw_fast"} == set(runs) for runs in m["cores_runs"].values())
+    assert all(runs["raw_call"]["tokens"] == runs["raw_fast"]["tokens"] for runs in m["cores_runs"].values())
     table = doc_tables.ingest_scale_table(m)
-    assert "of the raw tokenizer" in table and "of plain text's docs/s" in table
+    assert "of `tokenizer(batch)`" in table and "of `encode_batch_fast`" in table and "of plain text's docs/s" in table
