@@ -135,6 +135,9 @@ class _Pool:
         self.total = int(self.starts[-1])
         self.segmented = any(s.train_words is not None for s in self.shards)
         self.files = _RowFiles()
+        # per increment, (rows, the file behind them or None) of the token ids and of the word bits
+        self._sources = {False: [(s.train, s.train_file) for s in self.shards],
+                         True: [(s.train_words, s.train_words_file) for s in self.shards]}
 
     def gather(self, index: np.ndarray, seq_len: int, words: bool = False) -> np.ndarray:
         """index (n,) int64 in [0, total) -> (n, seq_len) int64 rows, in the order given; with ``words``
@@ -143,10 +146,9 @@ class _Pool:
             return np.zeros((0, seq_len), dtype=bool if words else np.int64)
         which = np.searchsorted(self.starts, index, side="right") - 1  # (n,) increment of each row
         local = index - self.starts[which]  # (n,) row within its increment
-        sources = [(s.train_words, s.train_words_file) if words else (s.train, s.train_file) for s in self.shards]
+        sources = self._sources[words]
         if all(path is not None for _, path in sources):  # one read per row, however many increments it spans
-            dtype = self.shards[0].train_words.dtype if words else self.shards[0].train.dtype
-            rows = self.files.read([sources[i][1] for i in which.tolist()], local, seq_len, dtype)
+            rows = self.files.read([sources[i][1] for i in which.tolist()], local, seq_len, sources[0][0].dtype)
             return rows.astype(bool if words else np.int64)
         out = np.zeros((len(index), seq_len), dtype=bool if words else np.int64)
         for i in np.unique(which):  # arrays in memory (or without word bits): indexed per increment
