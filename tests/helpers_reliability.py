@@ -180,7 +180,8 @@ def mount_small_disk(folder: Path, size_mb: int):
     import pytest
 
     if os.geteuid() != 0:
-        pytest.skip("a real small filesystem needs root to mount a tmpfs")
+        pytest.skip("a real small filesystem needs root to mount a tmpfs (a plain user's run mounts it in a "
+                    "namespace of its own: test_mounts_without_root.py)")
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
                           capture_output=True, text=True)
@@ -200,7 +201,8 @@ def mount_read_only(source: Path, target: Path):
     import pytest
 
     if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
+        pytest.skip("a read-only bind mount needs root (a plain user's run mounts it in a namespace of its "
+                    "own: test_mounts_without_root.py)")
     target.mkdir(parents=True, exist_ok=True)
     for args in (["mount", "--bind", str(source), str(target)], ["mount", "-o", "remount,bind,ro", str(target)]):
         done = subprocess.run(args, capture_output=True, text=True)

@@ -14,7 +14,7 @@ README = (TESTS.parent / "docs" / "reliability.md").read_text(encoding="utf-8")
 BLOCK = README.split("<!-- reliability:begin -->")[1].split("<!-- reliability:end -->")[0]
 RELIABILITY_FILES = ("test_faults_train.py", "test_integrity.py", "test_bad_input.py", "test_disk_full.py",
                      "test_ddp_faults.py", "test_campaign.py", "test_fsync_audit.py", "test_line.py",
-                     "test_fuzz.py", "test_read_only.py")
+                     "test_fuzz.py", "test_read_only.py", "test_mounts_without_root.py")
 
 
 def _path(file: str) -> Path:
