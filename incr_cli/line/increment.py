@@ -198,7 +198,7 @@ def train_increment(ws: Workspace, recipe: Recipe, *, parent: str | None = None,
                 return finished
             if ctx.is_main:
                 ws.clean_staging()
-            return _train(_Job(ws, plan, key, ctx, reporter, tracker), recipe, tasks)
+            return _train(ws, _Job(plan, key, ctx, reporter, tracker), recipe, tasks)
     finally:
         # Returns and GateRejected end every rank alike (the result is broadcast); other errors may not.
         ctx.close(together=sys.exc_info()[0] in (None, GateRejected))
@@ -265,8 +265,7 @@ def _threads_per_rank(recipe: Recipe) -> int | None:
 
 @dataclass(frozen=True)
 class _Job:
-    """A planned run: what setting it up starts from (on every rank), beside the recipe."""
-    ws: Workspace
+    """A planned run: what setting it up starts from (on every rank), beside the workspace and the recipe."""
     plan: IncrementPlan
     key: str  # the run key (run_key() in plan.py): where resumable state and the finished version are recorded
     ctx: distributed.DistContext
@@ -306,10 +305,10 @@ class Session:
                               self.run.model, self.shards, self.tok_inputs, self.place, reporter)
 
 
-def _train(job: _Job, recipe: Recipe, tasks: list[Any]) -> TrainResult:
+def _train(ws: Workspace, job: _Job, recipe: Recipe, tasks: list[Any]) -> TrainResult:
     """Set up the run -> resume it or score the parent -> the step loop -> finish (rank 0: the version)."""
-    ws, plan, ctx, tracker = job.ws, job.plan, job.ctx, job.tracker
-    session = _set_up(job, recipe)
+    plan, ctx, tracker = job.plan, job.ctx, job.tracker
+    session = _set_up(ws, job, recipe)
     session.tasks = tasks
     state = _resume_or_score_parent(session)
     _step_loop(session, state)
@@ -329,9 +328,9 @@ def _train(job: _Job, recipe: Recipe, tasks: list[Any]) -> TrainResult:
     return result
 
 
-def _set_up(job: _Job, recipe: Recipe) -> Session:
+def _set_up(ws: Workspace, job: _Job, recipe: Recipe) -> Session:
     """Load the parent (student and teacher), open the data, build the run and the strategy's extra terms."""
-    ws, plan, key, ctx, reporter = job.ws, job.plan, job.key, job.ctx, job.reporter
+    plan, key, ctx, reporter = job.plan, job.key, job.ctx, job.reporter
     started = time.perf_counter()
     place = Placement.resolve(ctx.device, recipe.runtime.precision)
     device = place.device
