@@ -75,11 +75,6 @@ def choose_precision(spec: str, device: torch.device) -> tuple[str, str]:
     return "fp32", "auto: this CPU has no bf16 matrix instructions (AMX / AVX512-BF16); bf16 would be emulated"
 
 
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """The precision ``choose_precision`` picks ("bf16" or "fp32")."""
-    return choose_precision(spec, device)[0]
-
-
 @dataclass(frozen=True)
 class Placement:
     """Where a model runs and at which precision ("bf16": autocast forwards; "fp32"): one value,

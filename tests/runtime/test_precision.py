@@ -26,7 +26,7 @@ REAL_CPU_CHECK = devices.cpu_has_bf16_matmul
 def test_auto_on_cpu_follows_the_bf16_matrix_units(monkeypatch, has_bf16, expected):
     monkeypatch.setattr(devices, "cpu_has_bf16_matmul", lambda: has_bf16)
     chosen, why = devices.choose_precision("auto", CPU)
-    assert chosen == expected and devices.resolve_precision("auto", CPU) == expected
+    assert chosen == expected and devices.Placement.resolve(CPU, "auto").precision == expected
     assert why.startswith("auto: ") and ("AMX" in why)
 
 
