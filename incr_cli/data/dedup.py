@@ -55,14 +55,6 @@ class HeldOutCutoff:
         return float(np.nextafter(-self._smallest[0], 1.0))  # just above the min_docs-th smallest
 
 
-def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
-    """``HeldOutCutoff`` of the kept documents' hash units (N,) float64, all at once."""
-    c = HeldOutCutoff(fraction, min_docs)
-    for unit in np.asarray(units, dtype=np.float64).tolist():
-        c.add(unit)
-    return c.cutoff()
-
-
 # ----------------------------------------------------------------------------- the dedup index
 
 

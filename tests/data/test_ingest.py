@@ -18,7 +18,7 @@ import pytest
 from incr_cli.config.recipe import Recipe, build_recipe
 from incr_cli.data import readers
 from incr_cli.data.clean import clean_text
-from incr_cli.data.dedup import HeldOutCutoff, doc_hash, hash_unit, heldout_cutoff
+from incr_cli.data.dedup import HeldOutCutoff, doc_hash, hash_unit
 from incr_cli.data.ingest import IngestOptions, ingest
 from incr_cli.data.packing import PackedWriter, tokenize_batch
 from incr_cli.errors import InputError, UsageError
@@ -152,6 +152,14 @@ def test_tokenized_while_reading_or_after_the_increment_is_the_same(tiny_recipe:
         counts.append((m["documents"], m["tokens"], m["sequences"], m["unknown"]))
     assert written[0] == written[1]
     assert counts[0] == counts[1] and counts[0][0]["rejected"].get("no_tokens", 0) >= 1
+
+
+def heldout_cutoff(units: np.ndarray, fraction: float, min_docs: int) -> float:
+    """``HeldOutCutoff`` of all ``units`` at once."""
+    c = HeldOutCutoff(fraction, min_docs)
+    for unit in units.tolist():
+        c.add(unit)
+    return c.cutoff()
 
 
 def test_heldout_cutoff_raises_to_min_docs_only_when_big_enough() -> None:
