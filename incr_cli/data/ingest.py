@@ -518,8 +518,8 @@ def _both_passes(job: _Job, conn: sqlite3.Connection, files: list[tuple[SourceFi
     recipe, tokenizer, reporter, grow = job.recipe, job.tokenizer, job.reporter, job.grow
     spool = tmp / ".spool"
     tokens_now = not grow.wanted and not recipe.masking.whole_word
-    coverage, dtype = Coverage(tokenizer.unk_token_id), token_dtype(len(tokenizer))
-    sink = TokenSpool(spool, tokenizer, coverage, dtype) if tokens_now else TextSpool(spool)
+    sink = (TokenSpool(spool, tokenizer, Coverage(tokenizer.unk_token_id), token_dtype(len(tokenizer))) if tokens_now
+            else TextSpool(spool))
     try:
         _read_clean_dedup(job, files, p1, conn, sink, tally)
     except BaseException:
@@ -532,7 +532,9 @@ def _both_passes(job: _Job, conn: sqlite3.Connection, files: list[tuple[SourceFi
     cutoff = p1.split.cutoff()
     if grow.wanted:
         tokenizer = _grow_tokenizer(job, tmp, spool, cutoff)
-        coverage, dtype = Coverage(tokenizer.unk_token_id), token_dtype(len(tokenizer))
+    # counted during pass 1 by a token spool, else during pass 2 with the final tokenizer
+    coverage = sink.coverage if isinstance(sink, TokenSpool) else Coverage(tokenizer.unk_token_id)
+    dtype = token_dtype(len(tokenizer))
     segmenter = None if tokens_now else _segmenter(recipe, spool)
     cls_id, sep_id, pad_id = special_ids(tokenizer)
     splits = Splits(tmp, recipe.model.max_seq_len, segmenter, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, dtype=dtype)

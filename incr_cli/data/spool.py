@@ -178,15 +178,19 @@ class Packing:
     batch_docs: int
 
 
+def _held_out(digests: bytes, cutoff: float) -> np.ndarray:
+    """The documents of a batch, given their hashes end to end, that go to the held-out split (D,) bool."""
+    return np.array([hash_unit(digests[k: k + HASH_BYTES]) < cutoff for k in range(0, len(digests), HASH_BYTES)],
+                    dtype=bool)
+
+
 def pack_tokens(pack: Packing, dtype: str, *, tally: Tally, reporter: Reporter, total: int) -> tuple[int, int]:
     """Pass 2 of a ``TokenSpool``: pack its batches; return (train, heldout) docs (no-token ones rejected)."""
     n_train = n_heldout = 0
     with open(pack.spool.with_suffix(".hash"), "rb") as hash_file, \
             reporter.progress("packing", total=total, unit="docs") as bar:
         for lengths, flat in _token_batches(pack.spool.with_suffix(".ids"), dtype):
-            digests = hash_file.read(HASH_BYTES * len(lengths))
-            held = np.array([hash_unit(digests[HASH_BYTES * i: HASH_BYTES * (i + 1)]) < pack.cutoff
-                             for i in range(len(lengths))], dtype=bool)
+            held = _held_out(hash_file.read(HASH_BYTES * len(lengths)), pack.cutoff)
             empty = lengths == 0  # e.g. only characters the tokenizer's normaliser drops
             for _ in range(int(empty.sum())):
                 tally.reject("no_tokens")
@@ -226,13 +230,13 @@ def tokenize_pack(pack: Packing, *, total: int, tally: Tally, reporter: Reporter
             current = ahead()  # encodes while this batch is packed
             ids, offsets = encoded.result()
             pack.coverage.add(texts, ids, offsets)
+            held_out = _held_out(digests, pack.cutoff)
             docs = []
             for i, doc in enumerate(ids):
                 if not doc:  # e.g. only characters the tokenizer's normaliser drops
                     tally.reject("no_tokens")
                 else:
-                    held = hash_unit(digests[HASH_BYTES * i: HASH_BYTES * (i + 1)]) < pack.cutoff
-                    docs.append((held, doc, texts[i], offsets[i]))
+                    docs.append((bool(held_out[i]), doc, texts[i], offsets[i]))
             pack.splits.add(docs)
             held = sum(d[0] for d in docs)
             n_train += len(docs) - held
